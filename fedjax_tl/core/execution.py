@@ -1,0 +1,262 @@
+"""Execution schedules: how a cohort's local training is laid out on the backend.
+
+A schedule has two independent axes:
+
+* **clients** - ``chunk_size`` clients are trained together under ``vmap``; chunks run one after another.
+  ``chunk_size=0`` vmaps the whole cohort ("vmap"), ``1`` is sequential, ``k`` is chunked. Under vmap each
+  client has its own weights, so XLA turns convolutions into grouped convolutions.
+* **steps** - ``loop="scan"`` runs the whole round (chunks and local steps) as one XLA program with
+  ``lax.scan`` (steps unrolled ``unroll`` at a time); ``loop="host"`` calls a jitted block of ``unroll``
+  unrolled steps from Python, skipping blocks where every client of the chunk is already done (clients with
+  fewer examples cost less).
+
+Measured on a 2-core x86 CPU, JAX 0.10.2, the workload-P CNN at batch 32 (see experiments/bench_schedules.py
+and the README's table): convolutions inside a rolled ``lax.scan`` are ~15x slower than the same steps
+unrolled (jax issue 12868), and vmap over clients is ~3x slower than sequential. So the CPU default is
+sequential clients with a host loop over unrolled blocks; accelerators default to one program per round.
+
+Every schedule computes the same thing as a plain per-client Python loop (tests/test_execution.py). Nothing
+recompiles between rounds: shapes depend on the cohort size and the population's padded client size only,
+and the cohort is padded with empty clients up to a multiple of ``chunk_size``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_tl.core.client import ClientOutput, LocalTraining
+from fedjax_tl.data.client_data import Cohort
+from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
+
+__all__ = ["Schedule", "CohortRunner", "RoundSums", "default_schedule", "SCHEDULE_PRESETS"]
+
+# Applied to each client's output before aggregation (e.g. clipping, compression); pure and vmappable.
+ClientPostprocess = Callable[[ClientOutput, PRNGKey], ClientOutput]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """How to run a cohort. Parse from text with :meth:`parse`.
+
+  Attributes:
+    chunk_size: clients trained together with vmap; 0 = the whole cohort, 1 = sequential.
+    loop: "scan" (one XLA program per round) or "host" (Python loop over jitted blocks of steps).
+    unroll: local steps unrolled per scan iteration or per host block.
+  """
+
+  chunk_size: int = 0
+  loop: str = "scan"
+  unroll: int = 1
+
+  def __post_init__(self):
+    if self.loop not in ("scan", "host"):
+      raise ValueError(f"Schedule loop must be 'scan' or 'host', got {self.loop!r}.")
+    if self.chunk_size < 0 or self.unroll < 1:
+      raise ValueError(f"Need chunk_size >= 0 and unroll >= 1, got {self.chunk_size}, {self.unroll}.")
+
+  @classmethod
+  def parse(cls, spec: str) -> Schedule:
+    """Parses ``CLIENTS[/LOOP[:UNROLL]]``: CLIENTS is ``vmap``, ``sequential`` or ``chunked:K``; LOOP is
+    ``scan`` or ``host``. Examples: ``vmap``, ``sequential/host:8``, ``chunked:4/scan:2``. Presets:
+    ``auto`` (the measured default for the current backend) and the names in ``SCHEDULE_PRESETS``."""
+    spec = spec.strip()
+    if spec == "auto":
+      return default_schedule()
+    if spec in SCHEDULE_PRESETS:
+      return SCHEDULE_PRESETS[spec]
+    m = re.fullmatch(r"(vmap|sequential|chunked:(\d+))(?:/(scan|host)(?::(\d+))?)?", spec)
+    if not m:
+      raise ValueError(f"Cannot parse schedule {spec!r}; expected e.g. 'vmap', 'sequential/host:8', "
+                       f"'chunked:4/scan:2', 'auto' or one of {sorted(SCHEDULE_PRESETS)}.")
+    clients, k, loop, unroll = m.groups()
+    chunk = 0 if clients == "vmap" else 1 if clients == "sequential" else int(k)
+    if clients.startswith("chunked") and chunk < 1:
+      raise ValueError(f"chunked:K needs K >= 1, got {spec!r}.")
+    return cls(chunk, loop or "scan", int(unroll or 1))
+
+  def __str__(self) -> str:
+    clients = "vmap" if self.chunk_size == 0 else "sequential" if self.chunk_size == 1 else \
+        f"chunked:{self.chunk_size}"
+    return f"{clients}/{self.loop}:{self.unroll}"
+
+
+SCHEDULE_PRESETS = {
+    "vmap_scan": Schedule(0, "scan", 1),
+    "sequential_scan": Schedule(1, "scan", 1),
+    "sequential_host": Schedule(1, "host", 8),
+    "vmap_host": Schedule(0, "host", 8),
+}
+
+
+def default_schedule(backend: str | None = None) -> Schedule:
+  """The fastest measured schedule for ``backend`` (default: the current one).
+
+  CPU: sequential clients, host loop over blocks of 8 unrolled steps (experiments/bench_schedules.py).
+  GPU/TPU: the whole cohort vmapped in one program, steps in a scan (unroll 1), which keeps the device busy
+  with large batched kernels and no host round-trips; revisit with a GPU benchmark when one is available.
+  """
+  backend = backend or jax.default_backend()
+  return Schedule(1, "host", 8) if backend == "cpu" else Schedule(0, "scan", 1)
+
+
+class RoundSums(NamedTuple):
+  """What a cohort sends up, already reduced: weighted sums over clients, plus per-client metrics."""
+
+  delta_sum: Params  # sum_i w_i * delta_i
+  state_sum: ModelState  # sum_i w_i * model_state_i
+  weight_sum: jax.Array  # sum_i w_i
+  client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
+
+
+def _zeros_like(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)
+
+
+def _weighted_sum(tree: PyTree, w: jax.Array) -> PyTree:
+  """sum_i w_i * tree_i over the leading (client) axis."""
+  return jax.tree.map(lambda a: jnp.tensordot(w, a.astype(jnp.float32), axes=1), tree)
+
+
+class CohortRunner:
+  """Runs a cohort's local training under a :class:`Schedule` and reduces it to :class:`RoundSums`.
+
+  Compiles once per (cohort size, padded client size); later rounds reuse the compiled programs.
+  ``trace_count`` counts how many times the traced functions were (re)traced, for tests.
+  """
+
+  def __init__(self, local: LocalTraining, schedule: Schedule, pad_size: int,
+               postprocess: ClientPostprocess | None = None):
+    self.local = local
+    self.schedule = schedule
+    self.pad_size = pad_size
+    self.num_steps = local.num_steps(pad_size)
+    self.postprocess = postprocess
+    self.trace_count = 0
+    self._round_jit = jax.jit(self._round_scan)
+    self._init_jit = jax.jit(self._init_chunk)
+    self._block_jit = jax.jit(self._block, static_argnums=(6,), donate_argnums=(0,))
+    self._finish_jit = jax.jit(self._finish_chunk)
+
+  # ---- helpers over one chunk (leading axis k) ----
+  def _vmap(self, fn: Callable, in_axes: tuple) -> Callable:
+    return jax.vmap(fn, in_axes=in_axes)
+
+  def _client_keys(self, round_key: PRNGKey, client_ids: jax.Array) -> jax.Array:
+    return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+
+  def _init_chunk(self, params, model_state, keys, num_examples):
+    self.trace_count += 1
+    return self._vmap(self.local.init, (None, None, 0, 0))(params, model_state, keys, num_examples)
+
+  def _steps(self, states, t0, frozen, x, y, indices, n_steps: int):
+    step = self._vmap(self.local.step, (0, None, None, None, None, 0))
+    for i in range(n_steps):
+      states = step(states, t0 + i, frozen, x, y, indices)
+    return states
+
+  def _block(self, states, t0, frozen, x, y, indices, n_steps: int):
+    self.trace_count += 1
+    return self._steps(states, t0, frozen, x, y, indices, n_steps)
+
+  def _finish_chunk(self, states, params, acc: RoundSums | None, post_keys):
+    self.trace_count += 1
+    out = self._vmap(self.local.finish, (0, None))(states, params)
+    if self.postprocess is not None:
+      out = self._vmap(self.postprocess, (0, 0))(out, post_keys)
+    sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
+                     out.num_examples.sum(), out.metrics)
+    if acc is None:
+      return sums
+    add = lambda a, b: jax.tree.map(jnp.add, a, b)
+    return RoundSums(add(acc.delta_sum, sums.delta_sum), add(acc.state_sum, sums.state_sum),
+                     acc.weight_sum + sums.weight_sum, sums.client_metrics)
+
+  def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples):
+    states = self._vmap(self.local.init, (None, None, 0, 0))(params, model_state, keys, num_examples)
+    u = self.schedule.unroll
+    full, rest = divmod(self.num_steps, u)
+
+    def body(s, t):
+      return self._steps(s, t * u, frozen, x, y, indices, u), None
+
+    states, _ = jax.lax.scan(body, states, jnp.arange(full))
+    if rest:
+      states = self._steps(states, full * u, frozen, x, y, indices, rest)
+    return states
+
+  def _round_scan(self, params, frozen, model_state, x, y, cohort: Cohort, round_key):
+    """The whole round as one program: a scan over chunks, each chunk vmapped, steps scanned."""
+    self.trace_count += 1
+    c = cohort.client_ids.shape[0]
+    k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
+    keys = self._client_keys(round_key, cohort.client_ids)
+    post_keys = self._post_keys(keys)
+    chunked = jax.tree.map(lambda a: a.reshape(c // k, k, *a.shape[1:]),
+                           (cohort.indices, cohort.num_examples, keys, post_keys))
+    zero = RoundSums(_zeros_like(params), _zeros_like(model_state), jnp.zeros((), jnp.float32), None)
+
+    def body(acc, chunk):
+      indices, n, ck, pk = chunk
+      states = self._train_chunk_scan(params, frozen, model_state, x, y, indices, ck, n)
+      sums = self._finish_chunk(states, params, RoundSums(acc.delta_sum, acc.state_sum, acc.weight_sum, None),
+                                pk)
+      return sums._replace(client_metrics=None), sums.client_metrics
+
+    acc, metrics = jax.lax.scan(body, zero, chunked)
+    metrics = jax.tree.map(lambda m: m.reshape(c), metrics)
+    return acc._replace(client_metrics=metrics)
+
+  @staticmethod
+  def _post_keys(keys: jax.Array) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, 2 << 20))(keys)
+
+  # ---- public ----
+  def padded_cohort_size(self, cohort_size: int) -> int:
+    k = self.schedule.chunk_size
+    return cohort_size if k == 0 else math.ceil(cohort_size / k) * k
+
+  def __call__(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
+               cohort: Cohort, round_key: PRNGKey) -> RoundSums:
+    """Trains every client of ``cohort`` from ``params`` and returns the reduced sums.
+
+    ``cohort`` must already be padded to :meth:`padded_cohort_size` (``FederatedData.cohort(ids,
+    pad_clients_to=...)``); padding clients have no examples and weight 0.
+    """
+    c = cohort.size
+    if c != self.padded_cohort_size(c):
+      raise ValueError(f"Cohort of {c} clients does not split into chunks of {self.schedule.chunk_size}; build "
+                       f"it with pad_clients_to={self.padded_cohort_size(c)}.")
+    if cohort.indices.shape[1] != self.pad_size:
+      raise ValueError(f"Cohort padded to {cohort.indices.shape[1]} examples, runner built for "
+                       f"{self.pad_size}.")
+    if self.schedule.loop == "scan":
+      return self._round_jit(params, frozen, model_state, x, y, cohort, round_key)
+    return self._round_host(params, frozen, model_state, x, y, cohort, round_key)
+
+  def _round_host(self, params, frozen, model_state, x, y, cohort, round_key):
+    c = cohort.size
+    k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
+    u = self.schedule.unroll
+    keys = self._client_keys(round_key, cohort.client_ids)
+    post_keys = self._post_keys(keys)
+    active = self.local.active_steps(np.asarray(cohort.num_examples))
+    acc, metrics = None, []
+    for start in range(0, c, k):
+      sl = slice(start, start + k)
+      indices = cohort.indices[sl]
+      states = self._init_jit(params, model_state, keys[sl], cohort.num_examples[sl])
+      chunk_steps = int(active[sl].max(initial=0))
+      for t0 in range(0, chunk_steps, u):
+        states = self._block_jit(states, jnp.int32(t0), frozen, x, y, indices, u)
+      acc = self._finish_jit(states, params, acc, post_keys[sl])
+      metrics.append(acc.client_metrics)
+    merged = jax.tree.map(lambda *m: jnp.concatenate(m), *metrics)
+    return acc._replace(client_metrics=merged)

@@ -1,0 +1,125 @@
+"""FedAvg with a server optimizer (Reddi et al. 2021, "Adaptive Federated Optimization"), as init + apply.
+
+``apply`` trains the cohort (any :class:`Schedule`), averages the client deltas weighted by their number of
+examples (McMahan et al. 2017) and feeds the negated average to an optax server optimizer; plain FedAvg is
+``optax.sgd(1.0)``. Only the trainable part of the params is trained and communicated; the frozen part is
+fixed for the whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_tl.core.client import LocalTraining, merge_params
+from fedjax_tl.core.execution import ClientPostprocess, CohortRunner, RoundSums, Schedule
+from fedjax_tl.core.params import split_params, tree_bytes
+from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.types import ModelState, Params, PRNGKey, pseudo_gradient
+
+__all__ = ["FedAvg", "ServerState", "sample_clients", "MODEL_STATE_MODES"]
+
+MODEL_STATE_MODES = ("average", "frozen")
+
+
+class ServerState(NamedTuple):
+  params: Params  # trainable part of the global model
+  frozen: Params  # frozen part (never trained, never sent)
+  model_state: ModelState  # e.g. batch_stats
+  opt_state: optax.OptState  # server optimizer state
+  round: jax.Array  # int32 scalar: rounds completed
+
+  def full_params(self) -> Params:
+    return merge_params(self.params, self.frozen)
+
+
+def sample_clients(key: PRNGKey, num_clients: int, cohort_size: int) -> np.ndarray:
+  """``cohort_size`` distinct client ids, uniformly without replacement (host numpy array)."""
+  if not 1 <= cohort_size <= num_clients:
+    raise ValueError(f"cohort_size must be in [1, {num_clients}] (the number of clients), got {cohort_size}.")
+  if cohort_size == num_clients:
+    return np.arange(num_clients)
+  return np.sort(np.asarray(jax.random.choice(key, num_clients, (cohort_size,), replace=False)))
+
+
+@dataclasses.dataclass
+class FedAvg:
+  """Federated averaging.
+
+  Attributes:
+    local: local training (model, client optimizer, batch size, epochs/steps).
+    server_optimizer: optax optimizer applied to the pseudo-gradient (default SGD(1.0) = plain FedAvg).
+    schedule: execution schedule or its text form; "auto" picks the measured default for the backend.
+    trainable: regex of trainable param paths (None: all); the rest is frozen and never communicated.
+    model_state: how non-param collections (BatchNorm statistics) are treated: "average" (weighted mean of
+      the clients' final statistics) or "frozen" (the server's statistics are kept; clients still normalise
+      with batch statistics while training).
+    postprocess: optional per-client transform of the client output before aggregation.
+  """
+
+  local: LocalTraining
+  server_optimizer: optax.GradientTransformation = dataclasses.field(default_factory=lambda: optax.sgd(1.0))
+  schedule: Schedule | str = "auto"
+  trainable: str | None = None
+  model_state: str = "average"
+  postprocess: ClientPostprocess | None = None
+
+  def __post_init__(self):
+    if isinstance(self.schedule, str):
+      self.schedule = Schedule.parse(self.schedule)
+    if self.model_state not in MODEL_STATE_MODES:
+      raise ValueError(f"model_state must be one of {MODEL_STATE_MODES}, got {self.model_state!r}.")
+    self._runners: dict[int, CohortRunner] = {}
+    self._server_update = jax.jit(self._server_update_impl)
+
+  def init(self, params: Params, model_state: ModelState | None = None) -> ServerState:
+    trainable, frozen = split_params(params, self.trainable)
+    model_state = model_state or {}
+    return ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
+                       jnp.zeros((), jnp.int32))
+
+  def runner(self, pad_size: int) -> CohortRunner:
+    if pad_size not in self._runners:
+      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, self.postprocess)
+    return self._runners[pad_size]
+
+  def communication_bytes(self, state: ServerState) -> tuple[int, int]:
+    """(bytes down, bytes up) per client per round: the trainable params (plus averaged model state)."""
+    b = tree_bytes(state.params) + (tree_bytes(state.model_state) if self.model_state == "average" else 0)
+    return b, b
+
+  def _server_update_impl(self, state: ServerState, sums: RoundSums) -> ServerState:
+    total = jnp.maximum(sums.weight_sum, 1e-12)
+    mean_delta = jax.tree.map(lambda d, p: (d / total).astype(p.dtype), sums.delta_sum, state.params)
+    updates, opt_state = self.server_optimizer.update(pseudo_gradient(mean_delta), state.opt_state,
+                                                      state.params)
+    params = optax.apply_updates(state.params, updates)
+    model_state = state.model_state
+    if self.model_state == "average":
+      model_state = jax.tree.map(lambda s, m: (s / total).astype(m.dtype), sums.state_sum, state.model_state)
+    return ServerState(params, state.frozen, model_state, opt_state, state.round + 1)
+
+  def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
+            round_key: PRNGKey) -> tuple[dict, ServerState]:
+    """One round: returns (metrics, new_state). Metrics are device scalars plus per-client arrays."""
+    runner = self.runner(data.pad_size)
+    cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(len(client_ids)))
+    sums = runner(state.params, state.frozen, state.model_state, data.x, data.y, cohort, round_key)
+    new_state = self._server_update(state, sums)
+    cm = sums.client_metrics
+    w = cm["num_examples"]
+    down, up = self.communication_bytes(state)
+    metrics = {
+        "train_loss": (cm["loss"] * w).sum() / jnp.maximum(w.sum(), 1.0),
+        "train_accuracy": (cm["accuracy"] * w).sum() / jnp.maximum(w.sum(), 1.0),
+        "num_examples": w.sum(),
+        "bytes_down": down * len(client_ids),
+        "bytes_up": up * len(client_ids),
+        "client_metrics": {k: v[: len(client_ids)] for k, v in cm.items()},
+    }
+    return metrics, new_state

@@ -1,0 +1,58 @@
+"""The round loop shared by the experiments and the benchmarks: sampling, keys, NaN checks, logging."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import jax
+
+from fedjax_tl.core.fedavg import FedAvg, ServerState, sample_clients
+from fedjax_tl.data.client_data import FederatedData
+
+__all__ = ["run_rounds", "round_keys"]
+
+
+def round_keys(seed: int, round_idx: int) -> tuple[jax.Array, jax.Array]:
+  """(cohort sampling key, training key) of a round: derived from the seed and the round number only, so a
+  resumed run reproduces the same randomness."""
+  root = jax.random.PRNGKey(seed)
+  return (jax.random.fold_in(jax.random.fold_in(root, 0), round_idx),
+          jax.random.fold_in(jax.random.fold_in(root, 1), round_idx))
+
+
+def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int, cohort_size: int,
+               seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None, eval_every: int = 1,
+               on_round: Callable[[dict], None] | None = None) -> tuple[ServerState, list[dict]]:
+  """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
+
+  Each record holds the round number, training loss/accuracy, examples, bytes up/down, wall time,
+  examples/s and, every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
+  A non-finite training loss stops the run with an error naming the round.
+  """
+  history = []
+  start_round = int(state.round)
+  for r in range(start_round, start_round + rounds):
+    t0 = time.perf_counter()
+    sample_key, train_key = round_keys(seed, r)
+    ids = sample_clients(sample_key, data.num_clients, cohort_size)
+    metrics, state = algorithm.apply(state, data, ids, train_key)
+    loss = float(metrics["train_loss"])
+    wall = time.perf_counter() - t0
+    if not math.isfinite(loss):
+      raise FloatingPointError(
+          f"Client training loss is {loss} in round {r + 1}; the model diverged. Lower the client learning "
+          "rate, clip gradients (optax.clip_by_global_norm) or check the inputs for NaNs.")
+    rec = {"round": r + 1, "train_loss": loss, "train_accuracy": float(metrics["train_accuracy"]),
+           "num_examples": int(metrics["num_examples"]), "bytes_up": int(metrics["bytes_up"]),
+           "bytes_down": int(metrics["bytes_down"]), "wall_s": wall,
+           "examples_per_s": float(metrics["num_examples"]) / wall}
+    last = r == start_round + rounds - 1
+    if evaluate_fn is not None and ((r + 1) % eval_every == 0 or last):
+      rec.update({f"test_{k}": v for k, v in evaluate_fn(state).items()})
+    history.append(rec)
+    if on_round is not None:
+      on_round(rec)
+  return state, history
+

@@ -1,0 +1,156 @@
+"""Federated datasets that keep every example on device once and hand out fixed-shape cohorts.
+
+The examples of all clients live in two device arrays (``x`` as uint8 images, ``y`` as int32 labels). A client
+is a list of indices into them. A round's cohort is a padded ``[cohort, pad_size]`` index matrix plus the true
+client sizes; batches are gathered from ``x`` by index *inside* the jitted step, so memory grows with the batch,
+not the population, and ``pad_size`` (the population's largest client) never changes between rounds, so the
+round compiles once whatever the cohort's client sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_tl.data.partition import Partition
+
+__all__ = ["FederatedData", "Cohort", "Dataset"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A plain labelled dataset: ``x`` uint8 (or float) examples, ``y`` int labels."""
+
+  x: np.ndarray
+  y: np.ndarray
+  num_classes: int
+
+  def __post_init__(self):
+    if len(self.x) != len(self.y):
+      raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}.")
+
+  def __len__(self) -> int:
+    return len(self.y)
+
+  def subset(self, idx: np.ndarray) -> Dataset:
+    return Dataset(self.x[idx], self.y[idx], self.num_classes)
+
+
+class Cohort(NamedTuple):
+  """A round's clients as fixed-shape arrays (a pytree, passed to jit as is).
+
+  Attributes:
+    client_ids: int32 [C] ids into the population (-1 for a padding client).
+    indices: int32 [C, pad_size] example indices into ``FederatedData.x`` (entries past the size are 0).
+    num_examples: int32 [C] true client sizes (0 for a padding client).
+  """
+
+  client_ids: jax.Array
+  indices: jax.Array
+  num_examples: jax.Array
+
+  @property
+  def size(self) -> int:
+    return int(self.client_ids.shape[0])
+
+  def mask(self) -> jax.Array:
+    """bool [C, pad_size]: which padded slots hold real examples."""
+    pad = self.indices.shape[1]
+    return jnp.arange(pad)[None, :] < self.num_examples[:, None]
+
+
+@dataclasses.dataclass
+class FederatedData:
+  """All clients' examples on device plus per-client index lists.
+
+  Attributes:
+    x: device array [N, ...] of examples (uint8 images stay uint8 until the model's preprocessing).
+    y: device array [N] int32 labels.
+    client_indices: one sorted index array per client (a partition of range(N), or any subset).
+    num_classes: number of label classes.
+    pad_size: length every client is padded to; defaults to the largest client, so it is fixed per
+      population and rounds never recompile.
+  """
+
+  x: jax.Array
+  y: jax.Array
+  client_indices: Sequence[np.ndarray]
+  num_classes: int
+  pad_size: int = 0
+
+  def __post_init__(self):
+    if len(self.x) != len(self.y):
+      raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}.")
+    if not len(self.client_indices):
+      raise ValueError("FederatedData needs at least one client.")
+    n = len(self.y)
+    self._sizes = np.array([len(c) for c in self.client_indices], dtype=np.int32)
+    for i, c in enumerate(self.client_indices):
+      if len(c) and (np.min(c) < 0 or np.max(c) >= n):
+        raise ValueError(f"client {i} has indices outside [0, {n}).")
+    largest = int(self._sizes.max())
+    if self.pad_size == 0:
+      self.pad_size = max(largest, 1)
+    elif self.pad_size < largest:
+      raise ValueError(f"pad_size={self.pad_size} is smaller than the largest client ({largest} examples).")
+    # Flat CSR layout on host: building a cohort's index matrix is one numpy gather.
+    self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
+    self._flat = (np.concatenate([np.asarray(c, np.int64) for c in self.client_indices])
+                  if self._offsets[-1] else np.zeros(0, np.int64))
+
+  @classmethod
+  def from_partition(cls, data: Dataset, partition: Partition, pad_size: int = 0,
+                     device: jax.Device | None = None) -> FederatedData:
+    """Puts ``data`` on device once and records ``partition``'s index lists."""
+    x = jax.device_put(np.asarray(data.x), device)
+    y = jax.device_put(np.asarray(data.y, np.int32), device)
+    return cls(x, y, list(partition), data.num_classes, pad_size)
+
+  @property
+  def num_clients(self) -> int:
+    return len(self._sizes)
+
+  @property
+  def client_sizes(self) -> np.ndarray:
+    return self._sizes.copy()
+
+  def cohort(self, client_ids: Sequence[int] | np.ndarray, pad_clients_to: int | None = None) -> Cohort:
+    """Fixed-shape cohort arrays for ``client_ids``.
+
+    Args:
+      client_ids: population ids of the round's clients.
+      pad_clients_to: if given, appends padding clients (id -1, no examples, weight 0) up to this many, so
+        e.g. a cohort splits into equal chunks.
+    """
+    ids = np.asarray(client_ids, dtype=np.int64).reshape(-1)
+    if len(ids) and (ids.min() < 0 or ids.max() >= self.num_clients):
+      raise ValueError(f"client ids must be in [0, {self.num_clients}); got {ids.min()}..{ids.max()}.")
+    c = len(ids) if pad_clients_to is None else pad_clients_to
+    if c < len(ids):
+      raise ValueError(f"pad_clients_to={pad_clients_to} is smaller than the cohort ({len(ids)}).")
+    sizes = np.zeros(c, np.int32)
+    sizes[: len(ids)] = self._sizes[ids]
+    pos = np.arange(self.pad_size)[None, :]
+    valid = pos < sizes[:, None]
+    starts = np.zeros(c, np.int64)
+    starts[: len(ids)] = self._offsets[ids]
+    indices = np.where(valid, self._flat[np.where(valid, starts[:, None] + pos, 0)] if len(self._flat)
+                       else 0, 0).astype(np.int32)
+    out_ids = np.full(c, -1, np.int32)
+    out_ids[: len(ids)] = ids
+    return Cohort(client_ids=jnp.asarray(out_ids), indices=jnp.asarray(indices),
+                  num_examples=jnp.asarray(sizes))
+
+  def gather(self, cohort: Cohort) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The cohort's examples as padded arrays ``x [C, pad, ...]``, ``y [C, pad]``, ``mask [C, pad]``.
+
+    Padded slots repeat example 0 and are False in ``mask``. The training loop does not use this (it gathers
+    batch by batch); it is here for inspection, evaluation per client and reference implementations.
+    """
+    idx = cohort.indices
+    return self.x[idx], self.y[idx], cohort.mask()

@@ -1,0 +1,69 @@
+"""Config handling shared by the experiment entry points: dataclass configs, presets, ``--field=value``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import typing
+from collections.abc import Sequence
+
+__all__ = ["parse_config", "write_results", "format_table"]
+
+
+def _parse_bool(v: str) -> bool:
+  if v.lower() in ("1", "true", "yes", "on"):
+    return True
+  if v.lower() in ("0", "false", "no", "off"):
+    return False
+  raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
+
+
+def _field_type(tp):
+  """argparse type for a dataclass field annotation (int, float, str, bool, or X | None)."""
+  args = [a for a in typing.get_args(tp) if a is not type(None)]
+  if args:
+    tp = args[0]
+  if tp is bool:
+    return _parse_bool
+  if tp in (int, float, str):
+    inner = tp
+    return lambda v: None if v.lower() == "none" else inner(v)
+  return str
+
+
+def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, description: str = ""):
+  """Builds ``config_cls`` from ``--preset NAME`` plus ``--field=value`` overrides for any of its fields."""
+  parser = argparse.ArgumentParser(description=description,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
+                      help="named configuration to start from")
+  hints = typing.get_type_hints(config_cls)
+  for f in dataclasses.fields(config_cls):
+    parser.add_argument(f"--{f.name}", type=_field_type(hints[f.name]), default=None,
+                        help=f"override (preset value used when omitted)")
+  args = parser.parse_args(argv)
+  base = presets[args.preset]
+  overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
+               if getattr(args, f.name) is not None}
+  return dataclasses.replace(base, **overrides), args.preset
+
+
+def write_results(workdir: str | None, config, history: dict, summary: dict) -> str | None:
+  """Writes config, per-round history and the final summary as JSON under ``workdir``; returns the path."""
+  if not workdir:
+    return None
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "results.json")
+  with open(path, "w") as f:
+    json.dump({"config": dataclasses.asdict(config), "history": history, "summary": summary}, f, indent=1)
+  return path
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  cells = [[h for h in header]] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
