@@ -79,7 +79,7 @@ class LocalTraining:
     model: the model (apply with ``train=True`` and a padding mask).
     optimizer: the client optimizer, initialised fresh every round (as in FedAvg).
     batch_size: local batch size B.
-    epochs: local epochs E (exclusive with ``steps``).
+    epochs: local epochs E (default 1 when ``steps`` is not given).
     steps: fixed number of local steps S instead of epochs; a client cycles through reshuffled epochs of its
       own data until S steps are done.
     augment: optional ``(key, x_batch) -> x_batch`` applied on device before the model's preprocessing.
@@ -88,15 +88,17 @@ class LocalTraining:
   model: Model
   optimizer: optax.GradientTransformation
   batch_size: int
-  epochs: int | None = 1
+  epochs: int | None = None
   steps: int | None = None
   augment: Callable[[PRNGKey, jax.Array], jax.Array] | None = None
 
   def __post_init__(self):
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-    if (self.epochs is None) == (self.steps is None):
-      raise ValueError("Give exactly one of epochs or steps for local training.")
+    if self.epochs is None and self.steps is None:
+      object.__setattr__(self, "epochs", 1)
+    if self.epochs is not None and self.steps is not None:
+      raise ValueError(f"Give epochs or steps for local training, not both (got {self.epochs}, {self.steps}).")
     if (self.epochs is not None and self.epochs < 1) or (self.steps is not None and self.steps < 1):
       raise ValueError(f"epochs/steps must be >= 1, got epochs={self.epochs}, steps={self.steps}.")
 

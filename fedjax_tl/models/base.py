@@ -25,7 +25,8 @@ class Model:
   """A flax module plus the preprocessing that turns stored examples into its inputs.
 
   The module's ``__call__(x, train: bool, mask=None)`` returns logits; ``mask`` (bool [batch]) marks real
-  examples so that normalisation layers can ignore padding (BatchNorm(mask=...)). Non-``params`` collections
+  examples so that normalisation layers can ignore padding (reshape it to broadcast against the activations,
+  e.g. ``BatchNorm()(x, mask=mask[:, None, None, None])``). Non-``params`` collections
   (e.g. ``batch_stats``) are the model *state*, updated in training mode.
 
   Attributes:
