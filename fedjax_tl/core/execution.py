@@ -7,8 +7,8 @@ A schedule has two independent axes:
   client has its own weights, so XLA turns convolutions into grouped convolutions.
 * **steps** - ``loop="scan"`` runs the whole round (chunks and local steps) as one XLA program with
   ``lax.scan`` (steps unrolled ``unroll`` at a time); ``loop="host"`` calls a jitted block of ``unroll``
-  unrolled steps from Python, skipping blocks where every client of the chunk is already done (clients with
-  fewer examples cost less).
+  unrolled steps from Python, then single steps up to the chunk's last active step, so a chunk of small
+  clients costs only its own steps.
 
 Measured on a 2-core x86 CPU, JAX 0.10.2, the workload-P CNN at batch 32 (see experiments/bench_schedules.py
 and the README's table): convolutions inside a rolled ``lax.scan`` are ~15x slower than the same steps
@@ -144,6 +144,7 @@ class CohortRunner:
     self._init_jit = jax.jit(self._init_chunk)
     self._block_jit = jax.jit(self._block, static_argnums=(6,), donate_argnums=(0,))
     self._finish_jit = jax.jit(self._finish_chunk)
+    self._compiled: dict[str, tuple] = {}
 
   # ---- helpers over one chunk (leading axis k) ----
   def _vmap(self, fn: Callable, in_axes: tuple) -> Callable:
@@ -241,6 +242,23 @@ class CohortRunner:
       return self._round_jit(params, frozen, model_state, x, y, cohort, round_key)
     return self._round_host(params, frozen, model_state, x, y, cohort, round_key)
 
+  def _blocks(self, states, frozen, x, y, indices):
+    """Compiled (block of ``unroll`` steps, single step) executables for this chunk shape.
+
+    A chunk runs ``steps // unroll`` full blocks, then the remaining steps one at a time, so no step past the
+    chunk's last active one is computed. Both are compiled ahead of time on first use, so a later round whose
+    clients need a different remainder never compiles again.
+    """
+    sig = (jax.tree.map(lambda a: (a.shape, a.dtype), states), indices.shape, x.shape)
+    key = str(sig)
+    if key not in self._compiled:
+      t = jnp.int32(0)
+      u = self.schedule.unroll
+      block = self._block_jit.lower(states, t, frozen, x, y, indices, u).compile()
+      single = block if u == 1 else self._block_jit.lower(states, t, frozen, x, y, indices, 1).compile()
+      self._compiled[key] = (block, single)
+    return self._compiled[key]
+
   def _round_host(self, params, frozen, model_state, x, y, cohort, round_key):
     c = cohort.size
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
@@ -254,8 +272,12 @@ class CohortRunner:
       indices = cohort.indices[sl]
       states = self._init_jit(params, model_state, keys[sl], cohort.num_examples[sl])
       chunk_steps = int(active[sl].max(initial=0))
-      for t0 in range(0, chunk_steps, u):
-        states = self._block_jit(states, jnp.int32(t0), frozen, x, y, indices, u)
+      full, rest = divmod(chunk_steps, u)
+      block, single = self._blocks(states, frozen, x, y, indices)
+      for b in range(full):
+        states = block(states, jnp.int32(b * u), frozen, x, y, indices)
+      for t in range(full * u, chunk_steps):
+        states = single(states, jnp.int32(t), frozen, x, y, indices)
       acc = self._finish_jit(states, params, acc, post_keys[sl])
       metrics.append(acc.client_metrics)
     merged = jax.tree.map(lambda *m: jnp.concatenate(m), *metrics)

@@ -1,0 +1,136 @@
+"""Round throughput of every execution schedule vs centralized training of the same model.
+
+Workload P of the performance issue: CIFAR-shaped uint8 32x32x3 inputs, CNN conv3x3(32)-relu-maxpool-
+conv3x3(64)-relu-maxpool-dense(128)-relu-dense(10), batch 32, SGD, 1 local epoch, every client every round.
+
+    python experiments/bench_schedules.py                                  # both shapes, all schedules
+    python experiments/bench_schedules.py --shapes 10x500 --schedules vmap,sequential/host:8 --rounds 3
+
+Prints a table (examples/s after warm-up, first-round seconds incl. compilation, ratio to centralized) and
+writes it as JSON (default experiments/results/bench_schedules_<backend>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedjax_tl.core.client import LocalTraining, masked_cross_entropy
+from fedjax_tl.core.fedavg import FedAvg
+from fedjax_tl.data import partition
+from fedjax_tl.data.client_data import Dataset, FederatedData
+from fedjax_tl.experiments.common import format_table
+from fedjax_tl.models.base import Model
+from fedjax_tl.models.cnn import CNN
+
+DEFAULT_SCHEDULES = ["sequential/host:8", "sequential/host:1", "sequential/scan:1", "sequential/scan:16",
+                     "vmap/scan:1", "vmap/host:8", "chunked:10/host:8"]
+
+
+def make_model() -> Model:
+  return Model(CNN(num_classes=10, features=(32, 64), hidden=128), (32, 32, 3))
+
+
+def make_data(num_clients: int, per_client: int, seed: int = 0) -> FederatedData:
+  rng = np.random.default_rng(seed)
+  n = num_clients * per_client
+  ds = Dataset(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n).astype(np.int32), 10)
+  return FederatedData.from_partition(ds, partition.iid(n, num_clients, seed))
+
+
+def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int, lr: float) -> dict:
+  model = make_model()
+  params, state = model.init(jax.random.PRNGKey(0))
+  algo = FedAvg(LocalTraining(model, optax.sgd(lr), batch, epochs=1), schedule=schedule)
+  s = algo.init(params, state)
+  ids = np.arange(data.num_clients)
+  t0 = time.perf_counter()
+  m, s = algo.apply(s, data, ids, jax.random.PRNGKey(0))
+  jax.block_until_ready(s.params)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for r in range(rounds):
+    m, s = algo.apply(s, data, ids, jax.random.PRNGKey(r + 1))
+  jax.block_until_ready(s.params)
+  dt = (time.perf_counter() - t0) / rounds
+  n = float(m["num_examples"])
+  return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first}
+
+
+def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float) -> dict:
+  """A plain optax loop: one jitted step per batch of device-resident, pre-shuffled data."""
+  model = make_model()
+  params, state = model.init(jax.random.PRNGKey(0))
+  opt = optax.sgd(lr)
+
+  @jax.jit
+  def step(params, opt_state, xb, yb):
+    def loss_fn(p):
+      logits, _ = model.apply(p, state, xb, train=True)
+      return masked_cross_entropy(logits, yb, jnp.ones(yb.shape, bool))[0]
+    g = jax.grad(loss_fn)(params)
+    u, opt_state = opt.update(g, opt_state, params)
+    return optax.apply_updates(params, u), opt_state
+
+  n = (len(data.y) // batch) * batch
+  x, y = data.x[:n].reshape(-1, batch, 32, 32, 3), data.y[:n].reshape(-1, batch)
+  opt_state = opt.init(params)
+  t0 = time.perf_counter()
+  params, opt_state = step(params, opt_state, x[0], y[0])
+  jax.block_until_ready(params)
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(epochs):
+    for i in range(x.shape[0]):
+      params, opt_state = step(params, opt_state, x[i], y[i])
+  jax.block_until_ready(params)
+  dt = (time.perf_counter() - t0) / epochs
+  return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first}
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--shapes", default="10x500,100x64", help="comma-separated CLIENTSxEXAMPLES")
+  p.add_argument("--schedules", default=",".join(DEFAULT_SCHEDULES))
+  p.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up round")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--lr", type=float, default=0.01)
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+  backend = jax.default_backend()
+  results = {"backend": backend, "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+             "machine": platform.machine(), "cpus": os.cpu_count(), "rows": []}
+  for shape in args.shapes.split(","):
+    c, e = (int(v) for v in shape.split("x"))
+    data = make_data(c, e)
+    central = bench_centralized(data, epochs=args.rounds, batch=args.batch, lr=args.lr)
+    results["rows"].append({"shape": shape, "schedule": "centralized", **central, "ratio_to_centralized": 1.0})
+    print(f"{shape} centralized: {central['examples_per_s']:.0f} ex/s", flush=True)
+    for sched in args.schedules.split(","):
+      r = bench_federated(sched, data, args.rounds, args.batch, args.lr)
+      r["ratio_to_centralized"] = r["examples_per_s"] / central["examples_per_s"]
+      results["rows"].append({"shape": shape, "schedule": sched, **r})
+      print(f"{shape} {sched}: {r['examples_per_s']:.0f} ex/s (first round {r['first_round_s']:.1f}s)", flush=True)
+  header = ["shape", "schedule", "examples/s", "rounds/s", "first round s", "x centralized"]
+  rows = [[r["shape"], r["schedule"], round(r["examples_per_s"]), r["rounds_per_s"], r["first_round_s"],
+           r["ratio_to_centralized"]] for r in results["rows"]]
+  print(f"\nbackend={backend} jax={jax.__version__} cpus={os.cpu_count()}")
+  print(format_table(header, rows))
+  out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                 f"bench_schedules_{backend}.json")
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out, "w") as f:
+    json.dump(results, f, indent=1)
+  print(f"written to {out}")
+
+
+if __name__ == "__main__":
+  main()
