@@ -132,3 +132,50 @@ def test_run_rounds_records_and_nan_loss_error(tiny_model, tiny_data, tiny_param
   bad = FedAvg(LocalTraining(tiny_model, optax.sgd(float("nan")), 4), schedule="vmap")
   with pytest.raises(FloatingPointError, match="round 1"):
     run_rounds(bad, bad.init(params, state), tiny_data, rounds=2, cohort_size=2, seed=0)
+
+
+def test_frozen_statistics_train_in_inference_mode(tiny_data):
+  """With model_state="frozen" the client's training loss is the eval-mode loss (running statistics)."""
+  model = Model(_BNNet(), (8, 8, 1))
+  params, state = model.init(jax.random.PRNGKey(0))
+  state = jax.tree.map(lambda a: a + 0.3, state)  # running stats far from any batch's statistics
+  idx = tiny_data.client_indices[2]  # 3 examples: one batch of 4 holds them all
+  x, y = np.asarray(tiny_data.x)[idx], np.asarray(tiny_data.y)[idx]
+  eval_loss = evaluate(model, params, state, x, y)["loss"]
+  results = {}
+  for mode in ("frozen", "average"):
+    algo = FedAvg(LocalTraining(model, optax.sgd(0.0), batch_size=4, steps=1), schedule="vmap", model_state=mode)
+    m, s = algo.apply(algo.init(params, state), tiny_data, np.array([2]), jax.random.PRNGKey(0))
+    results[mode] = float(m["train_loss"])
+    if mode == "frozen":
+      _close(s.model_state, state, rtol=0, atol=0)
+  np.testing.assert_allclose(results["frozen"], eval_loss, rtol=1e-5)
+  assert abs(results["average"] - eval_loss) > 1e-3  # batch statistics differ: the test can fail
+
+
+@pytest.mark.parametrize("spec", ["vmap", "chunked:2/host:2"])
+def test_local_statistics_persist_per_client(spec, tiny_data):
+  model = Model(_BNNet(), (8, 8, 1))
+  params, state = model.init(jax.random.PRNGKey(0))
+  local = LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=1)
+  key = jax.random.PRNGKey(5)
+  algo = FedAvg(local, schedule=spec, model_state="local")
+  with pytest.raises(ValueError, match="num_clients"):
+    algo.init(params, state)
+  s0 = algo.init(params, state, num_clients=tiny_data.num_clients)
+  m, s1 = algo.apply(s0, tiny_data, np.array([0, 3, 4]), key)
+  assert m["bytes_up"] == 3 * tree_bytes(params)  # statistics are not sent
+  # The cohort's rows hold each client's own final statistics (= a one-client "average" round) ...
+  for c in (0, 3):
+    one = FedAvg(local, schedule="vmap", model_state="average")
+    _, sc = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
+    _close(jax.tree.map(lambda a: a[c], s1.client_states), sc.model_state, rtol=1e-5, atol=1e-6)
+  # ... and the others are untouched.
+  for c in (1, 2):
+    _close(jax.tree.map(lambda a: a[c], s1.client_states), state, rtol=0, atol=0)
+  # Round 2: client 0 starts from its own statistics, not the server's.
+  _, s2 = algo.apply(s1, tiny_data, np.array([0]), key)
+  restart = FedAvg(local, schedule="vmap", model_state="local")
+  r0 = restart.init(s1.full_params(), state, num_clients=tiny_data.num_clients)
+  _, r2 = restart.apply(r0, tiny_data, np.array([0]), key)
+  assert not np.allclose(jax.tree.leaves(s2.client_states)[0][0], jax.tree.leaves(r2.client_states)[0][0])

@@ -83,6 +83,9 @@ class LocalTraining:
     steps: fixed number of local steps S instead of epochs; a client cycles through reshuffled epochs of its
       own data until S steps are done.
     augment: optional ``(key, x_batch) -> x_batch`` applied on device before the model's preprocessing.
+    norm_stats: "batch": normalisation layers use batch statistics and update their running statistics
+      (training mode); "frozen": they use the running statistics they were given and leave them unchanged
+      (inference mode, as a Keras BatchNormalization with trainable=False).
   """
 
   model: Model
@@ -91,8 +94,11 @@ class LocalTraining:
   epochs: int | None = None
   steps: int | None = None
   augment: Callable[[PRNGKey, jax.Array], jax.Array] | None = None
+  norm_stats: str = "batch"
 
   def __post_init__(self):
+    if self.norm_stats not in ("batch", "frozen"):
+      raise ValueError(f"norm_stats must be 'batch' or 'frozen', got {self.norm_stats!r}.")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
     if self.epochs is None and self.steps is None:
@@ -152,8 +158,8 @@ class LocalTraining:
       xb = self.augment(aug_key, xb)
 
     def loss_fn(p):
-      logits, new_model_state = self.model.apply(merge_params(p, frozen), state.model_state, xb, train=True,
-                                                 mask=mask, rng=drop_key)
+      logits, new_model_state = self.model.apply(merge_params(p, frozen), state.model_state, xb,
+                                                 train=self.norm_stats == "batch", mask=mask, rng=drop_key)
       mean, loss_sum, correct, count = masked_cross_entropy(logits, yb, mask)
       return mean, (new_model_state, loss_sum, correct, count)
 

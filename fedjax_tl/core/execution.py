@@ -114,6 +114,7 @@ class RoundSums(NamedTuple):
   state_sum: ModelState  # sum_i w_i * model_state_i
   weight_sum: jax.Array  # sum_i w_i
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
+  client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
 
 
 def _zeros_like(tree: PyTree) -> PyTree:
@@ -133,8 +134,12 @@ class CohortRunner:
   """
 
   def __init__(self, local: LocalTraining, schedule: Schedule, pad_size: int,
-               postprocess: ClientPostprocess | None = None):
+               postprocess: ClientPostprocess | None = None, per_client_state: bool = False):
     self.local = local
+    # per_client_state: model_state arrives stacked [C, ...] (each client starts from its own, e.g. FedBN) and
+    # the clients' final states come back in RoundSums.client_states.
+    self.per_client_state = per_client_state
+    self._state_axis = 0 if per_client_state else None
     self.schedule = schedule
     self.pad_size = pad_size
     self.num_steps = local.num_steps(pad_size)
@@ -155,7 +160,7 @@ class CohortRunner:
 
   def _init_chunk(self, params, model_state, keys, num_examples):
     self.trace_count += 1
-    return self._vmap(self.local.init, (None, None, 0, 0))(params, model_state, keys, num_examples)
+    return self._vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
 
   def _steps(self, states, t0, frozen, x, y, indices, n_steps: int):
     step = self._vmap(self.local.step, (0, None, None, None, None, 0))
@@ -172,16 +177,17 @@ class CohortRunner:
     out = self._vmap(self.local.finish, (0, None))(states, params)
     if self.postprocess is not None:
       out = self._vmap(self.postprocess, (0, 0))(out, post_keys)
+    client_states = out.model_state if self.per_client_state else None
     sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
-                     out.num_examples.sum(), out.metrics)
+                     out.num_examples.sum(), out.metrics, client_states)
     if acc is None:
       return sums
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     return RoundSums(add(acc.delta_sum, sums.delta_sum), add(acc.state_sum, sums.state_sum),
-                     acc.weight_sum + sums.weight_sum, sums.client_metrics)
+                     acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states)
 
   def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples):
-    states = self._vmap(self.local.init, (None, None, 0, 0))(params, model_state, keys, num_examples)
+    states = self._vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
     u = self.schedule.unroll
     full, rest = divmod(self.num_steps, u)
 
@@ -200,20 +206,23 @@ class CohortRunner:
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
     keys = self._client_keys(round_key, cohort.client_ids)
     post_keys = self._post_keys(keys)
+    per_client = model_state if self.per_client_state else None
     chunked = jax.tree.map(lambda a: a.reshape(c // k, k, *a.shape[1:]),
-                           (cohort.indices, cohort.num_examples, keys, post_keys))
-    zero = RoundSums(_zeros_like(params), _zeros_like(model_state), jnp.zeros((), jnp.float32), None)
+                           (cohort.indices, cohort.num_examples, keys, post_keys, per_client))
+    one_state = jax.tree.map(lambda a: a[0], model_state) if self.per_client_state else model_state
+    zero = RoundSums(_zeros_like(params), _zeros_like(one_state), jnp.zeros((), jnp.float32), None)
 
     def body(acc, chunk):
-      indices, n, ck, pk = chunk
-      states = self._train_chunk_scan(params, frozen, model_state, x, y, indices, ck, n)
+      indices, n, ck, pk, ms = chunk
+      states = self._train_chunk_scan(params, frozen, model_state if ms is None else ms, x, y, indices, ck, n)
       sums = self._finish_chunk(states, params, RoundSums(acc.delta_sum, acc.state_sum, acc.weight_sum, None),
                                 pk)
-      return sums._replace(client_metrics=None), sums.client_metrics
+      return sums._replace(client_metrics=None, client_states=None), (sums.client_metrics, sums.client_states)
 
-    acc, metrics = jax.lax.scan(body, zero, chunked)
-    metrics = jax.tree.map(lambda m: m.reshape(c), metrics)
-    return acc._replace(client_metrics=metrics)
+    acc, (metrics, client_states) = jax.lax.scan(body, zero, chunked)
+    unchunk = lambda a: a.reshape(c, *a.shape[2:])
+    return acc._replace(client_metrics=jax.tree.map(unchunk, metrics),
+                        client_states=jax.tree.map(unchunk, client_states))
 
   @staticmethod
   def _post_keys(keys: jax.Array) -> jax.Array:
@@ -266,11 +275,12 @@ class CohortRunner:
     keys = self._client_keys(round_key, cohort.client_ids)
     post_keys = self._post_keys(keys)
     active = self.local.active_steps(np.asarray(cohort.num_examples))
-    acc, metrics = None, []
+    acc, metrics, client_states = None, [], []
     for start in range(0, c, k):
       sl = slice(start, start + k)
       indices = cohort.indices[sl]
-      states = self._init_jit(params, model_state, keys[sl], cohort.num_examples[sl])
+      ms = jax.tree.map(lambda a: a[sl], model_state) if self.per_client_state else model_state
+      states = self._init_jit(params, ms, keys[sl], cohort.num_examples[sl])
       chunk_steps = int(active[sl].max(initial=0))
       full, rest = divmod(chunk_steps, u)
       block, single = self._blocks(states, frozen, x, y, indices)
@@ -280,5 +290,7 @@ class CohortRunner:
         states = single(states, jnp.int32(t), frozen, x, y, indices)
       acc = self._finish_jit(states, params, acc, post_keys[sl])
       metrics.append(acc.client_metrics)
-    merged = jax.tree.map(lambda *m: jnp.concatenate(m), *metrics)
-    return acc._replace(client_metrics=merged)
+      client_states.append(acc.client_states)
+    cat = lambda parts: jax.tree.map(lambda *m: jnp.concatenate(m), *parts)
+    return acc._replace(client_metrics=cat(metrics),
+                        client_states=cat(client_states) if self.per_client_state else None)

@@ -24,7 +24,7 @@ from fedjax_tl.types import ModelState, Params, PRNGKey, pseudo_gradient
 
 __all__ = ["FedAvg", "ServerState", "sample_clients", "MODEL_STATE_MODES"]
 
-MODEL_STATE_MODES = ("average", "frozen")
+MODEL_STATE_MODES = ("average", "frozen", "local")
 
 
 class ServerState(NamedTuple):
@@ -33,6 +33,7 @@ class ServerState(NamedTuple):
   model_state: ModelState  # e.g. batch_stats
   opt_state: optax.OptState  # server optimizer state
   round: jax.Array  # int32 scalar: rounds completed
+  client_states: ModelState = None  # model_state="local": every client's own state, [num_clients, ...]
 
   def full_params(self) -> Params:
     return merge_params(self.params, self.frozen)
@@ -56,9 +57,15 @@ class FedAvg:
     server_optimizer: optax optimizer applied to the pseudo-gradient (default SGD(1.0) = plain FedAvg).
     schedule: execution schedule or its text form; "auto" picks the measured default for the backend.
     trainable: regex of trainable param paths (None: all); the rest is frozen and never communicated.
-    model_state: how non-param collections (BatchNorm statistics) are treated: "average" (weighted mean of
-      the clients' final statistics) or "frozen" (the server's statistics are kept; clients still normalise
-      with batch statistics while training).
+    model_state: how non-param collections (BatchNorm statistics) are treated:
+      "average" - clients normalise with batch statistics and update the running statistics; the server
+        takes their weighted mean (sent up and down like params);
+      "frozen" - clients normalise with the given (e.g. pretrained) running statistics, in inference mode,
+        and never change them; nothing is sent;
+      "local" - FedBN-style (Li et al. 2021): every client keeps its own running statistics across rounds
+        (stored for the whole population in ``ServerState.client_states``); they are never sent. The server
+        keeps the weighted mean of the latest cohort's statistics for evaluating the global model. BN scale
+        and bias are still averaged (they are params).
     postprocess: optional per-client transform of the client output before aggregation.
   """
 
@@ -74,18 +81,28 @@ class FedAvg:
       self.schedule = Schedule.parse(self.schedule)
     if self.model_state not in MODEL_STATE_MODES:
       raise ValueError(f"model_state must be one of {MODEL_STATE_MODES}, got {self.model_state!r}.")
+    if self.model_state == "frozen":
+      self.local = dataclasses.replace(self.local, norm_stats="frozen")
     self._runners: dict[int, CohortRunner] = {}
     self._server_update = jax.jit(self._server_update_impl)
 
-  def init(self, params: Params, model_state: ModelState | None = None) -> ServerState:
+  def init(self, params: Params, model_state: ModelState | None = None,
+           num_clients: int | None = None) -> ServerState:
+    """Server state from initial params; ``num_clients`` (the population size) is needed for "local"."""
     trainable, frozen = split_params(params, self.trainable)
     model_state = model_state or {}
+    client_states = None
+    if self.model_state == "local":
+      if not num_clients:
+        raise ValueError('model_state="local" keeps a state per client: pass num_clients to init().')
+      client_states = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *a.shape)).copy(), model_state)
     return ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
-                       jnp.zeros((), jnp.int32))
+                       jnp.zeros((), jnp.int32), client_states)
 
   def runner(self, pad_size: int) -> CohortRunner:
     if pad_size not in self._runners:
-      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, self.postprocess)
+      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, self.postprocess,
+                                             per_client_state=self.model_state == "local")
     return self._runners[pad_size]
 
   def communication_bytes(self, state: ServerState) -> tuple[int, int]:
@@ -100,17 +117,28 @@ class FedAvg:
                                                       state.params)
     params = optax.apply_updates(state.params, updates)
     model_state = state.model_state
-    if self.model_state == "average":
+    if self.model_state in ("average", "local"):
       model_state = jax.tree.map(lambda s, m: (s / total).astype(m.dtype), sums.state_sum, state.model_state)
-    return ServerState(params, state.frozen, model_state, opt_state, state.round + 1)
+    return ServerState(params, state.frozen, model_state, opt_state, state.round + 1, state.client_states)
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[dict, ServerState]:
     """One round: returns (metrics, new_state). Metrics are device scalars plus per-client arrays."""
     runner = self.runner(data.pad_size)
     cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(len(client_ids)))
-    sums = runner(state.params, state.frozen, state.model_state, data.x, data.y, cohort, round_key)
+    model_state = state.model_state
+    if self.model_state == "local":
+      if jax.tree.leaves(state.client_states)[0].shape[0] != data.num_clients:
+        raise ValueError(f"Server state holds {jax.tree.leaves(state.client_states)[0].shape[0]} client states "
+                         f"but the data has {data.num_clients} clients.")
+      rows = jnp.maximum(cohort.client_ids, 0)
+      model_state = jax.tree.map(lambda a: a[rows], state.client_states)
+    sums = runner(state.params, state.frozen, model_state, data.x, data.y, cohort, round_key)
     new_state = self._server_update(state, sums)
+    if self.model_state == "local":
+      ids = jnp.asarray(client_ids)
+      new_state = new_state._replace(client_states=jax.tree.map(
+          lambda all_, new: all_.at[ids].set(new[: len(client_ids)]), state.client_states, sums.client_states))
     cm = sums.client_metrics
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
