@@ -169,10 +169,10 @@ def test_local_statistics_persist_per_client(spec, tiny_data):
   for c in (0, 3):
     one = FedAvg(local, schedule="vmap", model_state="average")
     _, sc = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
-    _close(jax.tree.map(lambda a: a[c], s1.client_states), sc.model_state, rtol=1e-5, atol=1e-6)
+    _close(jax.tree.map(lambda a, c=c: a[c], s1.client_states), sc.model_state, rtol=1e-5, atol=1e-6)
   # ... and the others are untouched.
   for c in (1, 2):
-    _close(jax.tree.map(lambda a: a[c], s1.client_states), state, rtol=0, atol=0)
+    _close(jax.tree.map(lambda a, c=c: a[c], s1.client_states), state, rtol=0, atol=0)
   # Round 2: client 0 starts from its own statistics, not the server's.
   _, s2 = algo.apply(s1, tiny_data, np.array([0]), key)
   restart = FedAvg(local, schedule="vmap", model_state="local")

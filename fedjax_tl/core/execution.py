@@ -279,7 +279,7 @@ class CohortRunner:
     for start in range(0, c, k):
       sl = slice(start, start + k)
       indices = cohort.indices[sl]
-      ms = jax.tree.map(lambda a: a[sl], model_state) if self.per_client_state else model_state
+      ms = jax.tree.map(lambda a, sl=sl: a[sl], model_state) if self.per_client_state else model_state
       states = self._init_jit(params, ms, keys[sl], cohort.num_examples[sl])
       chunk_steps = int(active[sl].max(initial=0))
       full, rest = divmod(chunk_steps, u)

@@ -42,7 +42,7 @@ def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, d
   hints = typing.get_type_hints(config_cls)
   for f in dataclasses.fields(config_cls):
     parser.add_argument(f"--{f.name}", type=_field_type(hints[f.name]), default=None,
-                        help=f"override (preset value used when omitted)")
+                        help="override (preset value used when omitted)")
   args = parser.parse_args(argv)
   base = presets[args.preset]
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)

@@ -1,0 +1,70 @@
+"""The CIFAR-10 entry point offline: smoke preset on tfds mock data, clear errors where a download is needed."""
+
+import dataclasses
+import json
+
+import pytest
+
+from fedjax_tl.experiments import cifar10
+from fedjax_tl.models import weights
+
+tfds = pytest.importorskip("tensorflow_datasets")
+
+
+def test_smoke_preset_runs_and_writes_results(tmp_path):
+  cfg = dataclasses.replace(cifar10.PRESETS["smoke"], workdir=str(tmp_path))
+  lines = []
+  summary = cifar10.run(cfg, log=lines.append)
+  assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert [h["round"] for h in saved["history"]] == [1, 2]
+  assert all("test_accuracy" in h and h["bytes_up"] > 0 for h in saved["history"])
+  assert saved["config"]["model"] == "tiny"
+
+
+def test_head_only_strategy_sends_only_the_head(tmp_path):
+  cfg = dataclasses.replace(cifar10.PRESETS["smoke"], strategy="head", bn="frozen", rounds=1)
+  lines = []
+  cifar10.run(cfg, log=lines.append)
+  sizes = [line for line in lines if "MB up" in line]
+  full = dataclasses.replace(cfg, strategy="full", bn="average")
+  lines_full = []
+  cifar10.run(full, log=lines_full.append)
+  mb = lambda ls: float(next(line for line in ls if "MB up" in line).split(": ")[1].split(" MB")[0])
+  assert mb(lines) < mb(lines_full), (sizes, lines_full)
+
+
+def test_seed_preset_offline_stops_at_the_weights_download(tmp_path, monkeypatch):
+  monkeypatch.setenv("FEDJAX_TL_CACHE", str(tmp_path))
+  monkeypatch.delenv("FEDJAX_TL_RESNET50_WEIGHTS", raising=False)
+  monkeypatch.setattr(cifar10.weights, "KERAS_RESNET50_NOTOP", dataclasses.replace(
+      weights.KERAS_RESNET50_NOTOP, url="http://127.0.0.1:9/resnet50_notop.h5"))  # refused: like no network
+  with pytest.raises(weights.WeightFileError, match="--weights_path"):
+    cifar10.run(cifar10.PRESETS["seed"], log=lambda *_: None)
+
+
+def test_missing_dataset_offline_is_a_clear_error(tmp_path):
+  cfg = dataclasses.replace(cifar10.PRESETS["smoke"], mock_data=False, data_dir=str(tmp_path))
+  import unittest.mock
+
+  with unittest.mock.patch.object(tfds.core.DatasetBuilder, "download_and_prepare",
+                                  side_effect=OSError("network unreachable")):
+    with pytest.raises(FileNotFoundError, match="--data_dir"):
+      cifar10.run(cfg, log=lambda *_: None)
+
+
+def test_bad_config_values():
+  for field, value, match in [("model", "resnet9", "Unknown model"), ("strategy", "last:9", "last:K"),
+                              ("bn", "global", "bn must be"), ("weights", "imagenet21k", "weights must")]:
+    with pytest.raises(ValueError, match=match):
+      cifar10.validate(dataclasses.replace(cifar10.PRESETS["seed"], **{field: value}))
+  with pytest.raises(ValueError, match="resnet50"):
+    cifar10.validate(dataclasses.replace(cifar10.PRESETS["seed"], model="resnet18"))
+
+
+def test_transfer_patterns_select_stages():
+  from fedjax_tl.models.transfer import trainable_pattern
+
+  assert trainable_pattern("full") is None
+  assert trainable_pattern("last:1") == r"^(head|backbone/conv(5)_)"
+  assert trainable_pattern("last:2") == r"^(head|backbone/conv(4|5)_)"
