@@ -55,7 +55,8 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path):
 
 def test_bad_config_values():
   for field, value, match in [("model", "resnet9", "Unknown model"), ("strategy", "last:9", "last:K"),
-                              ("bn", "global", "bn must be"), ("weights", "imagenet21k", "weights must")]:
+                              ("bn", "global", "bn must be"), ("weights", "imagenet21k", "weights must"),
+                              ("weights", "timm_x", "weights must")]:
     with pytest.raises(ValueError, match=match):
       cifar10.validate(dataclasses.replace(cifar10.PRESETS["seed"], **{field: value}))
   with pytest.raises(ValueError, match="resnet50"):

@@ -57,7 +57,8 @@ class Config:
   # model
   model: str = "resnet50"
   norm: str = "batch"
-  weights: str = "imagenet"  # "imagenet" (Keras Applications ResNet50 file) or "none"
+  weights: str = "imagenet"  # "imagenet" (Keras Applications ResNet50 .h5), "timm" (timm resnet50.a1_in1k
+  #                            safetensors, v1.5 architecture, 80.4% ImageNet top-1) or "none"
   weights_path: str | None = None
   image_size: int = 32  # model input size; stored images are resized on device inside the step
   head_hidden: str = "128"
@@ -94,9 +95,9 @@ PRESETS = {
 def validate(cfg: Config) -> None:
   if cfg.model not in BACKBONES:
     raise ValueError(f"Unknown model {cfg.model!r}; choose one of {sorted(BACKBONES)}.")
-  if cfg.weights not in ("imagenet", "none"):
-    raise ValueError(f"weights must be 'imagenet' or 'none', got {cfg.weights!r}.")
-  if cfg.weights == "imagenet" and (cfg.model != "resnet50" or cfg.norm != "batch"):
+  if cfg.weights not in ("imagenet", "timm", "none"):
+    raise ValueError(f"weights must be 'imagenet', 'timm' or 'none', got {cfg.weights!r}.")
+  if cfg.weights != "none" and (cfg.model != "resnet50" or cfg.norm != "batch"):
     raise ValueError("ImageNet weights exist for model=resnet50 with norm=batch only; use --weights=none for "
                      f"model={cfg.model!r}, norm={cfg.norm!r}.")
   if cfg.bn not in MODEL_STATE_MODES:
@@ -106,9 +107,11 @@ def validate(cfg: Config) -> None:
 
 def make_model(cfg: Config, num_classes: int, sample_shape: tuple[int, ...]) -> Model:
   hidden = tuple(int(h) for h in cfg.head_hidden.split(",") if h.strip())
-  module = resnet.ClassifierHead(BACKBONES[cfg.model](norm=cfg.norm), num_classes=num_classes, hidden=hidden)
+  backbone = resnet.ResNet50Torch() if cfg.weights == "timm" else BACKBONES[cfg.model](norm=cfg.norm)
+  module = resnet.ClassifierHead(backbone, num_classes=num_classes, hidden=hidden)
   size = cfg.image_size if cfg.image_size != sample_shape[0] else None
-  return Model(module, sample_shape, preprocess=augment.with_resize(resnet.caffe_preprocess, size))
+  preprocess = resnet.torch_preprocess if cfg.weights == "timm" else resnet.caffe_preprocess
+  return Model(module, sample_shape, preprocess=augment.with_resize(preprocess, size))
 
 
 def load_pretrained(cfg: Config, log=print):
@@ -116,8 +119,9 @@ def load_pretrained(cfg: Config, log=print):
   if cfg.weights == "none":
     return None
   t = time.perf_counter()
-  params, state = weights.load_keras_resnet50(cfg.weights_path)
-  log(f"loaded ImageNet ResNet50 weights ({time.perf_counter() - t:.1f}s)")
+  load = weights.load_torch_resnet50 if cfg.weights == "timm" else weights.load_keras_resnet50
+  params, state = load(cfg.weights_path)
+  log(f"loaded {cfg.weights} ResNet50 weights ({time.perf_counter() - t:.1f}s)")
   return {"backbone": params}, {"batch_stats": {"backbone": state["batch_stats"]}}
 
 

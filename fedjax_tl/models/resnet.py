@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet101", "ResNet152", "ResNetTiny",
+__all__ = ["ResNet", "ResNet18", "ResNet34", "ResNet50", "ResNet50Torch", "ResNet101", "ResNet152", "ResNetTiny",
            "ClassifierHead", "caffe_preprocess", "torch_preprocess"]
 
 BN_EPSILON = 1.001e-5  # Keras Applications' value
@@ -42,14 +42,15 @@ class _Norm(nn.Module):
 
   kind: str = "batch"
   groups: int = 32
+  epsilon: float = BN_EPSILON
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
     if self.kind == "batch":
       m = None if mask is None else mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-      return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=BN_EPSILON, name="bn")(x, mask=m)
+      return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=self.epsilon, name="bn")(x, mask=m)
     if self.kind == "group":
-      return nn.GroupNorm(num_groups=min(self.groups, x.shape[-1]), epsilon=BN_EPSILON, name="gn")(x)
+      return nn.GroupNorm(num_groups=min(self.groups, x.shape[-1]), epsilon=self.epsilon, name="gn")(x)
     raise ValueError(f"norm must be 'batch' or 'group', got {self.kind!r}")
 
 
@@ -63,6 +64,10 @@ class ResNet(nn.Module):
     norm: "batch" or "group".
     stem: "imagenet" (7x7/2 conv + 3x3/2 max-pool) or "small" (3x3/1 conv, no pool; for 32x32 inputs).
     pooling: "avg" (global average) or None (return the feature map).
+    stride_on: where a downsampling bottleneck puts its stride: "1x1" (Keras v1) or "3x3" (torchvision and
+      timm, "ResNet v1.5").
+    conv_bias: convolutions with bias (Keras: True; torchvision/timm: False).
+    bn_epsilon: BatchNorm epsilon (Keras 1.001e-5; torchvision 1e-5).
   """
 
   stage_sizes: Sequence[int]
@@ -71,10 +76,16 @@ class ResNet(nn.Module):
   norm: str = "batch"
   stem: str = "imagenet"
   pooling: str | None = "avg"
+  stride_on: str = "1x1"
+  conv_bias: bool = True
+  bn_epsilon: float = BN_EPSILON
 
   def _conv_norm(self, x, filters, kernel, strides, name, train, mask, padding="VALID"):
-    x = nn.Conv(filters, (kernel, kernel), (strides, strides), padding=padding, name=f"{name}_conv")(x)
-    norm = _Norm(self.norm, name=f"{name}_{'bn' if self.norm == 'batch' else 'gn'}")
+    if kernel > 1 and strides > 1 and padding == "SAME":  # torch-style symmetric padding for strided 3x3
+      padding = ((kernel // 2, kernel // 2),) * 2
+    x = nn.Conv(filters, (kernel, kernel), (strides, strides), padding=padding, use_bias=self.conv_bias,
+                name=f"{name}_conv")(x)
+    norm = _Norm(self.norm, epsilon=self.bn_epsilon, name=f"{name}_{'bn' if self.norm == 'batch' else 'gn'}")
     return norm(x, train, mask)
 
   @nn.compact
@@ -103,9 +114,12 @@ class ResNet(nn.Module):
     shortcut = x
     if first and (stride != 1 or x.shape[-1] != out_filters):
       shortcut = self._conv_norm(x, out_filters, 1, stride, f"{name}_0", train, mask)
+    if self.stride_on not in ("1x1", "3x3"):
+      raise ValueError(f"stride_on must be '1x1' or '3x3', got {self.stride_on!r}")
+    s1, s3 = (stride, 1) if self.stride_on == "1x1" else (1, stride)
     if self.bottleneck:
-      y = nn.relu(self._conv_norm(x, filters, 1, stride, f"{name}_1", train, mask))
-      y = nn.relu(self._conv_norm(y, filters, 3, 1, f"{name}_2", train, mask, padding="SAME"))
+      y = nn.relu(self._conv_norm(x, filters, 1, s1, f"{name}_1", train, mask))
+      y = nn.relu(self._conv_norm(y, filters, 3, s3, f"{name}_2", train, mask, padding="SAME"))
       y = self._conv_norm(y, out_filters, 1, 1, f"{name}_3", train, mask)
     else:
       y = nn.relu(self._conv_norm(x, filters, 3, stride, f"{name}_1", train, mask,
@@ -117,6 +131,9 @@ class ResNet(nn.Module):
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), bottleneck=False)
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), bottleneck=False)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3))
+# torchvision / timm layout ("v1.5"): stride in the 3x3 conv, no conv bias, BN epsilon 1e-5.
+ResNet50Torch = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), stride_on="3x3", conv_bias=False,
+                                  bn_epsilon=1e-5)
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3))
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3))
 # One block per stage and 8 base filters: the whole structure (stem, downsampling shortcuts, 4 stages) at a
