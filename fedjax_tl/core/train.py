@@ -24,12 +24,13 @@ def round_keys(seed: int, round_idx: int) -> tuple[jax.Array, jax.Array]:
 
 def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int, cohort_size: int,
                seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None, eval_every: int = 1,
-               on_round: Callable[[dict], None] | None = None) -> tuple[ServerState, list[dict]]:
+               on_round: Callable[[dict, ServerState], None] | None = None) -> tuple[ServerState, list[dict]]:
   """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
 
   Each record holds the round number, training loss/accuracy, examples, bytes up/down, wall time,
   examples/s and, every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
-  A non-finite training loss stops the run with an error naming the round.
+  A non-finite training loss stops the run with an error naming the round. ``on_round(record, state)`` is
+  called after every round (metrics files, checkpoints).
   """
   history = []
   start_round = int(state.round)
@@ -53,6 +54,6 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
       rec.update({f"test_{k}": v for k, v in evaluate_fn(state).items()})
     history.append(rec)
     if on_round is not None:
-      on_round(rec)
+      on_round(rec, state)
   return state, history
 

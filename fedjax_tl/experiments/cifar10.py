@@ -31,11 +31,10 @@ import optax
 from fedjax_tl.core.client import LocalTraining
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
-from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import augment, partition
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_tfds
-from fedjax_tl.experiments.common import parse_config, write_results
+from fedjax_tl.experiments.common import parse_config, run_in_workdir, write_results
 from fedjax_tl.experiments.digits import client_optimizer
 from fedjax_tl.models import pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
@@ -79,7 +78,11 @@ class Config:
   augment: bool = False
   schedule: str = "auto"
   eval_batch_size: int = 256
-  workdir: str | None = None
+  workdir: str | None = None  # metrics (JSONL, CSV, TensorBoard), checkpoints and results.json go here
+  resume: bool = False  # continue from the latest checkpoint in workdir
+  checkpoint_every: int = 1
+  keep_checkpoints: int = 3
+  quiet: bool = False  # no progress bar
 
 
 PRESETS = {
@@ -88,7 +91,7 @@ PRESETS = {
                      local_epochs=1, client_optimizer="momentum", client_lr=0.01, augment=True),
     "smoke": Config(mock_data=True, mock_examples=96, model="tiny", weights="none", num_clients=4,
                     partition="iid", clients_per_round=2, rounds=2, local_epochs=1, batch_size=16,
-                    head_hidden="16", schedule="sequential/host:1"),
+                    head_hidden="16", schedule="sequential/host:1", quiet=True),
 }
 
 
@@ -177,13 +180,13 @@ def run(cfg: Config, log=print) -> dict:
   header = ["round", "train_loss", "train_acc", "test_acc", "MB_up", "wall_s", "examples/s"]
   log("  ".join(header))
 
-  def on_round(rec):
+  def on_round(rec, _):
     log(f"{rec['round']:5d}  {rec['train_loss']:10.4f}  {rec['train_accuracy']:9.4f}  "
         f"{rec.get('test_accuracy', float('nan')):8.4f}  {rec['bytes_up'] / 1e6:5.1f}  {rec['wall_s']:6.1f}  "
         f"{rec['examples_per_s']:10.1f}")
 
-  server, history = run_rounds(algo, server, data, rounds=cfg.rounds, cohort_size=cfg.clients_per_round,
-                               seed=cfg.seed, evaluate_fn=eval_fn, on_round=on_round)
+  server, history = run_in_workdir(cfg, algo, server, data, rounds=cfg.rounds, cohort_size=cfg.clients_per_round,
+                                   evaluate_fn=eval_fn, workdir=cfg.workdir, log=log, on_round=on_round)
   final = history[-1]["test_accuracy"]
   summary = {"final_test_accuracy": final, "rounds": cfg.rounds, "seconds": time.perf_counter() - t_start,
              "mean_examples_per_s": float(np.mean([h["examples_per_s"] for h in history[1:] or history]))}

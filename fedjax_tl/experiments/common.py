@@ -9,7 +9,7 @@ import os
 import typing
 from collections.abc import Sequence
 
-__all__ = ["parse_config", "write_results", "format_table"]
+__all__ = ["parse_config", "write_results", "format_table", "run_in_workdir"]
 
 
 def _parse_bool(v: str) -> bool:
@@ -67,3 +67,44 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
   lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
   lines.insert(1, "  ".join("-" * w for w in widths))
   return "\n".join(lines)
+
+
+def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int, evaluate_fn, workdir: str | None,
+                   log=print, on_round=None):
+  """``run_rounds`` to a total of ``rounds``, with metrics files and checkpoints when ``workdir`` is set.
+
+  ``cfg`` must have ``seed``, ``resume``, ``checkpoint_every``, ``keep_checkpoints`` and ``quiet``. With
+  ``resume`` the latest checkpoint in ``workdir`` is restored (its config must match) and the run continues
+  to ``rounds``; without it, a workdir that already holds checkpoints is an error (nothing is overwritten).
+  Returns (final state, all rounds' records, including those before the resume).
+  """
+  from fedjax_tl.checkpoint import Checkpointer
+  from fedjax_tl.core.train import run_rounds
+  from fedjax_tl.metrics import MetricsWriter
+
+  if not workdir:
+    return run_rounds(algorithm, state, data, rounds=rounds, cohort_size=cohort_size, seed=cfg.seed,
+                      evaluate_fn=evaluate_fn, on_round=on_round)
+  ckpt = Checkpointer(workdir, cfg, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+  latest = ckpt.latest_round()
+  if latest is not None and not cfg.resume:
+    raise FileExistsError(f"{workdir} already holds checkpoints (latest round {latest}); pass --resume=true to "
+                          "continue that run, or choose a new --workdir.")
+  if latest is not None:
+    state = ckpt.restore(state)
+    log(f"resumed from the checkpoint of round {int(state.round)} in {ckpt.directory}")
+  writer = MetricsWriter(workdir, rounds, resume_round=int(state.round), quiet=cfg.quiet)
+
+  def save(rec, s):
+    writer.write(rec)
+    ckpt.maybe_save(s, final=rec["round"] == rounds)
+    if on_round is not None:
+      on_round(rec, s)
+
+  try:
+    state, _ = run_rounds(algorithm, state, data, rounds=max(rounds - int(state.round), 0),
+                          cohort_size=cohort_size, seed=cfg.seed, evaluate_fn=evaluate_fn, on_round=save)
+  finally:
+    writer.close()
+    ckpt.close()
+  return state, writer.rows

@@ -12,6 +12,7 @@ scratch, with the same rounds, clients, keys and seed. Prints a per-round table 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 
@@ -26,7 +27,7 @@ from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import Dataset, FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
-from fedjax_tl.experiments.common import format_table, parse_config, write_results
+from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, write_results
 from fedjax_tl.models import pretrained
 from fedjax_tl.models.base import Model
 from fedjax_tl.models.cnn import CNN
@@ -57,7 +58,11 @@ class Config:
   schedule: str = "auto"
   features: str = "16,32"
   hidden: int = 64
-  workdir: str | None = None
+  workdir: str | None = None  # metrics (JSONL, CSV, TensorBoard), checkpoints and results.json go here
+  resume: bool = False  # continue from the latest checkpoint in workdir
+  checkpoint_every: int = 1
+  keep_checkpoints: int = 3
+  quiet: bool = True  # no progress bar (the per-round table is printed at the end)
 
 
 PRESETS = {
@@ -123,8 +128,9 @@ def run(cfg: Config, log=print) -> dict:
                   server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
                   trainable=None if name.startswith("scratch") else cfg.trainable)
     eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
-    server, hist = run_rounds(algo, algo.init(params, state), data, rounds=cfg.rounds,
-                              cohort_size=cfg.clients_per_round, seed=cfg.seed, evaluate_fn=eval_fn)
+    workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
+    server, hist = run_in_workdir(cfg, algo, algo.init(params, state), data, rounds=cfg.rounds,
+                                  cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=workdir, log=log)
     histories[name], finals[name] = hist, hist[-1]["test_accuracy"]
 
   names = list(histories)

@@ -1,0 +1,99 @@
+"""Per-round metrics: JSONL and CSV in the work directory, TensorBoard event files, a progress bar.
+
+Files (under WORKDIR):
+  metrics.jsonl  one JSON object per round (round, train_loss, train_accuracy, test_*, bytes_up, bytes_down,
+                 wall_s, examples_per_s, ...), appended as rounds finish;
+  metrics.csv    the same rows as a table (rewritten each round, columns = union of keys);
+  tb/            TensorBoard event files (tensorboardX), one scalar per numeric metric.
+On resume from round R, rows after R (written by the interrupted run after its last checkpoint) are dropped,
+so every round appears exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+
+__all__ = ["MetricsWriter", "read_jsonl"]
+
+_FIRST_COLUMNS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "bytes_up",
+                  "bytes_down", "wall_s", "examples_per_s")
+
+
+def read_jsonl(path: str) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsWriter:
+  """Writes round records to JSONL, CSV and TensorBoard; shows a progress bar unless ``quiet``.
+
+  Args:
+    workdir: directory for the files (created).
+    total_rounds: rounds the run will reach (for the progress bar).
+    resume_round: the round the run resumes from (rows after it are dropped); 0 for a fresh run.
+    quiet: no progress bar (CI, logs).
+    tensorboard: write TensorBoard event files.
+  """
+
+  def __init__(self, workdir: str, total_rounds: int, resume_round: int = 0, quiet: bool = False,
+               tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+    self.csv_path = os.path.join(workdir, "metrics.csv")
+    self.rows: list[dict] = []
+    if os.path.exists(self.jsonl_path):
+      self.rows = [r for r in read_jsonl(self.jsonl_path) if r["round"] <= resume_round]
+    with open(self.jsonl_path, "w") as f:  # rewrite: drop rows past the resume point
+      for r in self.rows:
+        f.write(json.dumps(r) + "\n")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=resume_round + 1 if resume_round else None)
+    self._bar = None
+    if not quiet:
+      from tqdm.auto import tqdm
+
+      self._bar = tqdm(total=total_rounds, initial=resume_round, desc="rounds", unit="round", dynamic_ncols=True)
+
+  def write(self, record: dict) -> None:
+    self.rows.append(record)
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    self._write_csv()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "round" and isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, record["round"])
+      self._tb.flush()
+    if self._bar is not None:
+      shown = {k: f"{record[k]:.4f}" for k in ("train_loss", "test_accuracy") if k in record}
+      self._bar.set_postfix(shown, refresh=False)
+      self._bar.update(1)
+
+  def _write_csv(self) -> None:
+    keys: list[str] = [k for k in _FIRST_COLUMNS if any(k in r for r in self.rows)]
+    keys += sorted({k for r in self.rows for k in r} - set(keys))
+    tmp = self.csv_path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=keys)
+      w.writeheader()
+      w.writerows(self.rows)
+    os.replace(tmp, self.csv_path)
+
+  def summary(self, columns: Sequence[str] = ("round", "train_loss", "test_accuracy", "bytes_up", "wall_s")) -> str:
+    from fedjax_tl.experiments.common import format_table
+
+    cols = [c for c in columns if any(c in r for r in self.rows)]
+    return format_table(cols, [[r.get(c, "") for c in cols] for r in self.rows])
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._tb is not None:
+      self._tb.close()

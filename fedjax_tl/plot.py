@@ -1,0 +1,88 @@
+"""Plots of one or more runs from their work directories' metrics.jsonl.
+
+    python -m fedjax_tl.plot WORKDIR [WORKDIR ...] [--out DIR]
+
+Writes ``accuracy_vs_round.png``, ``accuracy_vs_megabytes.png`` (test accuracy against cumulative megabytes
+communicated, up + down) and, when any run reports ``epsilon``, ``epsilon_vs_round.png``, overlaying the runs
+(labelled by their directory names). The output directory defaults to the first WORKDIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+from fedjax_tl.metrics import read_jsonl
+
+__all__ = ["plot_runs"]
+
+
+def _load(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: is {workdir!r} the work directory of a run?")
+  rows = read_jsonl(path)
+  if not rows:
+    raise ValueError(f"{path} holds no rounds yet.")
+  return rows
+
+
+def plot_runs(workdirs: list[str], out_dir: str | None = None) -> list[str]:
+  """Writes the PNGs and returns their paths."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  runs = {os.path.basename(os.path.normpath(w)) or w: _load(w) for w in workdirs}
+  out_dir = out_dir or workdirs[0]
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+
+  def figure(name, xlabel, ylabel, series):
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for label, (x, y) in series.items():
+      ax.plot(x, y, marker="o", markersize=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+
+  def evaluated(rows, key):
+    return [r for r in rows if key in r]
+
+  figure("accuracy_vs_round.png", "round", "test accuracy",
+         {k: ([r["round"] for r in evaluated(v, "test_accuracy")],
+              [r["test_accuracy"] for r in evaluated(v, "test_accuracy")]) for k, v in runs.items()})
+  series = {}
+  for k, v in runs.items():
+    mb = np.cumsum([(r.get("bytes_up", 0) + r.get("bytes_down", 0)) / 1e6 for r in v])
+    keep = [i for i, r in enumerate(v) if "test_accuracy" in r]
+    series[k] = ([mb[i] for i in keep], [v[i]["test_accuracy"] for i in keep])
+  figure("accuracy_vs_megabytes.png", "megabytes communicated (up + down, cumulative)", "test accuracy", series)
+  eps = {k: ([r["round"] for r in evaluated(v, "epsilon")], [r["epsilon"] for r in evaluated(v, "epsilon")])
+         for k, v in runs.items() if evaluated(v, "epsilon")}
+  if eps:
+    figure("epsilon_vs_round.png", "round", "epsilon (DP)", eps)
+  return written
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("workdirs", nargs="+")
+  p.add_argument("--out", default=None, help="output directory (default: the first workdir)")
+  args = p.parse_args(argv)
+  for path in plot_runs(args.workdirs, args.out):
+    print(path)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,125 @@
+"""Checkpoints: bit-exact resume after SIGKILL, atomic saves, config checks, metrics files and plots."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import resume_worker  # noqa: E402
+
+from fedjax_tl.checkpoint import Checkpointer, ConfigMismatchError  # noqa: E402
+from fedjax_tl.metrics import read_jsonl  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
+
+
+def _run(*args, expect_rc=0):
+  p = subprocess.run([sys.executable, WORKER, *map(str, args)], capture_output=True, text=True, timeout=600)
+  assert p.returncode == expect_rc, p.stderr[-2000:]
+  return p
+
+
+def _final_state(workdir, **cfg):
+  config = resume_worker.Config(workdir=workdir, **cfg)
+  _, template, _ = resume_worker.build(config)
+  return Checkpointer(workdir, config).restore(template)
+
+
+def _assert_bit_identical(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb) > 0
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  d = str(tmp_path_factory.mktemp("full"))
+  _run(d, 6, 1, 0, 0)
+  return d
+
+
+@pytest.mark.parametrize("every,kill_after", [(1, 2), (2, 3)])
+def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path, every, kill_after):
+  d = str(tmp_path)
+  _run(d, 6, every, kill_after, 0, expect_rc=-signal.SIGKILL)
+  latest = Checkpointer(d, resume_worker.Config(workdir=d, checkpoint_every=every)).latest_round()
+  assert latest == kill_after - kill_after % every  # every=2, killed after round 3: resumes from 2
+  refused = _run(d, 6, every, 0, 0, expect_rc=1)  # without --resume an existing run is never overwritten
+  assert "already holds checkpoints" in refused.stderr
+  out = _run(d, 6, every, 0, 1)
+  assert f"resumed from the checkpoint of round {latest}" in out.stdout
+  resumed = _final_state(d, checkpoint_every=every)
+  full = _final_state(uninterrupted)
+  assert int(resumed.round) == 6
+  _assert_bit_identical(resumed, full)  # params, FedBN client states, Adam state, round
+  rows = read_jsonl(os.path.join(d, "metrics.jsonl"))
+  assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]  # each round exactly once
+  full_rows = read_jsonl(os.path.join(uninterrupted, "metrics.jsonl"))
+  assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full_rows]
+  with open(os.path.join(d, "metrics.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert [int(r["round"]) for r in table] == [1, 2, 3, 4, 5, 6] and "bytes_up" in table[0]
+  assert any(name.startswith("events") for name in os.listdir(os.path.join(d, "tb")))
+  assert len(Checkpointer(d, resume_worker.Config(workdir=d)).all_rounds()) <= 2  # keep_checkpoints=2
+
+
+def test_mismatched_config_is_rejected(uninterrupted):
+  config = resume_worker.Config(workdir=uninterrupted, lr=0.2)
+  _, template, _ = resume_worker.build(config)
+  with pytest.raises(ConfigMismatchError, match="lr: checkpoint 0.05 vs now 0.2"):
+    Checkpointer(uninterrupted, config).restore(template)
+
+
+CRASH_SCRIPT = r"""
+import os, signal, sys, threading, time
+import jax.numpy as jnp, numpy as np
+from fedjax_tl.checkpoint import Checkpointer
+sys.path.insert(0, {tests!r})
+import resume_worker
+cfg = resume_worker.Config(workdir={d!r})
+algo, state, data = resume_worker.build(cfg)
+ck = Checkpointer({d!r}, cfg)
+ck.maybe_save(state._replace(round=jnp.int32(1)))
+big = state._replace(round=jnp.int32(2), frozen={{"big": np.ones((64, 1024, 1024), np.float32)}})
+def killer():
+  root = {d!r} + "/checkpoints"
+  while True:
+    if any("tmp" in n for n in os.listdir(root)):
+      os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.001)
+threading.Thread(target=killer, daemon=True).start()
+ck.maybe_save(big)
+print("save finished before the kill")
+"""
+
+
+def test_crash_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+  d = str(tmp_path)
+  code = CRASH_SCRIPT.format(d=d, tests=os.path.dirname(__file__))
+  p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+  assert p.returncode == -signal.SIGKILL, p.stdout + p.stderr[-2000:]
+  assert any("tmp" in n for n in os.listdir(os.path.join(d, "checkpoints")))  # the half-written save
+  cfg = resume_worker.Config(workdir=d)
+  _, template, _ = resume_worker.build(cfg)
+  ck = Checkpointer(d, cfg)
+  assert ck.latest_round() == 1
+  restored = ck.restore(template)
+  assert int(restored.round) == 1
+  _assert_bit_identical(restored.params, template.params)
+
+
+def test_plot_writes_pngs(uninterrupted, tmp_path):
+  from fedjax_tl.plot import plot_runs
+
+  paths = plot_runs([uninterrupted, uninterrupted], str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == ["accuracy_vs_megabytes.png", "accuracy_vs_round.png"]
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+  with pytest.raises(FileNotFoundError, match="work directory"):
+    plot_runs([str(tmp_path / "nope")])
