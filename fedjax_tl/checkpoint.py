@@ -53,7 +53,8 @@ def _from_tree(tree: dict, template: ServerState) -> ServerState:
     leaves = jax.tree.leaves(tree[name])
     structure = jax.tree.structure(like)
     if len(leaves) != structure.num_leaves:
-      raise ConfigMismatchError(f"Checkpoint field {name!r} has {len(leaves)} arrays, the model {structure.num_leaves}.")
+      raise ConfigMismatchError(
+          f"Checkpoint field {name!r} has {len(leaves)} arrays, the model {structure.num_leaves}.")
     fields[name] = jax.tree.unflatten(structure, [jax.numpy.asarray(v) for v in leaves])
   return ServerState(**fields)
 

@@ -123,3 +123,17 @@ def test_plot_writes_pngs(uninterrupted, tmp_path):
   assert all(os.path.getsize(p) > 1000 for p in paths)
   with pytest.raises(FileNotFoundError, match="work directory"):
     plot_runs([str(tmp_path / "nope")])
+
+
+def test_plot_adds_epsilon_when_a_run_reports_it(tmp_path):
+  import json
+
+  from fedjax_tl.plot import plot_runs
+
+  run = tmp_path / "dp_run"
+  run.mkdir()
+  rows = [{"round": r, "test_accuracy": 0.1 * r, "bytes_up": 1000, "bytes_down": 1000, "epsilon": 0.5 * r}
+          for r in (1, 2, 3)]
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  paths = plot_runs([str(run)])
+  assert "epsilon_vs_round.png" in [os.path.basename(p) for p in paths]

@@ -32,3 +32,15 @@ def test_cli_overrides_and_unknown_preset():
   import pytest
   with pytest.raises(SystemExit):
     digits.parse_config(digits.Config, digits.PRESETS, ["--preset=nope"])
+
+
+def test_none_text_only_means_none_for_optional_fields():
+  from fedjax_tl.experiments import cifar10
+
+  cfg, _ = cifar10.parse_config(cifar10.Config, cifar10.PRESETS, ["--weights=none", "--data_dir=none"])
+  assert cfg.weights == "none" and cfg.data_dir is None
+  cfg, _ = digits.parse_config(digits.Config, digits.PRESETS, ["--trainable=head"])
+  assert cfg.trainable == "head"
+  preset = dataclasses.replace(digits.PRESETS["default"], trainable="head")
+  cfg, _ = digits.parse_config(digits.Config, {"x": preset}, ["--trainable=none"])
+  assert cfg.trainable is None

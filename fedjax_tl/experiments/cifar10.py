@@ -34,7 +34,7 @@ from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
 from fedjax_tl.data import augment, partition
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_tfds
-from fedjax_tl.experiments.common import parse_config, run_in_workdir, write_results
+from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, write_results
 from fedjax_tl.experiments.digits import client_optimizer
 from fedjax_tl.models import pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
@@ -187,6 +187,8 @@ def run(cfg: Config, log=print) -> dict:
 
   server, history = run_in_workdir(cfg, algo, server, data, rounds=cfg.rounds, cohort_size=cfg.clients_per_round,
                                    evaluate_fn=eval_fn, workdir=cfg.workdir, log=log, on_round=on_round)
+  cols = ["round", "train_loss", "train_accuracy", "test_accuracy", "bytes_up", "wall_s", "examples_per_s"]
+  log(format_table(cols, [[h.get(c, "") for c in cols] for h in history]))
   final = history[-1]["test_accuracy"]
   summary = {"final_test_accuracy": final, "rounds": cfg.rounds, "seconds": time.perf_counter() - t_start,
              "mean_examples_per_s": float(np.mean([h["examples_per_s"] for h in history[1:] or history]))}

@@ -21,16 +21,15 @@ def _parse_bool(v: str) -> bool:
 
 
 def _field_type(tp):
-  """argparse type for a dataclass field annotation (int, float, str, bool, or X | None)."""
-  args = [a for a in typing.get_args(tp) if a is not type(None)]
-  if args:
-    tp = args[0]
-  if tp is bool:
-    return _parse_bool
-  if tp in (int, float, str):
-    inner = tp
-    return lambda v: None if v.lower() == "none" else inner(v)
-  return str
+  """argparse type for a dataclass field annotation (int, float, str, bool, or X | None). Only for optional
+  fields (X | None) does the text 'none' mean None; for a plain str field it is the string 'none'."""
+  args = typing.get_args(tp)
+  optional = type(None) in args
+  inner = next((a for a in args if a is not type(None)), tp) if args else tp
+  base = _parse_bool if inner is bool else inner if inner in (int, float, str) else str
+  if not optional:
+    return base
+  return lambda v: None if v.lower() == "none" else base(v)
 
 
 def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, description: str = ""):
@@ -43,10 +42,12 @@ def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, d
   for f in dataclasses.fields(config_cls):
     parser.add_argument(f"--{f.name}", type=_field_type(hints[f.name]), default=None,
                         help="override (preset value used when omitted)")
+  given = {a.split("=")[0][2:].replace("-", "_") for a in (argv or []) if a.startswith("--")}
   args = parser.parse_args(argv)
   base = presets[args.preset]
+  # A field given on the command line overrides the preset even when its value is None (--trainable=none).
   overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
-               if getattr(args, f.name) is not None}
+               if f.name in given or getattr(args, f.name) is not None}
   return dataclasses.replace(base, **overrides), args.preset
 
 
