@@ -134,8 +134,21 @@ class CohortRunner:
   """
 
   def __init__(self, local: LocalTraining, schedule: Schedule, pad_size: int,
-               postprocess: ClientPostprocess | None = None, per_client_state: bool = False):
+               postprocess: ClientPostprocess | None = None, per_client_state: bool = False,
+               mesh: jax.sharding.Mesh | None = None):
     self.local = local
+    # mesh: shard each chunk's clients over the mesh axis "clients" (data and params replicated); XLA's SPMD
+    # partitioner turns the weighted sums over clients into a cross-device reduction. "scan" loop only.
+    if mesh is not None:
+      if schedule.loop != "scan":
+        raise ValueError("Sharding the cohort over devices needs a one-program schedule (loop 'scan'), got "
+                         f"{schedule}.")
+      if "clients" not in mesh.axis_names:
+        raise ValueError(f"The mesh needs an axis named 'clients', got {mesh.axis_names}.")
+      n_dev = mesh.shape["clients"]
+      if schedule.chunk_size and schedule.chunk_size % n_dev:
+        raise ValueError(f"chunk_size {schedule.chunk_size} must be a multiple of the {n_dev} devices.")
+    self.mesh = mesh
     # per_client_state: model_state arrives stacked [C, ...] (each client starts from its own, e.g. FedBN) and
     # the clients' final states come back in RoundSums.client_states.
     self.per_client_state = per_client_state
@@ -209,6 +222,9 @@ class CohortRunner:
     per_client = model_state if self.per_client_state else None
     chunked = jax.tree.map(lambda a: a.reshape(c // k, k, *a.shape[1:]),
                            (cohort.indices, cohort.num_examples, keys, post_keys, per_client))
+    if self.mesh is not None:  # clients of a chunk across devices; chunks still run one after another
+      spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "clients"))
+      chunked = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), chunked)
     one_state = jax.tree.map(lambda a: a[0], model_state) if self.per_client_state else model_state
     zero = RoundSums(_zeros_like(params), _zeros_like(one_state), jnp.zeros((), jnp.float32), None)
 
@@ -231,7 +247,9 @@ class CohortRunner:
   # ---- public ----
   def padded_cohort_size(self, cohort_size: int) -> int:
     k = self.schedule.chunk_size
-    return cohort_size if k == 0 else math.ceil(cohort_size / k) * k
+    if k == 0:
+      k = self.mesh.shape["clients"] if self.mesh is not None else 1
+    return math.ceil(cohort_size / k) * k
 
   def __call__(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
                cohort: Cohort, round_key: PRNGKey) -> RoundSums:
@@ -248,6 +266,10 @@ class CohortRunner:
       raise ValueError(f"Cohort padded to {cohort.indices.shape[1]} examples, runner built for "
                        f"{self.pad_size}.")
     if self.schedule.loop == "scan":
+      if self.mesh is not None:
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        params, frozen, model_state, x, y, round_key = jax.device_put(
+            (params, frozen, model_state, x, y, round_key), replicated)
       return self._round_jit(params, frozen, model_state, x, y, cohort, round_key)
     return self._round_host(params, frozen, model_state, x, y, cohort, round_key)
 

@@ -22,7 +22,7 @@ from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.types import ModelState, Params, PRNGKey, pseudo_gradient
 
-__all__ = ["FedAvg", "ServerState", "sample_clients", "MODEL_STATE_MODES"]
+__all__ = ["FedAvg", "ServerState", "sample_clients", "client_mesh", "MODEL_STATE_MODES"]
 
 MODEL_STATE_MODES = ("average", "frozen", "local")
 
@@ -37,6 +37,13 @@ class ServerState(NamedTuple):
 
   def full_params(self) -> Params:
     return merge_params(self.params, self.frozen)
+
+
+def client_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh over ``devices`` (default: all local devices; on a multi-host TPU pod after
+  ``jax.distributed.initialize()``, all devices of all hosts) with the axis name "clients"."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return jax.sharding.Mesh(devices.reshape(-1), ("clients",))
 
 
 def sample_clients(key: PRNGKey, num_clients: int, cohort_size: int) -> np.ndarray:
@@ -67,6 +74,9 @@ class FedAvg:
         keeps the weighted mean of the latest cohort's statistics for evaluating the global model. BN scale
         and bias are still averaged (they are params).
     postprocess: optional per-client transform of the client output before aggregation.
+    mesh: optional ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its
+      devices (one-program schedules, e.g. "vmap" or "chunked:K" with K a multiple of the device count).
+      See :func:`client_mesh`.
   """
 
   local: LocalTraining
@@ -75,6 +85,7 @@ class FedAvg:
   trainable: str | None = None
   model_state: str = "average"
   postprocess: ClientPostprocess | None = None
+  mesh: jax.sharding.Mesh | None = None
 
   def __post_init__(self):
     if isinstance(self.schedule, str):
@@ -102,7 +113,7 @@ class FedAvg:
   def runner(self, pad_size: int) -> CohortRunner:
     if pad_size not in self._runners:
       self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, self.postprocess,
-                                             per_client_state=self.model_state == "local")
+                                             per_client_state=self.model_state == "local", mesh=self.mesh)
     return self._runners[pad_size]
 
   def communication_bytes(self, state: ServerState) -> tuple[int, int]:
