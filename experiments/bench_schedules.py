@@ -35,8 +35,8 @@ DEFAULT_SCHEDULES = ["sequential/host:8", "sequential/host:1", "sequential/scan:
                      "vmap/scan:1", "vmap/host:8", "chunked:10/host:8"]
 
 
-def make_model() -> Model:
-  return Model(CNN(num_classes=10, features=(32, 64), hidden=128), (32, 32, 3))
+def make_model(conv: str = "xla") -> Model:
+  return Model(CNN(num_classes=10, features=(32, 64), hidden=128, conv=conv), (32, 32, 3))
 
 
 def make_data(num_clients: int, per_client: int, seed: int = 0) -> FederatedData:
@@ -46,8 +46,9 @@ def make_data(num_clients: int, per_client: int, seed: int = 0) -> FederatedData
   return FederatedData.from_partition(ds, partition.iid(n, num_clients, seed))
 
 
-def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int, lr: float) -> dict:
-  model = make_model()
+def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int, lr: float,
+                    conv: str = "xla") -> dict:
+  model = make_model(conv)
   params, state = model.init(jax.random.PRNGKey(0))
   algo = FedAvg(LocalTraining(model, optax.sgd(lr), batch, epochs=1), schedule=schedule)
   s = algo.init(params, state)
@@ -65,9 +66,9 @@ def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int,
   return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first}
 
 
-def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float) -> dict:
+def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float, conv: str = "xla") -> dict:
   """A plain optax loop: one jitted step per batch of device-resident, pre-shuffled data."""
-  model = make_model()
+  model = make_model(conv)
   params, state = model.init(jax.random.PRNGKey(0))
   opt = optax.sgd(lr)
 
@@ -103,29 +104,30 @@ def main(argv=None) -> None:
   p.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up round")
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--lr", type=float, default=0.01)
+  p.add_argument("--conv", default="xla", choices=["xla", "im2col", "auto"], help="CNN convolution lowering")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   backend = jax.default_backend()
-  results = {"backend": backend, "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
+  results = {"backend": backend, "conv": args.conv, "devices": [str(d) for d in jax.devices()], "jax": jax.__version__,
              "machine": platform.machine(), "cpus": os.cpu_count(), "rows": []}
   for shape in args.shapes.split(","):
     c, e = (int(v) for v in shape.split("x"))
     data = make_data(c, e)
-    central = bench_centralized(data, epochs=args.rounds, batch=args.batch, lr=args.lr)
+    central = bench_centralized(data, epochs=args.rounds, batch=args.batch, lr=args.lr, conv=args.conv)
     results["rows"].append({"shape": shape, "schedule": "centralized", **central, "ratio_to_centralized": 1.0})
     print(f"{shape} centralized: {central['examples_per_s']:.0f} ex/s", flush=True)
     for sched in args.schedules.split(","):
-      r = bench_federated(sched, data, args.rounds, args.batch, args.lr)
+      r = bench_federated(sched, data, args.rounds, args.batch, args.lr, args.conv)
       r["ratio_to_centralized"] = r["examples_per_s"] / central["examples_per_s"]
       results["rows"].append({"shape": shape, "schedule": sched, **r})
       print(f"{shape} {sched}: {r['examples_per_s']:.0f} ex/s (first round {r['first_round_s']:.1f}s)", flush=True)
   header = ["shape", "schedule", "examples/s", "rounds/s", "first round s", "x centralized"]
   rows = [[r["shape"], r["schedule"], round(r["examples_per_s"]), r["rounds_per_s"], r["first_round_s"],
            r["ratio_to_centralized"]] for r in results["rows"]]
-  print(f"\nbackend={backend} jax={jax.__version__} cpus={os.cpu_count()}")
+  print(f"\nbackend={backend} jax={jax.__version__} cpus={os.cpu_count()} conv={args.conv}")
   print(format_table(header, rows))
   out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                 f"bench_schedules_{backend}.json")
+                                 f"bench_schedules_{backend}{'' if args.conv == 'xla' else '_' + args.conv}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(results, f, indent=1)
