@@ -44,3 +44,17 @@ def test_none_text_only_means_none_for_optional_fields():
   preset = dataclasses.replace(digits.PRESETS["default"], trainable="head")
   cfg, _ = digits.parse_config(digits.Config, {"x": preset}, ["--trainable=none"])
   assert cfg.trainable is None
+
+
+def test_dp_run_records_epsilon_per_round(tmp_path):
+  cfg = dataclasses.replace(digits.PRESETS["smoke"], dp_clip=0.5, dp_epsilon=8.0, workdir=str(tmp_path))
+  lines = []
+  digits.run(cfg, log=lines.append)
+  rows = [json.loads(x) for x in (tmp_path / "pretrained" / "metrics.jsonl").read_text().splitlines()]
+  eps = [r["epsilon"] for r in rows]
+  assert 0 < eps[0] < eps[-1] <= 8.0 * (1 + 1e-3)
+  assert any("privacy spent" in line for line in lines)
+  import pytest
+
+  with pytest.raises(ValueError, match="dp_clip"):
+    digits.run(dataclasses.replace(digits.PRESETS["smoke"], dp_epsilon=8.0), log=lambda *_: None)

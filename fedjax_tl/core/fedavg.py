@@ -20,6 +20,7 @@ from fedjax_tl.core.client import LocalTraining, merge_params
 from fedjax_tl.core.execution import ClientPostprocess, CohortRunner, RoundSums, Schedule
 from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.transforms.base import UpdateTransform, is_stateless
 from fedjax_tl.types import ModelState, Params, PRNGKey, pseudo_gradient
 
 __all__ = ["FedAvg", "ServerState", "sample_clients", "client_mesh", "MODEL_STATE_MODES"]
@@ -74,6 +75,12 @@ class FedAvg:
         keeps the weighted mean of the latest cohort's statistics for evaluating the global model. BN scale
         and bias are still averaged (they are params).
     postprocess: optional per-client transform of the client output before aggregation.
+    client_transform: a stateless :class:`~fedjax_tl.transforms.UpdateTransform` applied to every client's
+      delta before aggregation (vmapped, each client with its own key), e.g. ``clip_l2``.
+    server_transform: a stateless transform applied to the mean delta (keyed by the round), e.g. Gaussian
+      noise. ``transforms.dp_fedavg`` returns both halves of DP-FedAvg.
+    weighting: "num_examples" (FedAvg) or "uniform" (every client of the cohort weighs 1, as DP-FedAvg's
+      sensitivity bound needs).
     mesh: optional ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its
       devices (one-program schedules, e.g. "vmap" or "chunked:K" with K a multiple of the device count).
       See :func:`client_mesh`.
@@ -86,8 +93,17 @@ class FedAvg:
   model_state: str = "average"
   postprocess: ClientPostprocess | None = None
   mesh: jax.sharding.Mesh | None = None
+  client_transform: UpdateTransform | None = None
+  server_transform: UpdateTransform | None = None
+  weighting: str = "num_examples"
 
   def __post_init__(self):
+    if self.weighting not in ("num_examples", "uniform"):
+      raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}.")
+    if self.postprocess is not None and (self.client_transform is not None or self.weighting != "num_examples"):
+      raise ValueError("Give either postprocess or client_transform/weighting, not both.")
+    if self.client_transform is not None or self.weighting == "uniform":
+      self.postprocess = self._client_postprocess
     if isinstance(self.schedule, str):
       self.schedule = Schedule.parse(self.schedule)
     if self.model_state not in MODEL_STATE_MODES:
@@ -97,10 +113,22 @@ class FedAvg:
     self._runners: dict[int, CohortRunner] = {}
     self._server_update = jax.jit(self._server_update_impl)
 
+  def _client_postprocess(self, out, key):
+    if self.client_transform is not None:
+      t = self.client_transform
+      out = out._replace(delta=t.apply(out.delta, t.init(out.delta), key)[0])
+    if self.weighting == "uniform":
+      out = out._replace(num_examples=(out.num_examples > 0).astype(jnp.float32))
+    return out
+
   def init(self, params: Params, model_state: ModelState | None = None,
            num_clients: int | None = None) -> ServerState:
     """Server state from initial params; ``num_clients`` (the population size) is needed for "local"."""
     trainable, frozen = split_params(params, self.trainable)
+    for name, t in (("client_transform", self.client_transform), ("server_transform", self.server_transform)):
+      if t is not None and not is_stateless(t, trainable):
+        raise ValueError(f"{name} has state; per-client and server transform state across rounds (error "
+                         "feedback) is not supported yet, so only stateless transforms can be used.")
     model_state = model_state or {}
     client_states = None
     if self.model_state == "local":
@@ -121,9 +149,12 @@ class FedAvg:
     b = tree_bytes(state.params) + (tree_bytes(state.model_state) if self.model_state == "average" else 0)
     return b, b
 
-  def _server_update_impl(self, state: ServerState, sums: RoundSums) -> ServerState:
+  def _server_update_impl(self, state: ServerState, sums: RoundSums, key: PRNGKey) -> ServerState:
     total = jnp.maximum(sums.weight_sum, 1e-12)
     mean_delta = jax.tree.map(lambda d, p: (d / total).astype(p.dtype), sums.delta_sum, state.params)
+    if self.server_transform is not None:
+      t = self.server_transform
+      mean_delta, _ = t.apply(mean_delta, t.init(mean_delta), jax.random.fold_in(key, 3 << 20))
     updates, opt_state = self.server_optimizer.update(pseudo_gradient(mean_delta), state.opt_state,
                                                       state.params)
     params = optax.apply_updates(state.params, updates)
@@ -145,7 +176,7 @@ class FedAvg:
       rows = jnp.maximum(cohort.client_ids, 0)
       model_state = jax.tree.map(lambda a: a[rows], state.client_states)
     sums = runner(state.params, state.frozen, model_state, data.x, data.y, cohort, round_key)
-    new_state = self._server_update(state, sums)
+    new_state = self._server_update(state, sums, round_key)
     if self.model_state == "local":
       ids = jnp.asarray(client_ids)
       new_state = new_state._replace(client_states=jax.tree.map(

@@ -24,13 +24,15 @@ def round_keys(seed: int, round_idx: int) -> tuple[jax.Array, jax.Array]:
 
 def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int, cohort_size: int,
                seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None, eval_every: int = 1,
-               on_round: Callable[[dict, ServerState], None] | None = None) -> tuple[ServerState, list[dict]]:
+               on_round: Callable[[dict, ServerState], None] | None = None,
+               round_metrics: Callable[[int], dict] | None = None) -> tuple[ServerState, list[dict]]:
   """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
 
   Each record holds the round number, training loss/accuracy, examples, bytes up/down, wall time,
   examples/s and, every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
   A non-finite training loss stops the run with an error naming the round. ``on_round(record, state)`` is
-  called after every round (metrics files, checkpoints).
+  called after every round (metrics files, checkpoints); ``round_metrics(round)`` adds entries to a round's
+  record (e.g. the privacy spent so far).
   """
   history = []
   start_round = int(state.round)
@@ -49,6 +51,8 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
            "num_examples": int(metrics["num_examples"]), "bytes_up": int(metrics["bytes_up"]),
            "bytes_down": int(metrics["bytes_down"]), "wall_s": wall,
            "examples_per_s": float(metrics["num_examples"]) / wall}
+    if round_metrics is not None:
+      rec.update(round_metrics(r + 1))
     last = r == start_round + rounds - 1
     if evaluate_fn is not None and ((r + 1) % eval_every == 0 or last):
       rec.update({f"test_{k}": v for k, v in evaluate_fn(state).items()})

@@ -71,7 +71,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int, evaluate_fn, workdir: str | None,
-                   log=print, on_round=None):
+                   log=print, on_round=None, round_metrics=None):
   """``run_rounds`` to a total of ``rounds``, with metrics files and checkpoints when ``workdir`` is set.
 
   ``cfg`` must have ``seed``, ``resume``, ``checkpoint_every``, ``keep_checkpoints`` and ``quiet``. With
@@ -85,7 +85,7 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
 
   if not workdir:
     return run_rounds(algorithm, state, data, rounds=rounds, cohort_size=cohort_size, seed=cfg.seed,
-                      evaluate_fn=evaluate_fn, on_round=on_round)
+                      evaluate_fn=evaluate_fn, on_round=on_round, round_metrics=round_metrics)
   ckpt = Checkpointer(workdir, cfg, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
   latest = ckpt.latest_round()
   if latest is not None and not cfg.resume:
@@ -104,8 +104,38 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
 
   try:
     state, _ = run_rounds(algorithm, state, data, rounds=max(rounds - int(state.round), 0),
-                          cohort_size=cohort_size, seed=cfg.seed, evaluate_fn=evaluate_fn, on_round=save)
+                          cohort_size=cohort_size, seed=cfg.seed, evaluate_fn=evaluate_fn, on_round=save,
+                          round_metrics=round_metrics)
   finally:
     writer.close()
     ckpt.close()
   return state, writer.rows
+
+
+def dp_setup(cfg, population: int, log=print):
+  """DP-FedAvg pieces from a config with dp_clip, dp_noise_multiplier, dp_epsilon, dp_delta, dp_accountant,
+  clients_per_round and rounds: returns (FedAvg keyword arguments, round_metrics function or None).
+
+  ``dp_epsilon > 0`` calibrates the noise multiplier so that the planned rounds spend exactly that epsilon;
+  ``dp_clip > 0`` alone uses ``dp_noise_multiplier``. Accounting assumes the fixed-size cohort sampling that
+  ``sample_clients`` does (RDP, replace-one neighbouring clients) unless dp_accountant is "pld" (Poisson).
+  """
+  from fedjax_tl.privacy import accounting
+  from fedjax_tl.transforms import dp_fedavg
+
+  if cfg.dp_epsilon <= 0 and cfg.dp_clip <= 0:
+    return {}, None
+  if cfg.dp_clip <= 0:
+    raise ValueError("--dp_epsilon needs a clipping norm: set --dp_clip > 0.")
+  sampling = "poisson" if cfg.dp_accountant == "pld" else "fixed"
+  m = cfg.clients_per_round
+  z = cfg.dp_noise_multiplier
+  if cfg.dp_epsilon > 0:
+    z = accounting.calibrate_noise_multiplier(cfg.dp_epsilon, population, m, cfg.rounds, cfg.dp_delta,
+                                              cfg.dp_accountant, sampling)
+  log(f"DP-FedAvg: clip {cfg.dp_clip}, noise multiplier {z:.4f} (noise std on the mean {z * cfg.dp_clip / m:.4g}), "
+      f"delta {cfg.dp_delta}, {cfg.dp_accountant} accountant, {sampling} sampling")
+  client, server = dp_fedavg(cfg.dp_clip, z, m)
+  eps = lambda r: {"epsilon": accounting.epsilon(z, population, m, r, cfg.dp_delta, cfg.dp_accountant, sampling),
+                   "noise_multiplier": z}
+  return {"client_transform": client, "server_transform": server, "weighting": "uniform"}, eps

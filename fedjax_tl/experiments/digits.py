@@ -7,6 +7,7 @@ scratch, with the same rounds, clients, keys and seed. Prints a per-round table 
     python -m fedjax_tl.experiments.digits                      # default preset, ~1 minute on 2 CPU cores
     python -m fedjax_tl.experiments.digits --trainable=head     # linear probe: only the head is trained/sent
     python -m fedjax_tl.experiments.digits --rounds=20 --alpha=0.1 --workdir=/tmp/digits
+    python -m fedjax_tl.experiments.digits --dp_clip=0.5 --dp_epsilon=8    # DP-FedAvg, noise calibrated
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import Dataset, FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
-from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, write_results
+from fedjax_tl.experiments.common import dp_setup, format_table, parse_config, run_in_workdir, write_results
 from fedjax_tl.models import pretrained
 from fedjax_tl.models.base import Model
 from fedjax_tl.models.cnn import CNN
@@ -56,6 +57,12 @@ class Config:
   server_lr: float = 1.0
   trainable: str | None = None  # regex of trainable params, e.g. "head" (linear probe); None = all
   schedule: str = "auto"
+  # DP-FedAvg (off by default): --dp_clip=C with --dp_noise_multiplier=Z, or --dp_epsilon=E (calibrated)
+  dp_clip: float = 0.0
+  dp_noise_multiplier: float = 0.0
+  dp_epsilon: float = 0.0
+  dp_delta: float = 1e-5
+  dp_accountant: str = "rdp"
   target_accuracy: float = 0.7  # reported: the first round each run reaches this test accuracy
   features: str = "16,32"
   hidden: int = 64
@@ -123,15 +130,17 @@ def run(cfg: Config, log=print) -> dict:
     inits.pop("scratch")  # a frozen random backbone is not a meaningful baseline for partial fine-tuning
     inits["scratch (all trainable)"] = fresh
   histories, finals = {}, {}
+  dp_kwargs, dp_metrics = dp_setup(cfg, data.num_clients, log)
   for name, params in inits.items():
     algo = FedAvg(LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                                 epochs=cfg.local_epochs),
                   server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
-                  trainable=None if name.startswith("scratch") else cfg.trainable)
+                  trainable=None if name.startswith("scratch") else cfg.trainable, **dp_kwargs)
     eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
     workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
     server, hist = run_in_workdir(cfg, algo, algo.init(params, state), data, rounds=cfg.rounds,
-                                  cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=workdir, log=log)
+                                  cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=workdir, log=log,
+                                  round_metrics=dp_metrics)
     histories[name], finals[name] = hist, hist[-1]["test_accuracy"]
 
   names = list(histories)
@@ -146,6 +155,8 @@ def run(cfg: Config, log=print) -> dict:
   mb = histories[names[0]][-1]["bytes_up"] / 1e6
   log("final test accuracy: " + ", ".join(f"{n} {finals[n]:.4f}" for n in names)
       + f"  (uplink per round {mb:.3f} MB; total {time.perf_counter() - t_start:.1f}s)")
+  if dp_metrics is not None:
+    log(f"privacy spent: epsilon {dp_metrics(cfg.rounds)['epsilon']:.3f} at delta {cfg.dp_delta}")
   summary = {"final_test_accuracy": finals, "source_train_accuracy": pre["train_accuracy"],
              "rounds_to_target": reach,
              "seconds": time.perf_counter() - t_start}

@@ -1,0 +1,113 @@
+"""DP-FedAvg transforms and accounting: limiting cases, clipping bound, noise scale (KS test), dp-accounting."""
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from dp_accounting import rdp
+from scipy import stats
+
+from fedjax_tl.core.fedavg import FedAvg
+from fedjax_tl.privacy import accounting
+from fedjax_tl.transforms import EmptyState, chain, clip_l2, dp_fedavg, gaussian_noise, identity
+
+
+def _close(a, b, **kw):
+  for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_allclose(u, v, **kw)
+
+
+def test_clip_inf_and_noise_zero_is_plain_fedavg(tiny_data, tiny_local, tiny_params):
+  params, state = tiny_params
+  ids, key = np.array([0, 1, 3]), jax.random.PRNGKey(0)
+  plain = FedAvg(tiny_local, schedule="vmap", weighting="uniform")
+  _, a = plain.apply(plain.init(params, state), tiny_data, ids, key)
+  client, server = dp_fedavg(clip=float("inf"), noise_multiplier=0.0, cohort_size=3)
+  dp = FedAvg(tiny_local, schedule="vmap", weighting="uniform", client_transform=client, server_transform=server)
+  _, b = dp.apply(dp.init(params, state), tiny_data, ids, key)
+  _close(a.params, b.params, rtol=1e-6, atol=1e-7)
+
+
+def test_uniform_weighting_is_the_plain_mean(tiny_data, tiny_local, tiny_params):
+  params, state = tiny_params
+  key = jax.random.PRNGKey(1)
+  uni = FedAvg(tiny_local, schedule="vmap", weighting="uniform")
+  _, both = uni.apply(uni.init(params, state), tiny_data, np.array([0, 1]), key)
+  singles = []
+  for c in (0, 1):
+    one = FedAvg(tiny_local, schedule="vmap")
+    _, s = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
+    singles.append(s.params)
+  _close(both.params, jax.tree.map(lambda a, b: (a + b) / 2, *singles), rtol=1e-5, atol=1e-6)
+
+
+def test_clipped_norms_are_bounded_and_small_updates_untouched():
+  t = clip_l2(1.5)
+  rng = np.random.default_rng(0)
+  for scale in (0.01, 1.0, 100.0):
+    u = {"a": jnp.asarray(rng.normal(0, scale, (5, 3))), "b": jnp.asarray(rng.normal(0, scale, 7))}
+    out, _ = t.apply(u, t.init(u), jax.random.PRNGKey(0))
+    norm = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(out))))
+    before = float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(u))))
+    assert norm <= 1.5 * (1 + 1e-6)
+    if before <= 1.5:
+      _close(out, u, rtol=0, atol=0)
+    else:  # direction kept
+      _close(jax.tree.map(lambda x: x / norm, out), jax.tree.map(lambda x: x / before, u), rtol=1e-5, atol=1e-7)
+
+
+def test_noise_scale_passes_ks_and_wrong_scales_fail():
+  std = 0.3
+  t = gaussian_noise(std)
+  zeros = {"w": jnp.zeros((4000,)), "b": jnp.zeros((1000,))}
+  noisy, _ = t.apply(zeros, t.init(zeros), jax.random.PRNGKey(0))
+  sample = np.concatenate([np.asarray(x) for x in jax.tree.leaves(noisy)])
+  assert stats.kstest(sample, "norm", args=(0, std)).pvalue > 0.01
+  for wrong in (2 / 3 * std, 3 / 2 * std):
+    assert stats.kstest(sample, "norm", args=(0, wrong)).pvalue < 1e-6
+
+
+def test_chain_gives_members_their_own_keys_and_identity():
+  t = chain(gaussian_noise(1.0), gaussian_noise(1.0))
+  u = {"x": jnp.zeros(1000)}
+  out, state = t.apply(u, t.init(u), jax.random.PRNGKey(0))
+  assert state == (EmptyState(), EmptyState())
+  assert abs(float(out["x"].std()) - np.sqrt(2)) < 0.1  # independent draws add variances
+  same, _ = identity().apply(u, identity().init(u), jax.random.PRNGKey(0))
+  assert same is u
+
+
+def test_accountant_matches_dp_accounting_called_directly():
+  z, n, m, rounds, delta = 1.1, 1000, 10, 100, 1e-5
+  a = rdp.RdpAccountant()
+  a.compose(dp_accounting.SelfComposedDpEvent(
+      dp_accounting.PoissonSampledDpEvent(m / n, dp_accounting.GaussianDpEvent(z)), rounds))
+  assert accounting.epsilon(z, n, m, rounds, delta) == pytest.approx(a.get_epsilon(delta), rel=1e-12)
+  pld_eps = accounting.epsilon(z, n, m, rounds, delta, accountant="pld")
+  fixed = accounting.epsilon(z, n, m, rounds, delta, sampling="fixed")
+  assert 0 < pld_eps < accounting.epsilon(z, n, m, rounds, delta)  # PLD is tighter than RDP
+  assert fixed > 0
+  assert accounting.epsilon(0.0, n, m, rounds, delta) == float("inf")
+  assert accounting.epsilon(z, n, m, 0, delta) == 0.0
+  assert accounting.epsilon(z, n, m, 200, delta) > accounting.epsilon(z, n, m, 100, delta)
+
+
+def test_calibration_hits_the_target_and_impossible_targets_fail():
+  for target in (1.0, 4.0, 8.0):
+    z = accounting.calibrate_noise_multiplier(target, 1000, 10, 100, 1e-5)
+    eps = accounting.epsilon(z, 1000, 10, 100, 1e-5)
+    assert eps <= target * (1 + 1e-3) and eps > 0.95 * target
+  with pytest.raises(ValueError, match="out of reach"):
+    accounting.calibrate_noise_multiplier(1e-3, 10, 10, 10_000, 1e-9, max_noise_multiplier=5.0)
+  with pytest.raises(ValueError, match="PLD"):
+    accounting.epsilon(1.0, 100, 10, 5, 1e-5, accountant="pld", sampling="fixed")
+
+
+def test_stateful_transforms_are_refused_clearly(tiny_local, tiny_params):
+  from fedjax_tl.transforms import UpdateTransform
+
+  stateful = UpdateTransform(lambda u: {"residual": jax.tree.map(jnp.zeros_like, u)}, lambda u, s, k: (u, s))
+  algo = FedAvg(tiny_local, client_transform=stateful)
+  with pytest.raises(ValueError, match="stateless"):
+    algo.init(*tiny_params)
