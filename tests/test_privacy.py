@@ -54,7 +54,8 @@ def test_clipped_norms_are_bounded_and_small_updates_untouched():
     if before <= 1.5:
       _close(out, u, rtol=0, atol=0)
     else:  # direction kept
-      _close(jax.tree.map(lambda x: x / norm, out), jax.tree.map(lambda x: x / before, u), rtol=1e-5, atol=1e-7)
+      _close(jax.tree.map(lambda x, n=norm: x / n, out), jax.tree.map(lambda x, b=before: x / b, u),
+             rtol=1e-5, atol=1e-7)
 
 
 def test_noise_scale_passes_ks_and_wrong_scales_fail():
