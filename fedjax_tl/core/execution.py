@@ -165,18 +165,15 @@ class CohortRunner:
     self._compiled: dict[str, tuple] = {}
 
   # ---- helpers over one chunk (leading axis k) ----
-  def _vmap(self, fn: Callable, in_axes: tuple) -> Callable:
-    return jax.vmap(fn, in_axes=in_axes)
-
   def _client_keys(self, round_key: PRNGKey, client_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
 
   def _init_chunk(self, params, model_state, keys, num_examples):
     self.trace_count += 1
-    return self._vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
+    return jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
 
   def _steps(self, states, t0, frozen, x, y, indices, n_steps: int):
-    step = self._vmap(self.local.step, (0, None, None, None, None, 0))
+    step = jax.vmap(self.local.step, (0, None, None, None, None, 0))
     for i in range(n_steps):
       states = step(states, t0 + i, frozen, x, y, indices)
     return states
@@ -187,9 +184,9 @@ class CohortRunner:
 
   def _finish_chunk(self, states, params, acc: RoundSums | None, post_keys):
     self.trace_count += 1
-    out = self._vmap(self.local.finish, (0, None))(states, params)
+    out = jax.vmap(self.local.finish, (0, None))(states, params)
     if self.postprocess is not None:
-      out = self._vmap(self.postprocess, (0, 0))(out, post_keys)
+      out = jax.vmap(self.postprocess, (0, 0))(out, post_keys)
     client_states = out.model_state if self.per_client_state else None
     sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
                      out.num_examples.sum(), out.metrics, client_states)
@@ -200,7 +197,7 @@ class CohortRunner:
                      acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states)
 
   def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples):
-    states = self._vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
+    states = jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
     u = self.schedule.unroll
     full, rest = divmod(self.num_steps, u)
 

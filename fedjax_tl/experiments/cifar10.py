@@ -193,9 +193,7 @@ def run(cfg: Config, log=print) -> dict:
   summary = {"final_test_accuracy": final, "rounds": cfg.rounds, "seconds": time.perf_counter() - t_start,
              "mean_examples_per_s": float(np.mean([h["examples_per_s"] for h in history[1:] or history]))}
   log(f"final test accuracy {final:.4f} after {cfg.rounds} rounds ({summary['seconds']:.1f}s)")
-  path = write_results(cfg.workdir, cfg, history, summary)
-  if path:
-    log(f"results written to {path}")
+  write_results(cfg.workdir, cfg, history, summary, log)
   return summary
 
 

@@ -51,14 +51,15 @@ def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, d
   return dataclasses.replace(base, **overrides), args.preset
 
 
-def write_results(workdir: str | None, config, history: dict, summary: dict) -> str | None:
-  """Writes config, per-round history and the final summary as JSON under ``workdir``; returns the path."""
+def write_results(workdir: str | None, config, history, summary: dict, log=print) -> str | None:
+  """Writes config, per-round history and the final summary as JSON under ``workdir`` (and says where)."""
   if not workdir:
     return None
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "results.json")
   with open(path, "w") as f:
     json.dump({"config": dataclasses.asdict(config), "history": history, "summary": summary}, f, indent=1)
+  log(f"results written to {path}")
   return path
 
 

@@ -160,9 +160,7 @@ def run(cfg: Config, log=print) -> dict:
   summary = {"final_test_accuracy": finals, "source_train_accuracy": pre["train_accuracy"],
              "rounds_to_target": reach,
              "seconds": time.perf_counter() - t_start}
-  path = write_results(cfg.workdir, cfg, histories, summary)
-  if path:
-    log(f"results written to {path}")
+  write_results(cfg.workdir, cfg, histories, summary, log)
   return summary
 
 
