@@ -68,10 +68,15 @@ class _BNNet(nn.Module):
     return nn.Dense(3)(x)
 
 
-@pytest.mark.parametrize("mode", ["average", "frozen"])
-def test_batch_stats_average_or_frozen(mode, tiny_data):
+@pytest.fixture
+def bn_model():
   model = Model(_BNNet(), (8, 8, 1))
-  params, state = model.init(jax.random.PRNGKey(0))
+  return (model, *model.init(jax.random.PRNGKey(0)))
+
+
+@pytest.mark.parametrize("mode", ["average", "frozen"])
+def test_batch_stats_average_or_frozen(mode, tiny_data, bn_model):
+  model, params, state = bn_model
   local = LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=1)
   key = jax.random.PRNGKey(2)
   algo = FedAvg(local, schedule="vmap", model_state=mode)
@@ -88,10 +93,9 @@ def test_batch_stats_average_or_frozen(mode, tiny_data):
   _close(s.model_state, jax.tree.map(lambda a, b: w[0] * a + w[1] * b, *singles), rtol=1e-5, atol=1e-6)
 
 
-def test_batchnorm_statistics_ignore_padding_rows(tiny_data):
+def test_batchnorm_statistics_ignore_padding_rows(tiny_data, bn_model):
   """A 7-example client at batch 4 has a partial batch; its BN statistics must not see the padded rows."""
-  model = Model(_BNNet(), (8, 8, 1))
-  params, state = model.init(jax.random.PRNGKey(0))
+  model, params, state = bn_model
   idx = tiny_data.client_indices[0][:3]
   xb = tiny_data.x[np.concatenate([idx, [0]])]
   mask = jnp.array([True, True, True, False])
@@ -134,10 +138,9 @@ def test_run_rounds_records_and_nan_loss_error(tiny_model, tiny_data, tiny_param
     run_rounds(bad, bad.init(params, state), tiny_data, rounds=2, cohort_size=2, seed=0)
 
 
-def test_frozen_statistics_train_in_inference_mode(tiny_data):
+def test_frozen_statistics_train_in_inference_mode(tiny_data, bn_model):
   """With model_state="frozen" the client's training loss is the eval-mode loss (running statistics)."""
-  model = Model(_BNNet(), (8, 8, 1))
-  params, state = model.init(jax.random.PRNGKey(0))
+  model, params, state = bn_model
   state = jax.tree.map(lambda a: a + 0.3, state)  # running stats far from any batch's statistics
   idx = tiny_data.client_indices[2]  # 3 examples: one batch of 4 holds them all
   x, y = np.asarray(tiny_data.x)[idx], np.asarray(tiny_data.y)[idx]
@@ -154,9 +157,8 @@ def test_frozen_statistics_train_in_inference_mode(tiny_data):
 
 
 @pytest.mark.parametrize("spec", ["vmap", "chunked:2/host:2"])
-def test_local_statistics_persist_per_client(spec, tiny_data):
-  model = Model(_BNNet(), (8, 8, 1))
-  params, state = model.init(jax.random.PRNGKey(0))
+def test_local_statistics_persist_per_client(spec, tiny_data, bn_model):
+  model, params, state = bn_model
   local = LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=1)
   key = jax.random.PRNGKey(5)
   algo = FedAvg(local, schedule=spec, model_state="local")

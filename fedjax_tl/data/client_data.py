@@ -100,8 +100,8 @@ class FederatedData:
       raise ValueError(f"pad_size={self.pad_size} is smaller than the largest client ({largest} examples).")
     # Flat CSR layout on host: building a cohort's index matrix is one numpy gather.
     self._offsets = np.concatenate([[0], np.cumsum(self._sizes)]).astype(np.int64)
-    self._flat = (np.concatenate([np.asarray(c, np.int64) for c in self.client_indices])
-                  if self._offsets[-1] else np.zeros(0, np.int64))
+    # All clients' indices back to back, plus one trailing 0 that every padded slot points at.
+    self._flat = np.concatenate([*(np.asarray(c, np.int64) for c in self.client_indices), [0]])
 
   @classmethod
   def from_partition(cls, data: Dataset, partition: Partition, pad_size: int = 0,
@@ -139,8 +139,7 @@ class FederatedData:
     valid = pos < sizes[:, None]
     starts = np.zeros(c, np.int64)
     starts[: len(ids)] = self._offsets[ids]
-    indices = np.where(valid, self._flat[np.where(valid, starts[:, None] + pos, 0)] if len(self._flat)
-                       else 0, 0).astype(np.int32)
+    indices = self._flat[np.where(valid, starts[:, None] + pos, len(self._flat) - 1)].astype(np.int32)
     out_ids = np.full(c, -1, np.int32)
     out_ids[: len(ids)] = ids
     return Cohort(client_ids=jnp.asarray(out_ids), indices=jnp.asarray(indices),
