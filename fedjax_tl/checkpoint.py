@@ -37,7 +37,8 @@ class ConfigMismatchError(ValueError):
 def _to_tree(state: ServerState) -> dict:
   # Orbax stores nested dicts of arrays; None (no per-client state) becomes an empty dict.
   d = state._asdict()
-  d["client_states"] = d["client_states"] if d["client_states"] is not None else {}
+  for name in ("client_states", "transform_states", "server_transform_state"):
+    d[name] = d[name] if d[name] is not None else {}
   return jax.tree.map(np.asarray, d)
 
 

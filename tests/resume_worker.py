@@ -3,8 +3,8 @@
     python tests/resume_worker.py WORKDIR ROUNDS EVERY KILL_AFTER RESUME [LR]
 
 KILL_AFTER > 0 sends SIGKILL to itself right after that round's metrics and checkpoint (if due) are written.
-Covers params, BatchNorm statistics kept per client (FedBN, for the whole population) and a stateful server
-optimizer (Adam).
+Covers params, BatchNorm statistics kept per client (FedBN, for the whole population), per-client
+error-feedback residuals of a top-k compressor (for the whole population) and a stateful server optimizer (Adam).
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_digits
 from fedjax_tl.experiments.common import run_in_workdir
 from fedjax_tl.models.base import Model
+from fedjax_tl.transforms import compression
 
 
 class Net(nn.Module):
@@ -55,7 +56,8 @@ def build(cfg: Config):
   model = Model(Net(), (8, 8, 1))
   params, state = model.init(jax.random.PRNGKey(0))
   algo = FedAvg(LocalTraining(model, optax.sgd(cfg.lr), 16, epochs=1), server_optimizer=optax.adam(0.1),
-                schedule="sequential/host:2", model_state="local")
+                schedule="sequential/host:2", model_state="local",
+                client_transform=compression.error_feedback(compression.top_k(0.1)))
   return algo, algo.init(params, state, num_clients=data.num_clients), data
 
 

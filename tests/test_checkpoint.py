@@ -58,11 +58,15 @@ def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path, every, kill_
   resumed = _final_state(d, checkpoint_every=every)
   full = _final_state(uninterrupted)
   assert int(resumed.round) == 6
-  _assert_bit_identical(resumed, full)  # params, FedBN client states, Adam state, round
+  _assert_bit_identical(resumed, full)  # params, FedBN client states, error-feedback residuals, Adam state, round
+  residuals = np.abs(np.asarray(jax.tree.leaves(resumed.transform_states)[0])).reshape(8, -1).sum(1)
+  assert (residuals > 0).sum() >= 3  # residuals of every client that took part persist (cohorts of 3 of 8)
   rows = read_jsonl(os.path.join(d, "metrics.jsonl"))
   assert [r["round"] for r in rows] == [1, 2, 3, 4, 5, 6]  # each round exactly once
   full_rows = read_jsonl(os.path.join(uninterrupted, "metrics.jsonl"))
   assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in full_rows]
+  # cumulative megabytes continue across the resume: round r has r rounds' worth
+  assert [r["mb_up_total"] for r in rows] == pytest.approx([r["round"] * rows[0]["bytes_up"] / 1e6 for r in rows])
   with open(os.path.join(d, "metrics.csv")) as f:
     table = list(csv.DictReader(f))
   assert [int(r["round"]) for r in table] == [1, 2, 3, 4, 5, 6] and "bytes_up" in table[0]

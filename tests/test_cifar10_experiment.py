@@ -69,3 +69,15 @@ def test_transfer_patterns_select_stages():
   assert trainable_pattern("full") is None
   assert trainable_pattern("last:1") == r"^(head|backbone/conv(5)_)"
   assert trainable_pattern("last:2") == r"^(head|backbone/conv(4|5)_)"
+
+
+def test_compression_and_secure_aggregation_flags(tmp_path):
+  base = dataclasses.replace(cifar10.PRESETS["smoke"], rounds=1, bn="frozen", quiet=True)
+  lines = []
+  small = cifar10.run(dataclasses.replace(base, compress="int8", downlink="int8", secure_agg=True, secagg_clip=4.0),
+                      log=lines.append)
+  assert any("secure aggregation" in line for line in lines) and any("uplink compression" in line for line in lines)
+  # secure aggregation sends dense 32-bit field elements whatever the compressor; the downlink is int8 (~1/4)
+  assert 0.25 < small["mb_down_total"] / small["mb_up_total"] < 0.26
+  with pytest.raises(ValueError, match="error feedback"):
+    cifar10.run(dataclasses.replace(base, downlink="topk:0.1"), log=lambda *_: None)

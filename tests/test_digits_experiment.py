@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import math
+
+import pytest
 
 from fedjax_tl.experiments import digits
 
@@ -58,3 +61,15 @@ def test_dp_run_records_epsilon_per_round(tmp_path):
 
   with pytest.raises(ValueError, match="dp_clip"):
     digits.run(dataclasses.replace(digits.PRESETS["smoke"], dp_epsilon=8.0), log=lambda *_: None)
+
+
+def test_topk_compression_cuts_uplink_and_reports_cumulative_megabytes(tmp_path):
+  cfg = dataclasses.replace(digits.PRESETS["smoke"], workdir=str(tmp_path), compress="topk:0.01")
+  topk = digits.run(cfg, log=lambda *_: None)
+  # the downlink is the dense float32 model (2 rounds x 3 clients x 4 bytes x d); the uplink k = 1% of the
+  # coordinates as (float32 value, ceil(log2 d)-bit index) pairs
+  d = round(topk["mb_down_total"] * 1e6 / 24)
+  k = round(0.01 * d)
+  assert topk["mb_up_total"] * 1e6 == 6 * -(-(k * (32 + math.ceil(math.log2(d)))) // 8)
+  rows = [json.loads(x) for x in (tmp_path / "pretrained" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["mb_up_total"] for r in rows] == pytest.approx([r["round"] * rows[0]["bytes_up"] / 1e6 for r in rows])

@@ -105,10 +105,12 @@ def test_calibration_hits_the_target_and_impossible_targets_fail():
     accounting.epsilon(1.0, 100, 10, 5, 1e-5, accountant="pld", sampling="fixed")
 
 
-def test_stateful_transforms_are_refused_clearly(tiny_local, tiny_params):
+def test_stateful_client_transform_needs_the_population_size(tiny_local, tiny_params):
   from fedjax_tl.transforms import UpdateTransform
 
   stateful = UpdateTransform(lambda u: {"residual": jax.tree.map(jnp.zeros_like, u)}, lambda u, s, k: (u, s))
   algo = FedAvg(tiny_local, client_transform=stateful)
-  with pytest.raises(ValueError, match="stateless"):
+  with pytest.raises(ValueError, match="num_clients"):
     algo.init(*tiny_params)
+  state = algo.init(*tiny_params, num_clients=7)
+  assert jax.tree.leaves(state.transform_states)[0].shape[0] == 7

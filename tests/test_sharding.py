@@ -38,7 +38,7 @@ for spec in ("vmap", "chunked:8"):
   cohort = data.cohort(ids, pad_clients_to=runner.padded_cohort_size(len(ids)))
   assert cohort.size == 8
   hlo = runner._round_jit.lower(algo.init(params, state).params, {}, state, data.x, data.y, cohort,
-                                key).compile().as_text()
+                                key, None, None).compile().as_text()
   assert "all-reduce" in hlo, "the sum over clients should be a cross-device reduction"
 try:
   FedAvg(local, schedule="sequential/host:4", mesh=mesh).runner(data.pad_size)

@@ -26,7 +26,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +36,23 @@ from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
 
-__all__ = ["Schedule", "CohortRunner", "RoundSums", "default_schedule", "SCHEDULE_PRESETS"]
+__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "SCHEDULE_PRESETS"]
 
-# Applied to each client's output before aggregation (e.g. clipping, compression); pure and vmappable.
-ClientPostprocess = Callable[[ClientOutput, PRNGKey], ClientOutput]
+
+
+class ClientContext(NamedTuple):
+  """What a client's postprocessing sees besides its output (vmapped fields are per client)."""
+
+  client_id: jax.Array  # int32 scalar; -1 for a padding client
+  position: jax.Array  # int32 scalar: the client's index in the padded cohort
+  key: PRNGKey  # the client's own postprocessing key
+  shared: Any  # round-wide data broadcast to every client (e.g. secure-aggregation seeds); None if unused
+
+
+# Applied to each client's output before aggregation (clipping, compression, secure-aggregation masking); pure
+# and vmappable. ``carry`` is the client's own state that persists across rounds (e.g. error-feedback
+# residuals; None when unused); the function returns the new output and the new carry.
+ClientPostprocess = Callable[[ClientOutput, Any, ClientContext], tuple[ClientOutput, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +128,7 @@ class RoundSums(NamedTuple):
   weight_sum: jax.Array  # sum_i w_i
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
   client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
+  client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
 
 
 def _zeros_like(tree: PyTree) -> PyTree:
@@ -122,8 +136,15 @@ def _zeros_like(tree: PyTree) -> PyTree:
 
 
 def _weighted_sum(tree: PyTree, w: jax.Array) -> PyTree:
-  """sum_i w_i * tree_i over the leading (client) axis."""
-  return jax.tree.map(lambda a: jnp.tensordot(w, a.astype(jnp.float32), axes=1), tree)
+  """sum_i w_i * tree_i over the leading (client) axis. Unsigned-integer leaves (secure aggregation's masked
+  field elements, which carry their weight inside) are summed unweighted with wrap-around, i.e. mod 2^bits."""
+
+  def one(a):
+    if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
+      return jnp.sum(a, axis=0, dtype=a.dtype)
+    return jnp.tensordot(w, a.astype(jnp.float32), axes=1)
+
+  return jax.tree.map(one, tree)
 
 
 class CohortRunner:
@@ -182,19 +203,20 @@ class CohortRunner:
     self.trace_count += 1
     return self._steps(states, t0, frozen, x, y, indices, n_steps)
 
-  def _finish_chunk(self, states, params, acc: RoundSums | None, post_keys):
+  def _finish_chunk(self, states, params, acc: RoundSums | None, ctx: ClientContext, carry):
     self.trace_count += 1
     out = jax.vmap(self.local.finish, (0, None))(states, params)
     if self.postprocess is not None:
-      out = jax.vmap(self.postprocess, (0, 0))(out, post_keys)
+      ctx_axes = ClientContext(0, 0, 0, None)
+      out, carry = jax.vmap(self.postprocess, (0, 0, ctx_axes))(out, carry, ctx)
     client_states = out.model_state if self.per_client_state else None
     sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
-                     out.num_examples.sum(), out.metrics, client_states)
+                     out.num_examples.sum(), out.metrics, client_states, carry)
     if acc is None:
       return sums
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     return RoundSums(add(acc.delta_sum, sums.delta_sum), add(acc.state_sum, sums.state_sum),
-                     acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states)
+                     acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states, carry)
 
   def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples):
     states = jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
@@ -209,33 +231,42 @@ class CohortRunner:
       states = self._steps(states, full * u, frozen, x, y, indices, rest)
     return states
 
-  def _round_scan(self, params, frozen, model_state, x, y, cohort: Cohort, round_key):
+  def _round_scan(self, params, frozen, model_state, x, y, cohort: Cohort, round_key, carry, shared):
     """The whole round as one program: a scan over chunks, each chunk vmapped, steps scanned."""
     self.trace_count += 1
     c = cohort.client_ids.shape[0]
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
     keys = self._client_keys(round_key, cohort.client_ids)
-    post_keys = self._post_keys(keys)
+    ctx = ClientContext(cohort.client_ids, jnp.arange(c, dtype=jnp.int32), self._post_keys(keys), None)
     per_client = model_state if self.per_client_state else None
     chunked = jax.tree.map(lambda a: a.reshape(c // k, k, *a.shape[1:]),
-                           (cohort.indices, cohort.num_examples, keys, post_keys, per_client))
+                           (cohort.indices, cohort.num_examples, keys, ctx, per_client, carry))
     if self.mesh is not None:  # clients of a chunk across devices; chunks still run one after another
       spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "clients"))
       chunked = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), chunked)
-    one_state = jax.tree.map(lambda a: a[0], model_state) if self.per_client_state else model_state
-    zero = RoundSums(_zeros_like(params), _zeros_like(one_state), jnp.zeros((), jnp.float32), None)
+
+    def chunk_sums(acc, chunk):
+      indices, n, ck, cctx, ms, cc = chunk
+      states = self._train_chunk_scan(params, frozen, model_state if ms is None else ms, x, y, indices, ck, n)
+      return self._finish_chunk(states, params, acc, cctx._replace(shared=shared), cc)
+
+    # The accumulator's dtypes follow what the postprocessing sends (floats, or field elements for secure
+    # aggregation), so take them from an abstract evaluation of one chunk.
+    first = jax.tree.map(lambda a: a[0], chunked)
+    shapes = jax.eval_shape(lambda ch: chunk_sums(None, ch), first)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes.delta_sum, shapes.state_sum, shapes.weight_sum))
+    zero = RoundSums(*zero, None)
 
     def body(acc, chunk):
-      indices, n, ck, pk, ms = chunk
-      states = self._train_chunk_scan(params, frozen, model_state if ms is None else ms, x, y, indices, ck, n)
-      sums = self._finish_chunk(states, params, RoundSums(acc.delta_sum, acc.state_sum, acc.weight_sum, None),
-                                pk)
-      return sums._replace(client_metrics=None, client_states=None), (sums.client_metrics, sums.client_states)
+      sums = chunk_sums(acc, chunk)
+      per_client_out = (sums.client_metrics, sums.client_states, sums.client_carry)
+      return sums._replace(client_metrics=None, client_states=None, client_carry=None), per_client_out
 
-    acc, (metrics, client_states) = jax.lax.scan(body, zero, chunked)
+    acc, (metrics, client_states, new_carry) = jax.lax.scan(body, zero, chunked)
     unchunk = lambda a: a.reshape(c, *a.shape[2:])
     return acc._replace(client_metrics=jax.tree.map(unchunk, metrics),
-                        client_states=jax.tree.map(unchunk, client_states))
+                        client_states=jax.tree.map(unchunk, client_states),
+                        client_carry=jax.tree.map(unchunk, new_carry))
 
   @staticmethod
   def _post_keys(keys: jax.Array) -> jax.Array:
@@ -249,11 +280,12 @@ class CohortRunner:
     return math.ceil(cohort_size / k) * k
 
   def __call__(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
-               cohort: Cohort, round_key: PRNGKey) -> RoundSums:
+               cohort: Cohort, round_key: PRNGKey, carry: Any = None, shared: Any = None) -> RoundSums:
     """Trains every client of ``cohort`` from ``params`` and returns the reduced sums.
 
     ``cohort`` must already be padded to :meth:`padded_cohort_size` (``FederatedData.cohort(ids,
-    pad_clients_to=...)``); padding clients have no examples and weight 0.
+    pad_clients_to=...)``); padding clients have no examples and weight 0. ``carry`` ([C, ...] per client) and
+    ``shared`` (round-wide) are handed to the postprocessing (:class:`ClientContext`).
     """
     c = cohort.size
     if c != self.padded_cohort_size(c):
@@ -265,10 +297,10 @@ class CohortRunner:
     if self.schedule.loop == "scan":
       if self.mesh is not None:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        params, frozen, model_state, x, y, round_key = jax.device_put(
-            (params, frozen, model_state, x, y, round_key), replicated)
-      return self._round_jit(params, frozen, model_state, x, y, cohort, round_key)
-    return self._round_host(params, frozen, model_state, x, y, cohort, round_key)
+        params, frozen, model_state, x, y, round_key, shared = jax.device_put(
+            (params, frozen, model_state, x, y, round_key, shared), replicated)
+      return self._round_jit(params, frozen, model_state, x, y, cohort, round_key, carry, shared)
+    return self._round_host(params, frozen, model_state, x, y, cohort, round_key, carry, shared)
 
   def _blocks(self, states, frozen, x, y, indices):
     """Compiled (block of ``unroll`` steps, single step) executables for this chunk shape.
@@ -287,14 +319,14 @@ class CohortRunner:
       self._compiled[key] = (block, single)
     return self._compiled[key]
 
-  def _round_host(self, params, frozen, model_state, x, y, cohort, round_key):
+  def _round_host(self, params, frozen, model_state, x, y, cohort, round_key, carry, shared):
     c = cohort.size
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
     u = self.schedule.unroll
     keys = self._client_keys(round_key, cohort.client_ids)
-    post_keys = self._post_keys(keys)
+    ctx = ClientContext(cohort.client_ids, jnp.arange(c, dtype=jnp.int32), self._post_keys(keys), shared)
     active = self.local.active_steps(np.asarray(cohort.num_examples))
-    acc, metrics, client_states = None, [], []
+    acc, metrics, client_states, carries = None, [], [], []
     for start in range(0, c, k):
       sl = slice(start, start + k)
       indices = cohort.indices[sl]
@@ -307,9 +339,12 @@ class CohortRunner:
         states = block(states, jnp.int32(b * u), frozen, x, y, indices)
       for t in range(full * u, chunk_steps):
         states = single(states, jnp.int32(t), frozen, x, y, indices)
-      acc = self._finish_jit(states, params, acc, post_keys[sl])
+      chunk_ctx = ClientContext(ctx.client_id[sl], ctx.position[sl], ctx.key[sl], shared)
+      acc = self._finish_jit(states, params, acc, chunk_ctx, jax.tree.map(lambda a, sl=sl: a[sl], carry))
       metrics.append(acc.client_metrics)
       client_states.append(acc.client_states)
+      carries.append(acc.client_carry)
     cat = lambda parts: jax.tree.map(lambda *m: jnp.concatenate(m), *parts)
     return acc._replace(client_metrics=cat(metrics),
-                        client_states=cat(client_states) if self.per_client_state else None)
+                        client_states=cat(client_states) if self.per_client_state else None,
+                        client_carry=cat(carries) if carry is not None else None)

@@ -25,16 +25,20 @@ def round_keys(seed: int, round_idx: int) -> tuple[jax.Array, jax.Array]:
 def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int, cohort_size: int,
                seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None, eval_every: int = 1,
                on_round: Callable[[dict, ServerState], None] | None = None,
-               round_metrics: Callable[[int], dict] | None = None) -> tuple[ServerState, list[dict]]:
+               round_metrics: Callable[[int], dict] | None = None,
+               bytes_so_far: tuple[float, float] = (0, 0)) -> tuple[ServerState, list[dict]]:
   """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
 
-  Each record holds the round number, training loss/accuracy, examples, bytes up/down, wall time,
-  examples/s and, every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
+  Each record holds the round number, training loss/accuracy, examples, bytes up/down of the round, the
+  cumulative uplink/downlink megabytes of the run (``mb_up_total``/``mb_down_total``, starting from
+  ``bytes_so_far`` = (up, down) of the rounds before a resume), wall time, examples/s, secure-aggregation
+  counts when used and, every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
   A non-finite training loss stops the run with an error naming the round. ``on_round(record, state)`` is
   called after every round (metrics files, checkpoints); ``round_metrics(round)`` adds entries to a round's
   record (e.g. the privacy spent so far).
   """
   history = []
+  up_total, down_total = bytes_so_far
   start_round = int(state.round)
   for r in range(start_round, start_round + rounds):
     t0 = time.perf_counter()
@@ -51,6 +55,12 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
            "num_examples": int(metrics["num_examples"]), "bytes_up": int(metrics["bytes_up"]),
            "bytes_down": int(metrics["bytes_down"]), "wall_s": wall,
            "examples_per_s": float(metrics["num_examples"]) / wall}
+    up_total += rec["bytes_up"]
+    down_total += rec["bytes_down"]
+    rec.update(mb_up_total=up_total / 1e6, mb_down_total=down_total / 1e6)
+    for k, v in metrics.items():
+      if k.startswith("secagg_"):
+        rec[k] = v if isinstance(v, bool | int) else float(v)
     if round_metrics is not None:
       rec.update(round_metrics(r + 1))
     last = r == start_round + rounds - 1

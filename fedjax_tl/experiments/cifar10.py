@@ -12,6 +12,8 @@ Presets (override any field with --field=value):
     python -m fedjax_tl.experiments.cifar10 --preset=noniid --strategy=last:1 --bn=local
     python -m fedjax_tl.experiments.cifar10 --preset=smoke --workdir=/tmp/smoke
     python -m fedjax_tl.experiments.cifar10 --weights_path=/data/resnet50_notop.h5 --data_dir=/data/tfds
+    python -m fedjax_tl.experiments.cifar10 --preset=noniid --compress=topk:0.01 --downlink=int8
+    python -m fedjax_tl.experiments.cifar10 --preset=noniid --bn=frozen --dp_clip=1.0 --dp_epsilon=8
 
 Offline: pass the Keras weights file with --weights_path (or $FEDJAX_TL_RESNET50_WEIGHTS) and a prepared
 tfds directory with --data_dir; otherwise the run stops at the first download with a message saying so.
@@ -34,7 +36,7 @@ from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
 from fedjax_tl.data import augment, partition
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_tfds
-from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, write_results
+from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, transform_setup, write_results
 from fedjax_tl.experiments.digits import client_optimizer
 from fedjax_tl.models import pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
@@ -78,6 +80,17 @@ class Config:
   augment: bool = False
   schedule: str = "auto"
   eval_batch_size: int = 256
+  # update transforms (see the digits experiment and fedjax_tl.transforms)
+  compress: str = "none"  # none | int8 | qsgd:B | topk:F | randk:F | sign (biased ones with error feedback)
+  downlink: str = "none"  # none | int8 | qsgd:B
+  dp_clip: float = 0.0  # DP-FedAvg: per-client L2 clip; with dp_noise_multiplier or dp_epsilon
+  dp_noise_multiplier: float = 0.0
+  dp_epsilon: float = 0.0  # calibrate the noise multiplier to spend this epsilon over the planned rounds
+  dp_delta: float = 1e-5
+  dp_accountant: str = "rdp"
+  secure_agg: bool = False  # simulated secure aggregation (needs bn=frozen or bn=local)
+  secagg_clip: float = 1.0
+  secagg_dropout: float = 0.0
   workdir: str | None = None  # metrics (JSONL, CSV, TensorBoard), checkpoints and results.json go here
   resume: bool = False  # continue from the latest checkpoint in workdir
   checkpoint_every: int = 1
@@ -169,8 +182,9 @@ def run(cfg: Config, log=print) -> dict:
   data = FederatedData.from_partition(train, parts)
   local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)
+  transform_kwargs, round_metrics = transform_setup(cfg, data.num_clients, log)
   algo = FedAvg(local, server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
-                trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn)
+                trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn, **transform_kwargs)
   server = algo.init(params, state, num_clients=data.num_clients)
   down, up = algo.communication_bytes(server)
   log(f"strategy={cfg.strategy} bn={cfg.bn} schedule={algo.schedule}: {up / 1e6:.2f} MB up and "
@@ -186,11 +200,13 @@ def run(cfg: Config, log=print) -> dict:
         f"{rec['examples_per_s']:10.1f}")
 
   server, history = run_in_workdir(cfg, algo, server, data, rounds=cfg.rounds, cohort_size=cfg.clients_per_round,
-                                   evaluate_fn=eval_fn, workdir=cfg.workdir, log=log, on_round=on_round)
+                                   evaluate_fn=eval_fn, workdir=cfg.workdir, log=log, on_round=on_round,
+                                   round_metrics=round_metrics)
   cols = ["round", "train_loss", "train_accuracy", "test_accuracy", "bytes_up", "wall_s", "examples_per_s"]
   log(format_table(cols, [[h.get(c, "") for c in cols] for h in history]))
   final = history[-1]["test_accuracy"]
   summary = {"final_test_accuracy": final, "rounds": cfg.rounds, "seconds": time.perf_counter() - t_start,
+             "mb_up_total": history[-1]["mb_up_total"], "mb_down_total": history[-1]["mb_down_total"],
              "mean_examples_per_s": float(np.mean([h["examples_per_s"] for h in history[1:] or history]))}
   log(f"final test accuracy {final:.4f} after {cfg.rounds} rounds ({summary['seconds']:.1f}s)")
   write_results(cfg.workdir, cfg, history, summary, log)

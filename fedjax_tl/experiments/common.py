@@ -103,10 +103,12 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
     if on_round is not None:
       on_round(rec, s)
 
+  done = [r for r in writer.rows if r["round"] <= int(state.round)]
+  so_far = (sum(r["bytes_up"] for r in done), sum(r["bytes_down"] for r in done))
   try:
     state, _ = run_rounds(algorithm, state, data, rounds=max(rounds - int(state.round), 0),
                           cohort_size=cohort_size, seed=cfg.seed, evaluate_fn=evaluate_fn, on_round=save,
-                          round_metrics=round_metrics)
+                          round_metrics=round_metrics, bytes_so_far=so_far)
   finally:
     writer.close()
     ckpt.close()
@@ -140,3 +142,41 @@ def dp_setup(cfg, population: int, log=print):
   eps = lambda r: {"epsilon": accounting.epsilon(z, population, m, r, cfg.dp_delta, cfg.dp_accountant, sampling),
                    "noise_multiplier": z}
   return {"client_transform": client, "server_transform": server, "weighting": "uniform"}, eps
+
+
+def transform_setup(cfg, population: int, log=print):
+  """FedAvg keyword arguments for the update transforms a config asks for, and the round_metrics function.
+
+  Reads the DP fields (see :func:`dp_setup`) and, when present, ``compress`` (uplink compressor, e.g.
+  "topk:0.01", "int8", "qsgd:4", "sign"; see ``transforms.compression.parse``), ``downlink`` (compressor of
+  the broadcast model, e.g. "int8") and ``secure_agg`` with ``secagg_clip`` / ``secagg_dropout``. DP clipping
+  runs before compression (the noise is added on the server).
+  """
+  from fedjax_tl.transforms import chain, compression
+  from fedjax_tl.transforms.secure_agg import SecureAggregation
+
+  kwargs, round_metrics = dp_setup(cfg, population, log)
+  compressor = compression.parse(getattr(cfg, "compress", None))
+  if compressor is not None:
+    clip = kwargs.get("client_transform")
+    kwargs["client_transform"] = compressor if clip is None else chain(clip, compressor)
+    log(f"uplink compression: {cfg.compress}")
+  downlink = compression.parse(getattr(cfg, "downlink", None))
+  if downlink is not None:
+    if not is_stateless_compressor(downlink):
+      raise ValueError(f"--downlink={cfg.downlink} needs error feedback, which a broadcast cannot have; use "
+                       "int8, qsgd:B or a '/noef' compressor.")
+    kwargs["downlink"] = downlink
+    log(f"downlink compression: {cfg.downlink}")
+  if getattr(cfg, "secure_agg", False):
+    kwargs["secure_aggregation"] = SecureAggregation(clip_value=cfg.secagg_clip, dropout=cfg.secagg_dropout)
+    log(f"secure aggregation: coordinate clip {cfg.secagg_clip}, dropout {cfg.secagg_dropout}")
+  return kwargs, round_metrics
+
+
+def is_stateless_compressor(t) -> bool:
+  import jax.numpy as jnp
+
+  from fedjax_tl.transforms.base import is_stateless
+
+  return is_stateless(t, {"probe": jnp.zeros((4,))})

@@ -8,6 +8,8 @@ scratch, with the same rounds, clients, keys and seed. Prints a per-round table 
     python -m fedjax_tl.experiments.digits --trainable=head     # linear probe: only the head is trained/sent
     python -m fedjax_tl.experiments.digits --rounds=20 --alpha=0.1 --workdir=/tmp/digits
     python -m fedjax_tl.experiments.digits --dp_clip=0.5 --dp_epsilon=8    # DP-FedAvg, noise calibrated
+    python -m fedjax_tl.experiments.digits --compress=topk:0.01            # top-k 1% + error feedback uplink
+    python -m fedjax_tl.experiments.digits --secure_agg=true --secagg_dropout=0.2
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import Dataset, FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
-from fedjax_tl.experiments.common import dp_setup, format_table, parse_config, run_in_workdir, write_results
+from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, transform_setup, write_results
 from fedjax_tl.models import pretrained
 from fedjax_tl.models.base import Model
 from fedjax_tl.models.cnn import CNN
@@ -63,6 +65,12 @@ class Config:
   dp_epsilon: float = 0.0
   dp_delta: float = 1e-5
   dp_accountant: str = "rdp"
+  # compression: none | int8 | qsgd:B | topk:F | randk:F | sign (biased ones with error feedback; '/noef' off)
+  compress: str = "none"
+  downlink: str = "none"  # compressor of the broadcast model: none | int8 | qsgd:B
+  secure_agg: bool = False  # simulated secure aggregation (Bonawitz et al. 2017)
+  secagg_clip: float = 1.0  # bound on every coordinate of a weighted update under secure aggregation
+  secagg_dropout: float = 0.0  # probability that a client drops out after masking
   target_accuracy: float = 0.7  # reported: the first round each run reaches this test accuracy
   features: str = "16,32"
   hidden: int = 64
@@ -130,7 +138,7 @@ def run(cfg: Config, log=print) -> dict:
     inits.pop("scratch")  # a frozen random backbone is not a meaningful baseline for partial fine-tuning
     inits["scratch (all trainable)"] = fresh
   histories, finals = {}, {}
-  dp_kwargs, dp_metrics = dp_setup(cfg, data.num_clients, log)
+  dp_kwargs, dp_metrics = transform_setup(cfg, data.num_clients, log)
   for name, params in inits.items():
     algo = FedAvg(LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                                 epochs=cfg.local_epochs),
@@ -138,7 +146,7 @@ def run(cfg: Config, log=print) -> dict:
                   trainable=None if name.startswith("scratch") else cfg.trainable, **dp_kwargs)
     eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
     workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
-    server, hist = run_in_workdir(cfg, algo, algo.init(params, state), data, rounds=cfg.rounds,
+    server, hist = run_in_workdir(cfg, algo, algo.init(params, state, data.num_clients), data, rounds=cfg.rounds,
                                   cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=workdir, log=log,
                                   round_metrics=dp_metrics)
     histories[name], finals[name] = hist, hist[-1]["test_accuracy"]
@@ -152,13 +160,14 @@ def run(cfg: Config, log=print) -> dict:
            for n in names}
   log(f"rounds to reach {cfg.target_accuracy:.0%} test accuracy: "
       + ", ".join(f"{n} {reach[n] if reach[n] else f'not within {cfg.rounds}'}" for n in names))
-  mb = histories[names[0]][-1]["bytes_up"] / 1e6
+  last = histories[names[0]][-1]
   log("final test accuracy: " + ", ".join(f"{n} {finals[n]:.4f}" for n in names)
-      + f"  (uplink per round {mb:.3f} MB; total {time.perf_counter() - t_start:.1f}s)")
+      + f"  (uplink per round {last['bytes_up'] / 1e6:.4f} MB, {last['mb_up_total']:.4f} MB in all; downlink "
+      f"{last['mb_down_total']:.4f} MB in all; {time.perf_counter() - t_start:.1f}s)")
   if dp_metrics is not None:
     log(f"privacy spent: epsilon {dp_metrics(cfg.rounds)['epsilon']:.3f} at delta {cfg.dp_delta}")
   summary = {"final_test_accuracy": finals, "source_train_accuracy": pre["train_accuracy"],
-             "rounds_to_target": reach,
+             "rounds_to_target": reach, "mb_up_total": last["mb_up_total"], "mb_down_total": last["mb_down_total"],
              "seconds": time.perf_counter() - t_start}
   write_results(cfg.workdir, cfg, histories, summary, log)
   return summary

@@ -9,8 +9,10 @@ with the PRNG key passed explicitly, so vmapped clients each get their own. Clie
 client inside the round (vmapped with the client's own key) before aggregation; server-side transforms act on
 the aggregate. Transforms compose with :func:`chain`, which gives each member its own key.
 
-Per-client state that persists across rounds (error-feedback residuals) is not wired into the round yet:
-``FedAvg`` accepts stateless client transforms only and says so for stateful ones.
+A client transform's state is *per client* and persists across rounds for every client of the population
+(``FedAvg`` stores it in ``ServerState.transform_states`` and checkpoints it with the rest), e.g. the residual
+of error feedback. A transform that changes what is sent declares ``encoded_bits(template)``: the exact size
+in bits of its encoding of an update shaped like ``template`` (dense float32 when absent).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import jax
 
 from fedjax_tl.types import PRNGKey, Updates
 
-__all__ = ["UpdateTransform", "EmptyState", "chain", "identity", "is_stateless"]
+__all__ = ["UpdateTransform", "EmptyState", "chain", "identity", "is_stateless", "encoded_bits", "dense_bits"]
 
 
 class EmptyState(NamedTuple):
@@ -32,6 +34,19 @@ class EmptyState(NamedTuple):
 class UpdateTransform(NamedTuple):
   init: Callable[[Updates], Any]
   apply: Callable[[Updates, Any, PRNGKey], tuple[Updates, Any]]
+  encoded_bits: Callable[[Updates], int] | None = None  # exact size of what is sent; None = dense as given
+
+
+def dense_bits(template: Updates) -> int:
+  """Bits of ``template`` sent as it is (every array at its own dtype)."""
+  return sum(int(a.size) * jax.numpy.dtype(a.dtype).itemsize * 8 for a in jax.tree.leaves(template))
+
+
+def encoded_bits(t: UpdateTransform | None, template: Updates) -> int:
+  """Bits that ``t`` sends for an update shaped like ``template`` (dense when ``t`` does not compress)."""
+  if t is None or t.encoded_bits is None:
+    return dense_bits(template)
+  return int(t.encoded_bits(template))
 
 
 def identity() -> UpdateTransform:
@@ -47,7 +62,15 @@ def identity() -> UpdateTransform:
 
 
 def chain(*transforms: UpdateTransform) -> UpdateTransform:
-  """Applies ``transforms`` in order; member i gets ``fold_in(key, i)``; the state is a tuple of states."""
+  """Applies ``transforms`` in order; member i gets ``fold_in(key, i)``; the state is a tuple of states.
+
+  The encoded size is that of the one compressing member (members such as clipping do not change it); a
+  chain of two compressors has no defined size and is refused.
+  """
+  compressors = [t for t in transforms if t.encoded_bits is not None]
+  if len(compressors) > 1:
+    raise ValueError(f"chain() got {len(compressors)} compressors; the size of a doubly compressed update is not "
+                     "defined. Use one compressor per chain (clipping and noise may go around it).")
 
   def init(updates):
     return tuple(t.init(updates) for t in transforms)
@@ -59,7 +82,7 @@ def chain(*transforms: UpdateTransform) -> UpdateTransform:
       new_states.append(s)
     return updates, tuple(new_states)
 
-  return UpdateTransform(init, apply)
+  return UpdateTransform(init, apply, compressors[0].encoded_bits if compressors else None)
 
 
 def is_stateless(t: UpdateTransform, template: Updates) -> bool:

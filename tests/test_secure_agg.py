@@ -1,0 +1,102 @@
+"""Secure aggregation simulation: secret sharing, uniform-looking masked vectors, exact sums, dropouts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from fedjax_tl.core.fedavg import FedAvg
+from fedjax_tl.transforms.secure_agg import SecureAggregation, shamir_reconstruct, shamir_share
+
+
+def test_shamir_any_threshold_shares_recover_fewer_cannot():
+  rng = np.random.default_rng(0)
+  secret = 123456789123456789
+  shares = shamir_share(secret, 6, 4, rng)
+  assert shamir_reconstruct(shares[2:], 4) == secret
+  assert shamir_reconstruct([shares[i] for i in (5, 0, 3, 1)], 4) == secret
+  assert shamir_reconstruct(shares[:3] + [(shares[3][0], shares[3][1] + 1)], 4) != secret  # a bad share
+  with pytest.raises(ValueError, match="Need 4 shares"):
+    shamir_reconstruct(shares[:3], 4)
+
+
+def _encode_all(sa, deltas, weights, shared, key):
+  enc = jax.vmap(sa.client_encode, (0, 0, 0, 0, None))
+  n = weights.shape[0]
+  return enc(deltas, weights, jnp.arange(n), jax.random.split(key, n), shared)[0]
+
+
+def test_masked_vectors_look_uniform_and_their_sum_is_exact():
+  sa = SecureAggregation(clip_value=1.0)
+  n, padded = 4, 5
+  shared, _ = sa.setup_round(n, padded, jax.random.PRNGKey(3), max_weight=1.0)
+  deltas = {"w": 0.1 * jax.random.normal(jax.random.PRNGKey(1), (padded, 4000))}
+  weights = jnp.array([1.0, 1.0, 1.0, 1.0, 0.0])
+  key = jax.random.PRNGKey(9)
+  masked = _encode_all(sa, deltas, weights, shared, key)["w"]
+  unmasked = _encode_all(sa, deltas, weights, shared._replace(signs=jnp.zeros_like(shared.signs)), key)["w"]
+  for i in range(n):  # each masked vector alone is indistinguishable from uniform on Z_2^32
+    u = np.asarray(masked[i], np.float64) / 2**32
+    assert stats.kstest(u, "uniform").pvalue > 1e-3
+  assert stats.kstest(np.asarray(unmasked[0], np.float64) / 2**32, "uniform").pvalue < 1e-6  # encodings are not
+  total = jnp.sum(masked, axis=0, dtype=jnp.uint32)
+  np.testing.assert_array_equal(total, jnp.sum(unmasked, axis=0, dtype=jnp.uint32))  # exact field sum
+  decoded = np.asarray(jax.lax.bitcast_convert_type(total, jnp.int32), np.float64) / float(shared.scale)
+  truth = np.asarray(deltas["w"][:n], np.float64).sum(0)
+  np.testing.assert_allclose(decoded, truth, rtol=0, atol=n / float(shared.scale) + 1e-7)  # rounding only
+
+
+def _max_abs_diff(a, b):
+  return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.mark.parametrize("weighting,schedule", [("num_examples", "vmap"), ("uniform", "sequential/host:2")])
+def test_secure_fedavg_equals_plain_fedavg(weighting, schedule, tiny_data, tiny_local, tiny_params):
+  ids = np.array([0, 1, 3, 4])
+  key = jax.random.PRNGKey(4)
+  plain = FedAvg(tiny_local, weighting=weighting, schedule=schedule)
+  _, s_plain = plain.apply(plain.init(*tiny_params), tiny_data, ids, key)
+  secure = FedAvg(tiny_local, weighting=weighting, schedule=schedule,
+                  secure_aggregation=SecureAggregation(clip_value=4.0))
+  state = secure.init(*tiny_params)
+  m, s_sec = secure.apply(state, tiny_data, ids, key)
+  assert _max_abs_diff(s_sec.params, s_plain.params) < 1e-5
+  assert _max_abs_diff(s_sec.params, state.params) > 1e-3  # and the round did something
+  assert m["secagg_survivors"] == 4 and float(m["secagg_clipped_fraction"]) == 0.0
+  d = sum(a.size for a in jax.tree.leaves(state.params))
+  assert int(m["bytes_up"]) == 4 * 4 * d  # dense 32-bit field elements
+
+
+def test_dropped_clients_masks_are_recovered(tiny_data, tiny_local, tiny_params):
+  ids = np.arange(5)
+  sa = SecureAggregation(clip_value=4.0, dropout=0.4, threshold=0.4)
+  key = jax.random.PRNGKey(0)
+  for seed in range(20):  # a round where some, not all, clients drop out
+    key = jax.random.PRNGKey(seed)
+    alive = sa.setup_round(5, 5, key, 12.0)[1]["alive"]
+    if 2 <= alive.sum() < 5:
+      break
+  secure = FedAvg(tiny_local, secure_aggregation=sa)
+  m, s_sec = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
+  assert m["secagg_dropped"] == 5 - alive.sum() and not m["secagg_aborted"]
+  plain = FedAvg(tiny_local)
+  _, s_plain = plain.apply(plain.init(*tiny_params), tiny_data, ids[alive], key)  # the survivors only
+  assert _max_abs_diff(s_sec.params, s_plain.params) < 1e-5
+
+
+def test_too_few_survivors_abort_the_round(tiny_data, tiny_local, tiny_params):
+  sa = SecureAggregation(dropout=0.9, threshold=1.0)
+  secure = FedAvg(tiny_local, secure_aggregation=sa)
+  state = secure.init(*tiny_params)
+  m, s = secure.apply(state, tiny_data, np.arange(5), jax.random.PRNGKey(0))
+  assert m["secagg_aborted"] and int(s.round) == 1
+  assert _max_abs_diff(s.params, state.params) == 0.0
+
+
+def test_clipping_is_reported_and_bad_settings_refused(tiny_data, tiny_local, tiny_params):
+  secure = FedAvg(tiny_local, secure_aggregation=SecureAggregation(clip_value=1e-4))
+  m, _ = secure.apply(secure.init(*tiny_params), tiny_data, np.arange(5), jax.random.PRNGKey(0))
+  assert float(m["secagg_clipped_fraction"]) > 0.1
+  with pytest.raises(ValueError, match="dropout"):
+    SecureAggregation(dropout=1.0)
