@@ -47,8 +47,8 @@ def make_data(num_clients: int, per_client: int, seed: int = 0) -> FederatedData
 
 
 def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int, lr: float,
-                    conv: str = "xla") -> dict:
-  model = make_model(conv)
+                    conv: str = "xla", model: Model | None = None) -> dict:
+  model = model or make_model(conv)
   params, state = model.init(jax.random.PRNGKey(0))
   algo = FedAvg(LocalTraining(model, optax.sgd(lr), batch, epochs=1), schedule=schedule)
   s = algo.init(params, state)
@@ -66,9 +66,10 @@ def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int,
   return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first}
 
 
-def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float, conv: str = "xla") -> dict:
+def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float, conv: str = "xla",
+                      model: Model | None = None) -> dict:
   """A plain optax loop: one jitted step per batch of device-resident, pre-shuffled data."""
-  model = make_model(conv)
+  model = model or make_model(conv)
   params, state = model.init(jax.random.PRNGKey(0))
   opt = optax.sgd(lr)
 

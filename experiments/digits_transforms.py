@@ -4,7 +4,11 @@
 
 Runs the default digits preset (pretrained and scratch arms, 10 rounds, 5 of 20 clients per round) with
 --compress none / int8 / topk:0.01 (error feedback) and with --dp_clip=0.5 --dp_epsilon 1 / 4 / 8
-(delta 1e-5), and prints one table. Any digits flag can be appended (e.g. --rounds=20).
+(delta 1e-5), and prints one table. Any digits flag can be appended (e.g. --rounds=20), and --only selects
+settings by prefix:
+
+    python experiments/digits_transforms.py --only none,DP --num_clients=60 --min_client_size=4 \
+        --clients_per_round=30 --trainable=head --out experiments/results/digits_dp_60clients_head.json
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ SETTINGS = [
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default=None, help="write the rows as JSON here")
+  ap.add_argument("--only", default="", help="comma-separated prefixes of the settings to run (e.g. 'none,DP')")
   args, rest = ap.parse_known_args()
   base, _ = parse_config(digits.Config, digits.PRESETS, rest)
   rows = []
+  prefixes = [p for p in args.only.split(",") if p]
   for name, overrides in SETTINGS:
+    if prefixes and not any(name.startswith(p) for p in prefixes):
+      continue
     cfg = dataclasses.replace(base, **overrides)
     lines = []
     s = digits.run(cfg, log=lines.append)

@@ -143,3 +143,19 @@ def test_runner_rejects_unpadded_cohort(tiny_data, tiny_local, tiny_params):
   runner = CohortRunner(tiny_local, Schedule(2, "host", 2), tiny_data.pad_size)
   with pytest.raises(ValueError, match="pad_clients_to"):
     runner(params, {}, state, tiny_data.x, tiny_data.y, tiny_data.cohort([0, 1, 2]), jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("budget,expected_chunk", [(1, 1), (2**40, 4)])
+def test_memory_sized_chunks(budget, expected_chunk, tiny_model, tiny_data, tiny_local, tiny_params):
+  params, state = tiny_params
+  ids = np.array([0, 1, 2, 4])
+  key = jax.random.PRNGKey(7)
+  algo = FedAvg(tiny_local, schedule="chunked:auto/host:2", memory_budget=budget)
+  _, new_state = algo.apply(algo.init(params, state), tiny_data, ids, key)
+  runner = algo.runner(tiny_data.pad_size)
+  assert runner.schedule.chunk_size == expected_chunk  # 1 byte: one client at a time; plenty: the whole cohort
+  assert runner.chunk_memory["per_client_bytes"] > sum(a.nbytes for a in jax.tree.leaves(params))
+  expected, _ = reference_round(tiny_model, tiny_local, params, tiny_data, ids, key)
+  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+  assert Schedule.parse("chunked:auto").chunk_size == -1 and str(Schedule.parse("chunked:auto")) == "chunked:auto/scan:1"

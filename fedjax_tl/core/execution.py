@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -60,7 +61,8 @@ class Schedule:
   """How to run a cohort. Parse from text with :meth:`parse`.
 
   Attributes:
-    chunk_size: clients trained together with vmap; 0 = the whole cohort, 1 = sequential.
+    chunk_size: clients trained together with vmap; 0 = the whole cohort, 1 = sequential, -1 ("chunked:auto")
+      = as many as fit a memory budget, resolved on the first round (:meth:`CohortRunner.resolve_chunk_size`).
     loop: "scan" (one XLA program per round) or "host" (Python loop over jitted blocks of steps).
     unroll: local steps unrolled per scan iteration or per host block.
   """
@@ -72,7 +74,7 @@ class Schedule:
   def __post_init__(self):
     if self.loop not in ("scan", "host"):
       raise ValueError(f"Schedule loop must be 'scan' or 'host', got {self.loop!r}.")
-    if self.chunk_size < 0 or self.unroll < 1:
+    if self.chunk_size < -1 or self.unroll < 1:
       raise ValueError(f"Need chunk_size >= 0 and unroll >= 1, got {self.chunk_size}, {self.unroll}.")
 
   @classmethod
@@ -85,19 +87,19 @@ class Schedule:
       return default_schedule()
     if spec in SCHEDULE_PRESETS:
       return SCHEDULE_PRESETS[spec]
-    m = re.fullmatch(r"(vmap|sequential|chunked:(\d+))(?:/(scan|host)(?::(\d+))?)?", spec)
+    m = re.fullmatch(r"(vmap|sequential|chunked:(\d+|auto))(?:/(scan|host)(?::(\d+))?)?", spec)
     if not m:
       raise ValueError(f"Cannot parse schedule {spec!r}; expected e.g. 'vmap', 'sequential/host:8', "
                        f"'chunked:4/scan:2', 'auto' or one of {sorted(SCHEDULE_PRESETS)}.")
     clients, k, loop, unroll = m.groups()
-    chunk = 0 if clients == "vmap" else 1 if clients == "sequential" else int(k)
-    if clients.startswith("chunked") and chunk < 1:
+    chunk = 0 if clients == "vmap" else 1 if clients == "sequential" else -1 if k == "auto" else int(k)
+    if clients.startswith("chunked") and chunk == 0:
       raise ValueError(f"chunked:K needs K >= 1, got {spec!r}.")
     return cls(chunk, loop or "scan", int(unroll or 1))
 
   def __str__(self) -> str:
     clients = "vmap" if self.chunk_size == 0 else "sequential" if self.chunk_size == 1 else \
-        f"chunked:{self.chunk_size}"
+        "chunked:auto" if self.chunk_size == -1 else f"chunked:{self.chunk_size}"
     return f"{clients}/{self.loop}:{self.unroll}"
 
 
@@ -118,6 +120,15 @@ def default_schedule(backend: str | None = None) -> Schedule:
   """
   backend = backend or jax.default_backend()
   return Schedule(1, "host", 8) if backend == "cpu" else Schedule(0, "scan", 1)
+
+
+def default_memory_budget() -> int:
+  """Half the free memory of the first device where it reports it, else a quarter of the host's RAM."""
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+  if stats and "bytes_limit" in stats:
+    return int(0.5 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0)))
+  return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 class RoundSums(NamedTuple):
@@ -273,8 +284,35 @@ class CohortRunner:
     return jax.vmap(lambda k: jax.random.fold_in(k, 2 << 20))(keys)
 
   # ---- public ----
+  def resolve_chunk_size(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array,
+                         y: jax.Array, cohort_size: int, budget_bytes: int | None = None) -> int:
+    """For "chunked:auto": the number of clients whose training fits ``budget_bytes`` (default: half the
+    device's free memory where the backend reports it, else a quarter of the host's RAM), from XLA's memory
+    analysis of one client's compiled step (temporaries + the client's training state, which a vmapped chunk
+    holds once per client). Capped at ``cohort_size``; fixes the schedule's chunk size from then on."""
+    if self.schedule.chunk_size != -1:
+      return self.schedule.chunk_size
+    if budget_bytes is None:
+      budget_bytes = default_memory_budget()
+    n1 = jnp.ones((1,), jnp.int32)
+    ms = jax.tree.map(lambda a: a[:1], model_state) if self.per_client_state else model_state
+    states = self._init_jit(params, ms, jax.random.split(jax.random.PRNGKey(0), 1), n1)
+    indices = jnp.zeros((1, self.pad_size), jnp.int32)
+    mem = self._block_jit.lower(states, jnp.int32(0), frozen, x, y, indices, 1).compile().memory_analysis()
+    state_bytes = sum(a.nbytes for a in jax.tree.leaves(states))
+    per_client = max(int(getattr(mem, "temp_size_in_bytes", 0)) + 2 * state_bytes, 1)
+    k = int(max(1, min(cohort_size, budget_bytes // per_client)))
+    if self.mesh is not None:
+      n_dev = self.mesh.shape["clients"]
+      k = max(n_dev, k // n_dev * n_dev)
+    self.schedule = dataclasses.replace(self.schedule, chunk_size=k)
+    self.chunk_memory = {"per_client_bytes": per_client, "budget_bytes": int(budget_bytes), "chunk_size": k}
+    return k
+
   def padded_cohort_size(self, cohort_size: int) -> int:
     k = self.schedule.chunk_size
+    if k == -1:
+      raise ValueError('Schedule "chunked:auto" is resolved on the first round: call resolve_chunk_size first.')
     if k == 0:
       k = self.mesh.shape["clients"] if self.mesh is not None else 1
     return math.ceil(cohort_size / k) * k

@@ -66,7 +66,9 @@ class FedAvg:
   Attributes:
     local: local training (model, client optimizer, batch size, epochs/steps).
     server_optimizer: optax optimizer applied to the pseudo-gradient (default SGD(1.0) = plain FedAvg).
-    schedule: execution schedule or its text form; "auto" picks the measured default for the backend.
+    schedule: execution schedule or its text form; "auto" picks the measured default for the backend;
+      "chunked:auto" sizes the chunks from XLA's memory analysis to fit ``memory_budget`` bytes (default: half
+      the device's free memory, or a quarter of the host's RAM on CPU).
     trainable: regex of trainable param paths (None: all); the rest is frozen and never communicated.
     model_state: how non-param collections (BatchNorm statistics) are treated:
       "average" - clients normalise with batch statistics and update the running statistics; the server
@@ -113,6 +115,7 @@ class FedAvg:
   weighting: str = "num_examples"
   downlink: UpdateTransform | None = None
   secure_aggregation: SecureAggregation | None = None
+  memory_budget: int | None = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
@@ -227,6 +230,10 @@ class FedAvg:
             round_key: PRNGKey) -> tuple[dict, ServerState]:
     """One round: returns (metrics, new_state). Metrics are device scalars plus per-client arrays."""
     runner = self.runner(data.pad_size)
+    if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
+      ms = state.client_states if self.model_state == "local" else state.model_state
+      runner.resolve_chunk_size(state.params, state.frozen, ms, data.x, data.y, len(client_ids),
+                                self.memory_budget)
     cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(len(client_ids)))
     rows = jnp.maximum(cohort.client_ids, 0)
     ids = jnp.asarray(client_ids)

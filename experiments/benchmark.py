@@ -1,0 +1,241 @@
+"""The performance benchmark: workloads P (small CNN), R (ResNet50) and scale, on the current backend.
+
+    python experiments/benchmark.py --workload P --repeats 3           # CPU target workload, both shapes
+    python experiments/benchmark.py --workload R                       # ResNet50 32x32 and 224x224 (accelerator)
+    python experiments/benchmark.py --workload scale --populations 10000,100000 --cohort 1000
+
+Every federated measurement is paired with centralized training of the same model at the same batch size
+in the same process, alternating within each repeat, and the table reports medians over the repeats
+(examples/s, rounds/s, ratio to centralized), the first round's seconds (compilation included) and peak
+memory (device ``peak_bytes_in_use`` where the backend reports it, else the process's peak RSS, which on CPU
+holds the data and the compiled programs too). Workload R adds the model FLOPs per example (XLA cost
+analysis of the centralized step) and MFU against the device's dense bf16 peak (``--peak_tflops`` to
+override; none on CPU). The scale workload runs each population in its own process (so peak RSS is its own)
+and counts retraces after the first round (0 = no recompilation as cohorts' client sizes change).
+Results are printed as a table and written as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_schedules import bench_centralized, bench_federated, make_data  # noqa: E402
+
+from fedjax_tl.core.client import LocalTraining  # noqa: E402
+from fedjax_tl.core.fedavg import FedAvg  # noqa: E402
+from fedjax_tl.data import augment  # noqa: E402
+from fedjax_tl.data.client_data import Dataset, FederatedData  # noqa: E402
+from fedjax_tl.experiments.common import format_table  # noqa: E402
+from fedjax_tl.models import resnet  # noqa: E402
+from fedjax_tl.models.base import Model  # noqa: E402
+from fedjax_tl.models.cnn import CNN  # noqa: E402
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets; SXM parts). MFU is reported against these.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "V100": 125.0,
+                    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v6": 918.0}
+
+
+def peak_memory_mb() -> tuple[float, str]:
+  stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**20, "device"
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
+
+
+def peak_tflops(override: float | None) -> float | None:
+  if override:
+    return override
+  kind = jax.devices()[0].device_kind
+  return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def resnet50_model(image_size: int) -> Model:
+  module = resnet.ClassifierHead(resnet.ResNet50(), num_classes=10, hidden=(128,))
+  size = image_size if image_size != 32 else None
+  return Model(module, (32, 32, 3), preprocess=augment.with_resize(resnet.caffe_preprocess, size))
+
+
+def cnn_model() -> Model:
+  return Model(CNN(num_classes=10, features=(32, 64), hidden=128, conv="auto"), (32, 32, 3))
+
+
+def step_flops(model: Model, batch: int, lr: float) -> float | None:
+  """FLOPs of one centralized SGD step at ``batch`` (XLA cost analysis)."""
+  from fedjax_tl.core.client import masked_cross_entropy
+
+  params, state = model.init(jax.random.PRNGKey(0))
+  opt = optax.sgd(lr)
+
+  def step(params, opt_state, xb, yb):
+    def loss_fn(p):
+      logits, _ = model.apply(p, state, xb, train=True)
+      return masked_cross_entropy(logits, yb, yb >= 0)[0]
+    u, opt_state = opt.update(jax.grad(loss_fn)(params), opt_state, params)
+    return optax.apply_updates(params, u), opt_state
+
+  xb = jax.ShapeDtypeStruct((batch, *model.sample_shape), np.uint8)
+  yb = jax.ShapeDtypeStruct((batch,), np.int32)
+  cost = jax.jit(step).lower(params, opt.init(params), xb, yb).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", 0.0)) or None
+
+
+def paired(model_fn, data, schedule, repeats, rounds, batch, lr):
+  """Median over ``repeats`` of (centralized, federated) measured back to back."""
+  runs = []
+  for _ in range(repeats):
+    c = bench_centralized(data, epochs=rounds, batch=batch, lr=lr, model=model_fn())
+    f = bench_federated(schedule, data, rounds, batch, lr, model=model_fn())
+    runs.append((c, f))
+  med = lambda key, i: statistics.median(r[i][key] for r in runs)
+  ratios = [r[1]["examples_per_s"] / r[0]["examples_per_s"] for r in runs]
+  return {
+      "centralized_examples_per_s": med("examples_per_s", 0),
+      "examples_per_s": med("examples_per_s", 1),
+      "examples_per_s_min_max": [min(r[1]["examples_per_s"] for r in runs), max(r[1]["examples_per_s"] for r in runs)],
+      "rounds_per_s": med("rounds_per_s", 1),
+      "first_round_s": med("first_round_s", 1),
+      "ratio_to_centralized": statistics.median(ratios),
+      "repeats": repeats,
+  }
+
+
+def workload_p(args) -> list[dict]:
+  rows = []
+  for shape in args.shapes.split(","):
+    c, e = (int(v) for v in shape.split("x"))
+    data = make_data(c, e)
+    for sched in args.schedules.split(","):
+      r = paired(cnn_model, data, sched, args.repeats, args.rounds, 32, 0.01)
+      mem, src = peak_memory_mb()
+      rows.append({"workload": "P", "shape": shape, "schedule": sched, **r, "peak_mem_mb": mem, "mem_source": src})
+      print(f"P {shape} {sched}: {r['examples_per_s']:.0f} ex/s ({r['ratio_to_centralized']:.2f}x centralized)",
+            flush=True)
+  return rows
+
+
+def workload_r(args) -> list[dict]:
+  rows = []
+  peak = peak_tflops(args.peak_tflops)
+  for size in (int(s) for s in args.image_sizes.split(",")):
+    flops = step_flops(resnet50_model(size), args.batch, 0.01)
+    for clients in (int(c) for c in args.r_clients.split(",")):
+      data = make_data(clients, args.r_examples)
+      r = paired(lambda size=size: resnet50_model(size), data, args.schedules.split(",")[0], args.repeats,
+                 args.rounds, args.batch, 0.01)
+      mem, src = peak_memory_mb()
+      per_ex = flops / args.batch if flops else None
+      mfu = per_ex * r["examples_per_s"] / (peak * 1e12) if per_ex and peak else None
+      rows.append({"workload": "R", "shape": f"{clients}x{args.r_examples}@{size}", "schedule": args.schedules,
+                   **r, "gflops_per_example": per_ex / 1e9 if per_ex else None, "mfu": mfu,
+                   "peak_tflops": peak, "peak_mem_mb": mem, "mem_source": src})
+      print(f"R {rows[-1]['shape']}: {r['examples_per_s']:.1f} ex/s ({r['ratio_to_centralized']:.2f}x), "
+            f"MFU {mfu if mfu is None else f'{mfu:.3f}'}", flush=True)
+  return rows
+
+
+def scale_one(args) -> dict:
+  """One population in this process: cohort rounds with varying client sizes, retraces counted."""
+  rng = np.random.default_rng(0)
+  sizes = rng.integers(1, args.max_examples + 1, args.population)
+  n = int(sizes.sum())
+  x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+  ds = Dataset(x, rng.integers(0, 10, n).astype(np.int32), 10)
+  parts = np.split(np.arange(n), np.cumsum(sizes)[:-1])
+  t0 = time.perf_counter()
+  data = FederatedData.from_partition(ds, parts)
+  del x, ds
+  build_s = time.perf_counter() - t0
+  model = cnn_model()
+  params, state = model.init(jax.random.PRNGKey(0))
+  algo = FedAvg(LocalTraining(model, optax.sgd(0.01), args.scale_batch, epochs=1), schedule=args.scale_schedule)
+  s = algo.init(params, state)
+  walls = []
+  for r in range(args.rounds + 1):
+    ids = np.sort(np.random.default_rng(r).choice(args.population, args.cohort, replace=False))
+    t0 = time.perf_counter()
+    m, s = algo.apply(s, data, ids, jax.random.PRNGKey(r))
+    jax.block_until_ready(s.params)
+    walls.append(time.perf_counter() - t0)
+    if r == 0:
+      traces = algo.runner(data.pad_size).trace_count
+  mem, src = peak_memory_mb()
+  return {"workload": "scale", "population": args.population, "cohort": args.cohort, "examples": n,
+          "schedule": str(algo.runner(data.pad_size).schedule), "first_round_s": walls[0], "round_s": statistics.median(walls[1:]),
+          "examples_per_s": float(m["num_examples"]) / statistics.median(walls[1:]),
+          "retraces_after_first_round": algo.runner(data.pad_size).trace_count - traces,
+          "data_mb": (data.x.nbytes + data.y.nbytes) / 2**20, "build_s": build_s, "peak_mem_mb": mem,
+          "mem_source": src}
+
+
+def workload_scale(args) -> list[dict]:
+  rows = []
+  for pop in (int(p) for p in args.populations.split(",")):
+    cmd = [sys.executable, os.path.abspath(__file__), "--workload", "scale-one", "--population", str(pop),
+           "--cohort", str(args.cohort), "--rounds", str(args.rounds), "--max_examples", str(args.max_examples),
+           "--scale_batch", str(args.scale_batch), "--scale_schedule", args.scale_schedule]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"scale population {pop}: {rows[-1]['round_s']:.2f} s/round, peak {rows[-1]['peak_mem_mb']:.0f} MB, "
+          f"retraces {rows[-1]['retraces_after_first_round']}", flush=True)
+  return rows
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--workload", default="P", choices=["P", "R", "scale", "scale-one"])
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=2, help="timed rounds (epochs for centralized) after warm-up")
+  p.add_argument("--schedules", default="auto", help="comma-separated schedules (R uses the first)")
+  p.add_argument("--shapes", default="10x500,100x64", help="P: CLIENTSxEXAMPLES")
+  p.add_argument("--image_sizes", default="32,224", help="R: model input sizes (data is 32x32, resized on device)")
+  p.add_argument("--r_clients", default="10,100", help="R: clients per round")
+  p.add_argument("--r_examples", type=int, default=64, help="R: examples per client")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--peak_tflops", type=float, default=None, help="R: peak for MFU (default: by device kind)")
+  p.add_argument("--populations", default="10000,100000")
+  p.add_argument("--population", type=int, default=100000)
+  p.add_argument("--cohort", type=int, default=1000)
+  p.add_argument("--max_examples", type=int, default=8, help="scale: client sizes uniform in 1..max")
+  p.add_argument("--scale_batch", type=int, default=8)
+  p.add_argument("--scale_schedule", default="chunked:100/host:1")
+  p.add_argument("--out", default=None)
+  args = p.parse_args(argv)
+  if args.workload == "scale-one":
+    print(json.dumps(scale_one(args)))
+    return
+  rows = {"P": workload_p, "R": workload_r, "scale": workload_scale}[args.workload](args)
+  meta = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+          "devices": len(jax.devices()), "jax": jax.__version__, "machine": platform.machine(),
+          "cpus": os.cpu_count(), "argv": sys.argv[1:]}
+  print(f"\n{meta}")
+  if args.workload == "scale":
+    cols = ["population", "cohort", "schedule", "first_round_s", "round_s", "examples_per_s",
+            "retraces_after_first_round", "data_mb", "peak_mem_mb"]
+  else:
+    cols = ["workload", "shape", "schedule", "examples_per_s", "centralized_examples_per_s", "ratio_to_centralized",
+            "rounds_per_s", "first_round_s", "peak_mem_mb"] + (["gflops_per_example", "mfu"] if args.workload == "R"
+                                                               else [])
+  print(format_table(cols, [[r.get(c) for c in cols] for r in rows]))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump({**meta, "rows": rows}, f, indent=1)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+  main()
