@@ -49,27 +49,20 @@ def test_none_text_only_means_none_for_optional_fields():
   assert cfg.trainable is None
 
 
-def test_dp_run_records_epsilon_per_round(tmp_path):
-  cfg = dataclasses.replace(digits.PRESETS["smoke"], dp_clip=0.5, dp_epsilon=8.0, workdir=str(tmp_path))
+def test_dp_with_topk_compression_records_epsilon_and_cumulative_megabytes(tmp_path):
+  cfg = dataclasses.replace(digits.PRESETS["smoke"], dp_clip=0.5, dp_epsilon=8.0, compress="topk:0.01",
+                            workdir=str(tmp_path))
   lines = []
-  digits.run(cfg, log=lines.append)
+  summary = digits.run(cfg, log=lines.append)
   rows = [json.loads(x) for x in (tmp_path / "pretrained" / "metrics.jsonl").read_text().splitlines()]
   eps = [r["epsilon"] for r in rows]
   assert 0 < eps[0] < eps[-1] <= 8.0 * (1 + 1e-3)
   assert any("privacy spent" in line for line in lines)
-  import pytest
-
-  with pytest.raises(ValueError, match="dp_clip"):
-    digits.run(dataclasses.replace(digits.PRESETS["smoke"], dp_epsilon=8.0), log=lambda *_: None)
-
-
-def test_topk_compression_cuts_uplink_and_reports_cumulative_megabytes(tmp_path):
-  cfg = dataclasses.replace(digits.PRESETS["smoke"], workdir=str(tmp_path), compress="topk:0.01")
-  topk = digits.run(cfg, log=lambda *_: None)
   # the downlink is the dense float32 model (2 rounds x 3 clients x 4 bytes x d); the uplink k = 1% of the
   # coordinates as (float32 value, ceil(log2 d)-bit index) pairs
-  d = round(topk["mb_down_total"] * 1e6 / 24)
+  d = round(summary["mb_down_total"] * 1e6 / 24)
   k = round(0.01 * d)
-  assert topk["mb_up_total"] * 1e6 == 6 * -(-(k * (32 + math.ceil(math.log2(d)))) // 8)
-  rows = [json.loads(x) for x in (tmp_path / "pretrained" / "metrics.jsonl").read_text().splitlines()]
+  assert summary["mb_up_total"] * 1e6 == 6 * -(-(k * (32 + math.ceil(math.log2(d)))) // 8)
   assert [r["mb_up_total"] for r in rows] == pytest.approx([r["round"] * rows[0]["bytes_up"] / 1e6 for r in rows])
+  with pytest.raises(ValueError, match="dp_clip"):
+    digits.run(dataclasses.replace(digits.PRESETS["smoke"], dp_epsilon=8.0), log=lambda *_: None)
