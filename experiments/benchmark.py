@@ -174,7 +174,8 @@ def scale_one(args) -> dict:
       traces = algo.runner(data.pad_size).trace_count
   mem, src = peak_memory_mb()
   return {"workload": "scale", "population": args.population, "cohort": args.cohort, "examples": n,
-          "schedule": str(algo.runner(data.pad_size).schedule), "first_round_s": walls[0], "round_s": statistics.median(walls[1:]),
+          "schedule": str(algo.runner(data.pad_size).schedule), "first_round_s": walls[0],
+          "round_s": statistics.median(walls[1:]),
           "examples_per_s": float(m["num_examples"]) / statistics.median(walls[1:]),
           "retraces_after_first_round": algo.runner(data.pad_size).trace_count - traces,
           "data_mb": (data.x.nbytes + data.y.nbytes) / 2**20, "build_s": build_s, "peak_mem_mb": mem,

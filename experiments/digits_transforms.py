@@ -49,7 +49,8 @@ def main() -> None:
     s = digits.run(cfg, log=lines.append)
     eps = next((ln.split("epsilon ")[1].split(" ")[0] for ln in lines if ln.startswith("privacy spent")), "")
     rows.append({"setting": name, "pretrained_acc": s["final_test_accuracy"]["pretrained"],
-                 "scratch_acc": next(v for k, v in s["final_test_accuracy"].items() if k.startswith("scratch")), "mb_up_total": s["mb_up_total"],
+                 "scratch_acc": next(v for k, v in s["final_test_accuracy"].items() if k.startswith("scratch")),
+                 "mb_up_total": s["mb_up_total"],
                  "mb_down_total": s["mb_down_total"], "epsilon": eps, "seconds": s["seconds"]})
     print(f"{name}: {rows[-1]}", flush=True)
   cols = ["setting", "pretrained_acc", "scratch_acc", "mb_up_total", "mb_down_total", "epsilon", "seconds"]

@@ -158,4 +158,5 @@ def test_memory_sized_chunks(budget, expected_chunk, tiny_model, tiny_data, tiny
   expected, _ = reference_round(tiny_model, tiny_local, params, tiny_data, ids, key)
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-  assert Schedule.parse("chunked:auto").chunk_size == -1 and str(Schedule.parse("chunked:auto")) == "chunked:auto/scan:1"
+  auto = Schedule.parse("chunked:auto")
+  assert auto.chunk_size == -1 and str(auto) == "chunked:auto/scan:1"

@@ -1,0 +1,97 @@
+"""DP-FedAvg with adaptive clipping (Andrew et al. 2021, "Differentially Private Learning with Adaptive
+Clipping").
+
+The clip norm C is server state, sent to the cohort with the model. Each client clips its delta to C and
+also reports the bit b_i = [||delta_i|| <= C]. The server adds Gaussian noise to the sum of the bits
+(std ``count_stddev``, the paper's sigma_b, default m / 20) and to the uniformly weighted mean of the deltas
+(std z_delta * C / m), then moves C geometrically towards the ``target_quantile`` gamma of the clients' norms:
+
+    b_mean = (sum_i b_i + N(0, sigma_b^2)) / m,        C <- C * exp(-clip_lr * (b_mean - gamma)).
+
+Splitting the privacy budget between the two releases: with the overall ``noise_multiplier`` z the deltas get
+z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Theorem 1 of the paper), so the pair costs what one Gaussian
+mechanism with multiplier z costs, and the accountant is used with z unchanged.
+Use with ``FedAvg(adaptive_clip=..., weighting="uniform")``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_tl.types import PRNGKey, Updates
+
+__all__ = ["AdaptiveClipping"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveClipping:
+  """Attributes:
+    noise_multiplier: z, the overall noise multiplier (what the accountant sees); 0 disables the noise.
+    cohort_size: m, the (expected) number of clients per round.
+    initial_clip: C at round 0.
+    target_quantile: gamma, the fraction of clients whose update should fall within the clip.
+    clip_lr: eta_C of the geometric update.
+    count_stddev: sigma_b; default m / 20 (the paper's recommendation). Needs 2 sigma_b > z when z > 0.
+  """
+
+  noise_multiplier: float
+  cohort_size: int
+  initial_clip: float = 0.1
+  target_quantile: float = 0.5
+  clip_lr: float = 0.2
+  count_stddev: float | None = None
+
+  def __post_init__(self):
+    if self.cohort_size < 1:
+      raise ValueError(f"cohort_size must be >= 1, got {self.cohort_size}.")
+    if not self.initial_clip > 0:
+      raise ValueError(f"initial_clip must be > 0, got {self.initial_clip}.")
+    if not 0 <= self.target_quantile <= 1:
+      raise ValueError(f"target_quantile must be in [0, 1], got {self.target_quantile}.")
+    if self.noise_multiplier < 0:
+      raise ValueError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}.")
+    if self.noise_multiplier > 0 and not 2 * self.sigma_b > self.noise_multiplier:
+      raise ValueError(f"Adaptive clipping needs 2 * count_stddev > noise_multiplier, got count_stddev "
+                       f"{self.sigma_b:.4g} and noise_multiplier {self.noise_multiplier}: raise count_stddev "
+                       f"(or the cohort size; its default is cohort_size / 20).")
+
+  @property
+  def sigma_b(self) -> float:
+    return self.cohort_size / 20 if self.count_stddev is None else self.count_stddev
+
+  @property
+  def delta_noise_multiplier(self) -> float:
+    """z_delta, the noise multiplier of the deltas once the count has taken its share."""
+    z = self.noise_multiplier
+    if z == 0:
+      return 0.0
+    return (z ** -2 - (2 * self.sigma_b) ** -2) ** -0.5
+
+  def init(self) -> jax.Array:
+    return jnp.float32(self.initial_clip)
+
+  @staticmethod
+  def clip(delta: Updates, clip_norm: jax.Array) -> tuple[Updates, jax.Array]:
+    """(delta scaled to L2 norm <= clip_norm, 1.0 if it was already within else 0.0) for one client."""
+    norm = optax.tree.norm(delta)
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), delta), (norm <= clip_norm).astype(jnp.float32)
+
+  def server_step(self, mean_delta: Updates, below_count: jax.Array, clip_norm: jax.Array,
+                  key: PRNGKey) -> tuple[Updates, jax.Array]:
+    """(noisy mean delta, next clip norm) from the uniformly weighted mean of clipped deltas and the number
+    of clients that were within the clip."""
+    m = self.cohort_size
+    k_delta, k_count = jax.random.split(key)
+    std = self.delta_noise_multiplier * clip_norm / m
+    leaves, treedef = jax.tree.flatten(mean_delta)
+    keys = jax.random.split(k_delta, max(len(leaves), 1))
+    noisy = [(u + std * jax.random.normal(k, u.shape, jnp.float32)).astype(u.dtype) for u, k in zip(leaves, keys)]
+    count_noise = self.sigma_b * jax.random.normal(k_count, ()) if self.noise_multiplier > 0 else 0.0
+    b_mean = (below_count + count_noise) / m
+    new_clip = clip_norm * jnp.exp(-self.clip_lr * (b_mean - self.target_quantile))
+    return jax.tree.unflatten(treedef, noisy), new_clip.astype(jnp.float32)
