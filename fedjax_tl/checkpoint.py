@@ -37,7 +37,7 @@ class ConfigMismatchError(ValueError):
 def _to_tree(state: ServerState) -> dict:
   # Orbax stores nested dicts of arrays; None (no per-client state) becomes an empty dict.
   d = state._asdict()
-  for name in ("client_states", "transform_states", "server_transform_state"):
+  for name in ("client_states", "transform_states", "server_transform_state", "clip_norm"):
     d[name] = d[name] if d[name] is not None else {}
   return jax.tree.map(np.asarray, d)
 

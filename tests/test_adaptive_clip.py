@@ -54,3 +54,15 @@ def test_fedavg_with_adaptive_clip(tiny_data, tiny_local, tiny_params):
   assert float(s.clip_norm) == pytest.approx(1e6 * math.exp(-0.1), rel=1e-5)
   with pytest.raises(ValueError, match="uniform"):
     FedAvg(tiny_local, adaptive_clip=ac)
+
+
+def test_clip_norm_survives_a_checkpoint(tmp_path, tiny_data, tiny_local, tiny_params):
+  from fedjax_tl.checkpoint import Checkpointer
+
+  algo = FedAvg(tiny_local, weighting="uniform", adaptive_clip=AdaptiveClipping(0.5, 3, count_stddev=1.0))
+  _, state = algo.apply(algo.init(*tiny_params), tiny_data, np.array([0, 1, 3]), jax.random.PRNGKey(0))
+  ck = Checkpointer(str(tmp_path), {"run": 1})
+  assert ck.maybe_save(state, final=True)
+  restored = ck.restore(algo.init(*tiny_params))
+  assert int(restored.round) == 1 and float(restored.clip_norm) == float(state.clip_norm) != 0.1
+  ck.close()

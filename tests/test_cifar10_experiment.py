@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import jax
 import pytest
 
 from fedjax_tl.experiments import cifar10
@@ -71,13 +72,23 @@ def test_transfer_patterns_select_stages():
   assert trainable_pattern("last:2") == r"^(head|backbone/conv(4|5)_)"
 
 
-def test_compression_and_secure_aggregation_flags(tmp_path):
-  base = dataclasses.replace(cifar10.PRESETS["smoke"], rounds=1, bn="frozen", quiet=True)
-  lines = []
-  small = cifar10.run(dataclasses.replace(base, compress="int8", downlink="int8", secure_agg=True, secagg_clip=4.0),
-                      log=lines.append)
-  assert any("secure aggregation" in line for line in lines) and any("uplink compression" in line for line in lines)
-  # secure aggregation sends dense 32-bit field elements whatever the compressor; the downlink is int8 (~1/4)
-  assert 0.25 < small["mb_down_total"] / small["mb_up_total"] < 0.26
+def test_transform_flags_build_the_fedavg_pieces():
+  # the digits experiment runs these flags end to end; here: cifar10's config fields map onto FedAvg's
+  from fedjax_tl.experiments.common import transform_setup
+  from fedjax_tl.transforms.base import encoded_bits
+
+  cfg = dataclasses.replace(cifar10.PRESETS["noniid"], compress="int8", downlink="qsgd:4", secure_agg=True,
+                            secagg_clip=2.0, secagg_dropout=0.1, dp_clip=1.0, dp_noise_multiplier=1.0)
+  kwargs, eps = transform_setup(cfg, 100, log=lambda *_: None)
+  assert set(kwargs) == {"client_transform", "server_transform", "weighting", "downlink", "secure_aggregation"}
+  assert kwargs["secure_aggregation"].dropout == 0.1 and kwargs["weighting"] == "uniform"
+  template = {"w": jax.numpy.zeros((1000,))}
+  assert encoded_bits(kwargs["client_transform"], template) == 8 * 1000 + 32  # clip, then int8
+  assert encoded_bits(kwargs["downlink"], template) == 4 * 1000 + 32 * 2
+  assert 0 < eps(10)["epsilon"] < eps(100)["epsilon"]
+  adaptive = dataclasses.replace(cfg, dp_adaptive=True, dp_count_stddev=1.0, compress="none", downlink="none",
+                                 secure_agg=False)
+  kwargs, _ = transform_setup(adaptive, 100, log=lambda *_: None)
+  assert set(kwargs) == {"adaptive_clip", "weighting"} and kwargs["adaptive_clip"].initial_clip == 1.0
   with pytest.raises(ValueError, match="error feedback"):
-    cifar10.run(dataclasses.replace(base, downlink="topk:0.1"), log=lambda *_: None)
+    transform_setup(dataclasses.replace(cfg, downlink="topk:0.1"), 100, log=lambda *_: None)

@@ -20,6 +20,7 @@ from fedjax_tl.core.client import ClientOutput, LocalTraining, merge_params
 from fedjax_tl.core.execution import ClientContext, ClientPostprocess, CohortRunner, RoundSums, Schedule
 from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
 from fedjax_tl.transforms.secure_agg import FIELD_BITS, SecureAggregation
 from fedjax_tl.types import ModelState, Params, PRNGKey, pseudo_gradient
@@ -38,6 +39,7 @@ class ServerState(NamedTuple):
   client_states: ModelState = None  # model_state="local": every client's own state, [num_clients, ...]
   transform_states: Any = None  # stateful client_transform: every client's own state, [num_clients, ...]
   server_transform_state: Any = None  # stateful server_transform's state
+  clip_norm: jax.Array | None = None  # adaptive clipping: the clip norm for the next round
 
   def full_params(self) -> Params:
     return merge_params(self.params, self.frozen)
@@ -96,6 +98,10 @@ class FedAvg:
       field vectors of their weighted (transformed) deltas and the server only learns their sum, after
       recovering dropped clients' masks. Needs ``model_state`` "frozen" or "local" for models with state
       (averaged BN statistics would be sent in the clear).
+    adaptive_clip: DP-FedAvg with adaptive clipping (:class:`~fedjax_tl.transforms.adaptive_clip.
+      AdaptiveClipping`, Andrew et al. 2021): clients clip to the server's current norm (``ServerState.
+      clip_norm``) before any client_transform and report whether they were within it; the server adds the
+      noise and moves the norm towards the target quantile. Needs weighting="uniform".
     weighting: "num_examples" (FedAvg) or "uniform" (every client of the cohort weighs 1, as DP-FedAvg's
       sensitivity bound needs).
     mesh: optional ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its
@@ -116,12 +122,16 @@ class FedAvg:
   downlink: UpdateTransform | None = None
   secure_aggregation: SecureAggregation | None = None
   memory_budget: int | None = None
+  adaptive_clip: AdaptiveClipping | None = None
 
   def __post_init__(self):
     if self.weighting not in ("num_examples", "uniform"):
       raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}.")
     builtin = self.client_transform is not None or self.weighting != "num_examples" or \
-        self.secure_aggregation is not None
+        self.secure_aggregation is not None or self.adaptive_clip is not None
+    if self.adaptive_clip is not None and self.weighting != "uniform":
+      raise ValueError('adaptive_clip bounds each client\'s share of a uniformly weighted mean: use '
+                       'weighting="uniform".')
     if self.postprocess is not None and builtin:
       raise ValueError("Give either postprocess or client_transform/weighting/secure_aggregation, not both.")
     if self.downlink is not None and self.downlink.encoded_bits is None:
@@ -140,6 +150,9 @@ class FedAvg:
 
   def _client_postprocess(self, out: ClientOutput, carry, ctx: ClientContext):
     key = ctx.key
+    if self.adaptive_clip is not None:
+      delta, below = AdaptiveClipping.clip(out.delta, ctx.shared["clip"])
+      out = out._replace(delta=delta, metrics={**out.metrics, "below_clip": below})
     if self.client_transform is not None:
       t = self.client_transform
       delta, new_carry = t.apply(out.delta, t.init(out.delta) if carry is None else carry, key)
@@ -151,8 +164,8 @@ class FedAvg:
     if self.secure_aggregation is not None:
       sa = self.secure_aggregation
       masked, clipped = sa.client_encode(out.delta, out.num_examples, ctx.position,
-                                         jax.random.fold_in(key, 7), ctx.shared)
-      alive = ctx.shared.alive[ctx.position]
+                                         jax.random.fold_in(key, 7), ctx.shared["secagg"])
+      alive = ctx.shared["secagg"].alive[ctx.position]
       out = out._replace(delta=masked, num_examples=jnp.where(alive, out.num_examples, 0.0),
                          metrics={**out.metrics, "secagg_clipped": clipped})
     return out, carry
@@ -182,8 +195,9 @@ class FedAvg:
       if not num_clients:
         raise ValueError('model_state="local" keeps a state per client: pass num_clients to init().')
       client_states = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *a.shape)).copy(), model_state)
+    clip_norm = self.adaptive_clip.init() if self.adaptive_clip is not None else None
     return ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
-                       jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state)
+                       jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state, clip_norm)
 
   def runner(self, pad_size: int) -> CohortRunner:
     if pad_size not in self._runners:
@@ -208,9 +222,14 @@ class FedAvg:
     down, up = self.communication_bits(state)
     return -(-down // 8), -(-up // 8)
 
-  def _server_update_impl(self, state: ServerState, sums: RoundSums, key: PRNGKey) -> ServerState:
+  def _server_update_impl(self, state: ServerState, sums: RoundSums, key: PRNGKey,
+                          below_count: jax.Array) -> ServerState:
     total = jnp.maximum(sums.weight_sum, 1e-12)
     mean_delta = jax.tree.map(lambda d, p: (d / total).astype(p.dtype), sums.delta_sum, state.params)
+    clip_norm = state.clip_norm
+    if self.adaptive_clip is not None:
+      mean_delta, clip_norm = self.adaptive_clip.server_step(mean_delta, below_count, state.clip_norm,
+                                                             jax.random.fold_in(key, 4 << 20))
     server_ts = state.server_transform_state
     if self.server_transform is not None:
       t = self.server_transform
@@ -224,7 +243,7 @@ class FedAvg:
     if self.model_state in ("average", "local"):
       model_state = jax.tree.map(lambda s, m: (s / total).astype(m.dtype), sums.state_sum, state.model_state)
     return ServerState(params, state.frozen, model_state, opt_state, state.round + 1, state.client_states,
-                       state.transform_states, server_ts)
+                       state.transform_states, server_ts, clip_norm)
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[dict, ServerState]:
@@ -252,10 +271,11 @@ class FedAvg:
     params = state.params
     if self.downlink is not None:  # what the clients receive and train from
       params = self._broadcast(state.params, jax.random.fold_in(round_key, 5 << 20))
-    shared, secagg_info = None, {}
+    shared, secagg_info = {"clip": state.clip_norm, "secagg": None}, {}
     if self.secure_aggregation is not None:
       max_weight = 1.0 if self.weighting == "uniform" else float(data.pad_size)
-      shared, host = self.secure_aggregation.setup_round(len(client_ids), cohort.size, round_key, max_weight)
+      shared["secagg"], host = self.secure_aggregation.setup_round(len(client_ids), cohort.size, round_key,
+                                                                   max_weight)
     sums = runner(params, state.frozen, model_state, data.x, data.y, cohort, round_key, carry, shared)
     if self.secure_aggregation is not None:
       recovery, secagg_info = self.secure_aggregation.recover(host)
@@ -263,19 +283,25 @@ class FedAvg:
         sums = sums._replace(client_carry=carry)
         new_state = state._replace(round=state.round + 1)
       else:
-        sums = sums._replace(delta_sum=self.secure_aggregation.unmask(sums.delta_sum, recovery, shared.scale,
-                                                                      shared.max_weight))
+        sa_shared = shared["secagg"]
+        sums = sums._replace(delta_sum=self.secure_aggregation.unmask(sums.delta_sum, recovery, sa_shared.scale,
+                                                                      sa_shared.max_weight))
+    cm = sums.client_metrics
+    below = jnp.zeros((), jnp.float32)
+    if "below_clip" in cm:  # clients that trained on examples and were within the clip norm
+      below = (cm["below_clip"] * (sums.client_metrics["num_examples"] > 0))[: len(client_ids)].sum()
     if not secagg_info.get("secagg_aborted"):
-      new_state = self._server_update(state, sums, round_key)
+      new_state = self._server_update(state, sums, round_key, below)
     if self.model_state == "local":
       new_state = new_state._replace(client_states=jax.tree.map(
           lambda all_, new: all_.at[ids].set(new[: len(client_ids)]), state.client_states, sums.client_states))
     if carry is not None:
       new_state = new_state._replace(transform_states=jax.tree.map(
           lambda all_, new: all_.at[ids].set(new[: len(client_ids)]), state.transform_states, sums.client_carry))
-    cm = sums.client_metrics
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
+    if self.adaptive_clip is not None:
+      secagg_info = {**secagg_info, "clip_norm": state.clip_norm, "clip_fraction_within": below / len(client_ids)}
     senders = secagg_info.get("secagg_survivors", len(client_ids))
     if "secagg_clipped" in cm:
       secagg_info["secagg_clipped_fraction"] = cm["secagg_clipped"][: len(client_ids)].mean()

@@ -59,7 +59,7 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
     down_total += rec["bytes_down"]
     rec.update(mb_up_total=up_total / 1e6, mb_down_total=down_total / 1e6)
     for k, v in metrics.items():
-      if k.startswith("secagg_"):
+      if k.startswith("secagg_") or k.startswith("clip_"):
         rec[k] = v if isinstance(v, bool | int) else float(v)
     if round_metrics is not None:
       rec.update(round_metrics(r + 1))

@@ -88,6 +88,9 @@ class Config:
   dp_epsilon: float = 0.0  # calibrate the noise multiplier to spend this epsilon over the planned rounds
   dp_delta: float = 1e-5
   dp_accountant: str = "rdp"
+  dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021) from dp_clip towards dp_target_quantile
+  dp_target_quantile: float = 0.5
+  dp_count_stddev: float = 0.0  # noise std on the count of clients within the clip; 0 = clients_per_round / 20
   secure_agg: bool = False  # simulated secure aggregation (needs bn=frozen or bn=local)
   secagg_clip: float = 1.0
   secagg_dropout: float = 0.0

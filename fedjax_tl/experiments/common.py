@@ -120,8 +120,11 @@ def dp_setup(cfg, population: int, log=print):
   clients_per_round and rounds: returns (FedAvg keyword arguments, round_metrics function or None).
 
   ``dp_epsilon > 0`` calibrates the noise multiplier so that the planned rounds spend exactly that epsilon;
-  ``dp_clip > 0`` alone uses ``dp_noise_multiplier``. Accounting assumes the fixed-size cohort sampling that
-  ``sample_clients`` does (RDP, replace-one neighbouring clients) unless dp_accountant is "pld" (Poisson).
+  ``dp_clip > 0`` alone uses ``dp_noise_multiplier``. ``dp_adaptive`` (when the config has it) makes dp_clip
+  the initial clip norm of adaptive clipping towards ``dp_target_quantile`` (count noise ``dp_count_stddev``,
+  0 = cohort / 20); the accountant sees the same overall noise multiplier. Accounting assumes the fixed-size
+  cohort sampling that ``sample_clients`` does (RDP, replace-one neighbouring clients) unless dp_accountant is
+  "pld" (Poisson).
   """
   from fedjax_tl.privacy import accounting
   from fedjax_tl.transforms import dp_fedavg
@@ -138,9 +141,17 @@ def dp_setup(cfg, population: int, log=print):
                                               cfg.dp_accountant, sampling)
   log(f"DP-FedAvg: clip {cfg.dp_clip}, noise multiplier {z:.4f} (noise std on the mean {z * cfg.dp_clip / m:.4g}), "
       f"delta {cfg.dp_delta}, {cfg.dp_accountant} accountant, {sampling} sampling")
-  client, server = dp_fedavg(cfg.dp_clip, z, m)
   eps = lambda r: {"epsilon": accounting.epsilon(z, population, m, r, cfg.dp_delta, cfg.dp_accountant, sampling),
                    "noise_multiplier": z}
+  if getattr(cfg, "dp_adaptive", False):
+    from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
+
+    ac = AdaptiveClipping(z, m, initial_clip=cfg.dp_clip, target_quantile=cfg.dp_target_quantile,
+                          count_stddev=cfg.dp_count_stddev or None)
+    log(f"adaptive clipping: initial clip {cfg.dp_clip}, target quantile {cfg.dp_target_quantile}, count noise "
+        f"std {ac.sigma_b:.4g}, delta noise multiplier {ac.delta_noise_multiplier:.4f}")
+    return {"adaptive_clip": ac, "weighting": "uniform"}, eps
+  client, server = dp_fedavg(cfg.dp_clip, z, m)
   return {"client_transform": client, "server_transform": server, "weighting": "uniform"}, eps
 
 

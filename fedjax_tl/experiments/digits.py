@@ -65,6 +65,9 @@ class Config:
   dp_epsilon: float = 0.0
   dp_delta: float = 1e-5
   dp_accountant: str = "rdp"
+  dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021) from dp_clip towards dp_target_quantile
+  dp_target_quantile: float = 0.5
+  dp_count_stddev: float = 0.0  # noise std on the count of clients within the clip; 0 = clients_per_round / 20
   # compression: none | int8 | qsgd:B | topk:F | randk:F | sign (biased ones with error feedback; '/noef' off)
   compress: str = "none"
   downlink: str = "none"  # compressor of the broadcast model: none | int8 | qsgd:B
