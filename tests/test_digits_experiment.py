@@ -9,18 +9,6 @@ import pytest
 from fedjax_tl.experiments import digits
 
 
-def test_smoke_preset_writes_results(tmp_path):
-  cfg = dataclasses.replace(digits.PRESETS["smoke"], workdir=str(tmp_path))
-  lines = []
-  summary = digits.run(cfg, log=lines.append)
-  assert set(summary["final_test_accuracy"]) == {"pretrained", "scratch"}
-  assert all(0 <= a <= 1 for a in summary["final_test_accuracy"].values())
-  saved = json.loads((tmp_path / "results.json").read_text())
-  assert len(saved["history"]["pretrained"]) == cfg.rounds
-  assert saved["config"]["rounds"] == cfg.rounds
-  assert any("final test accuracy" in line for line in lines)
-
-
 def test_default_demo_pretrained_beats_scratch():
   summary = digits.run(digits.PRESETS["default"], log=lambda *_: None)
   acc = summary["final_test_accuracy"]
@@ -32,7 +20,6 @@ def test_cli_overrides_and_unknown_preset():
   cfg, preset = digits.parse_config(digits.Config, digits.PRESETS, ["--preset=smoke", "--rounds=3",
                                                                     "--trainable=head"])
   assert preset == "smoke" and cfg.rounds == 3 and cfg.trainable == "head" and cfg.num_clients == 6
-  import pytest
   with pytest.raises(SystemExit):
     digits.parse_config(digits.Config, digits.PRESETS, ["--preset=nope"])
 
@@ -49,11 +36,19 @@ def test_none_text_only_means_none_for_optional_fields():
   assert cfg.trainable is None
 
 
-def test_dp_with_topk_compression_records_epsilon_and_cumulative_megabytes(tmp_path):
+def test_smoke_preset_with_dp_and_topk_writes_results_epsilon_and_megabytes(tmp_path):
+  # one end-to-end run covers the results files, the DP flags and the compression flags (each run compiles
+  # two arms, so they share one)
   cfg = dataclasses.replace(digits.PRESETS["smoke"], dp_clip=0.5, dp_epsilon=8.0, compress="topk:0.01",
                             workdir=str(tmp_path))
   lines = []
   summary = digits.run(cfg, log=lines.append)
+  assert set(summary["final_test_accuracy"]) == {"pretrained", "scratch"}
+  assert all(0 <= a <= 1 for a in summary["final_test_accuracy"].values())
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert len(saved["history"]["pretrained"]) == cfg.rounds
+  assert saved["config"]["rounds"] == cfg.rounds and saved["config"]["compress"] == "topk:0.01"
+  assert any("final test accuracy" in line for line in lines)
   rows = [json.loads(x) for x in (tmp_path / "pretrained" / "metrics.jsonl").read_text().splitlines()]
   eps = [r["epsilon"] for r in rows]
   assert 0 < eps[0] < eps[-1] <= 8.0 * (1 + 1e-3)
