@@ -114,3 +114,19 @@ def test_stateful_client_transform_needs_the_population_size(tiny_local, tiny_pa
     algo.init(*tiny_params)
   state = algo.init(*tiny_params, num_clients=7)
   assert jax.tree.leaves(state.transform_states)[0].shape[0] == 7
+
+
+def test_uniform_mean_counts_a_client_without_examples(tiny_local, tiny_params):
+  from fedjax_tl.data.client_data import Dataset, FederatedData
+
+  rng = np.random.default_rng(0)
+  ds = Dataset(rng.integers(0, 256, (10, 8, 8, 1)).astype(np.uint8), rng.integers(0, 3, 10).astype(np.int32), 3)
+  data = FederatedData.from_partition(ds, [np.arange(10), np.array([], np.int64)])
+  params, state = tiny_params
+  key = jax.random.PRNGKey(0)
+  uni = FedAvg(tiny_local, weighting="uniform")
+  _, both = uni.apply(uni.init(params, state), data, np.array([0, 1]), key)
+  _, alone = uni.apply(uni.init(params, state), data, np.array([0]), key)
+  # the empty client sends a zero update with weight 1: the mean over the cohort of 2 halves client 0's delta
+  _close(jax.tree.map(lambda b, p: b - p, both.params, params), jax.tree.map(lambda a, p: (a - p) / 2, alone.params,
+                                                                               params), rtol=1e-5, atol=1e-6)

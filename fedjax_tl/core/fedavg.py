@@ -102,8 +102,9 @@ class FedAvg:
       AdaptiveClipping`, Andrew et al. 2021): clients clip to the server's current norm (``ServerState.
       clip_norm``) before any client_transform and report whether they were within it; the server adds the
       noise and moves the norm towards the target quantile. Needs weighting="uniform".
-    weighting: "num_examples" (FedAvg) or "uniform" (every client of the cohort weighs 1, as DP-FedAvg's
-      sensitivity bound needs).
+    weighting: "num_examples" (FedAvg) or "uniform" (every client of the cohort weighs 1, also one without
+      examples, which sends a zero update: the mean is over the cohort size, as DP-FedAvg's sensitivity
+      bound needs).
     mesh: optional ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its
       devices (one-program schedules, e.g. "vmap" or "chunked:K" with K a multiple of the device count).
       See :func:`client_mesh`.
@@ -159,8 +160,8 @@ class FedAvg:
       out = out._replace(delta=delta)
       if carry is not None:  # a client without examples sent nothing; its state must not move
         carry = jax.tree.map(lambda new, old: jnp.where(out.num_examples > 0, new, old), new_carry, carry)
-    if self.weighting == "uniform":
-      out = out._replace(num_examples=(out.num_examples > 0).astype(jnp.float32))
+    if self.weighting == "uniform":  # every real client of the cohort, even one without examples (DP's m)
+      out = out._replace(num_examples=(ctx.client_id >= 0).astype(jnp.float32))
     if self.secure_aggregation is not None:
       sa = self.secure_aggregation
       masked, clipped = sa.client_encode(out.delta, out.num_examples, ctx.position,
@@ -288,8 +289,8 @@ class FedAvg:
                                                                       sa_shared.max_weight))
     cm = sums.client_metrics
     below = jnp.zeros((), jnp.float32)
-    if "below_clip" in cm:  # clients that trained on examples and were within the clip norm
-      below = (cm["below_clip"] * (sums.client_metrics["num_examples"] > 0))[: len(client_ids)].sum()
+    if "below_clip" in cm:  # real clients (the cohort's first len(client_ids) rows) within the clip norm
+      below = cm["below_clip"][: len(client_ids)].sum()
     if not secagg_info.get("secagg_aborted"):
       new_state = self._server_update(state, sums, round_key, below)
     if self.model_state == "local":
