@@ -66,21 +66,26 @@ def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int,
   return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first}
 
 
+def centralized_step(model: Model, state, opt: optax.GradientTransformation):
+  """One plain optimizer step on a full batch: (params, opt_state, x, y) -> (params, opt_state)."""
+
+  def step(params, opt_state, xb, yb):
+    def loss_fn(p):
+      logits, _ = model.apply(p, state, xb, train=True)
+      return masked_cross_entropy(logits, yb, jnp.ones(yb.shape, bool))[0]
+    u, opt_state = opt.update(jax.grad(loss_fn)(params), opt_state, params)
+    return optax.apply_updates(params, u), opt_state
+
+  return step
+
+
 def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float, conv: str = "xla",
                       model: Model | None = None) -> dict:
   """A plain optax loop: one jitted step per batch of device-resident, pre-shuffled data."""
   model = model or make_model(conv)
   params, state = model.init(jax.random.PRNGKey(0))
   opt = optax.sgd(lr)
-
-  @jax.jit
-  def step(params, opt_state, xb, yb):
-    def loss_fn(p):
-      logits, _ = model.apply(p, state, xb, train=True)
-      return masked_cross_entropy(logits, yb, jnp.ones(yb.shape, bool))[0]
-    g = jax.grad(loss_fn)(params)
-    u, opt_state = opt.update(g, opt_state, params)
-    return optax.apply_updates(params, u), opt_state
+  step = jax.jit(centralized_step(model, state, opt))
 
   n = (len(data.y) // batch) * batch
   x, y = data.x[:n].reshape(-1, batch, 32, 32, 3), data.y[:n].reshape(-1, batch)

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_schedules import bench_centralized, bench_federated, make_data  # noqa: E402
+from bench_schedules import bench_centralized, bench_federated, centralized_step, make_data  # noqa: E402
 
 from fedjax_tl.core.client import LocalTraining  # noqa: E402
 from fedjax_tl.core.fedavg import FedAvg  # noqa: E402
@@ -74,18 +74,9 @@ def cnn_model() -> Model:
 
 def step_flops(model: Model, batch: int, lr: float) -> float | None:
   """FLOPs of one centralized SGD step at ``batch`` (XLA cost analysis)."""
-  from fedjax_tl.core.client import masked_cross_entropy
-
   params, state = model.init(jax.random.PRNGKey(0))
   opt = optax.sgd(lr)
-
-  def step(params, opt_state, xb, yb):
-    def loss_fn(p):
-      logits, _ = model.apply(p, state, xb, train=True)
-      return masked_cross_entropy(logits, yb, yb >= 0)[0]
-    u, opt_state = opt.update(jax.grad(loss_fn)(params), opt_state, params)
-    return optax.apply_updates(params, u), opt_state
-
+  step = centralized_step(model, state, opt)
   xb = jax.ShapeDtypeStruct((batch, *model.sample_shape), np.uint8)
   yb = jax.ShapeDtypeStruct((batch,), np.int32)
   cost = jax.jit(step).lower(params, opt.init(params), xb, yb).compile().cost_analysis()

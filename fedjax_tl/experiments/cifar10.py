@@ -36,7 +36,14 @@ from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
 from fedjax_tl.data import augment, partition
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_tfds
-from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, transform_setup, write_results
+from fedjax_tl.experiments.common import (
+  TransformFlags,
+  format_table,
+  parse_config,
+  run_in_workdir,
+  transform_setup,
+  write_results,
+)
 from fedjax_tl.experiments.digits import client_optimizer
 from fedjax_tl.models import pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
@@ -46,7 +53,7 @@ BACKBONES = {"resnet18": resnet.ResNet18, "resnet34": resnet.ResNet34, "resnet50
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(TransformFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*
   seed: int = 0
   # data
   dataset: str = "cifar10"
@@ -80,20 +87,6 @@ class Config:
   augment: bool = False
   schedule: str = "auto"
   eval_batch_size: int = 256
-  # update transforms (see the digits experiment and fedjax_tl.transforms)
-  compress: str = "none"  # none | int8 | qsgd:B | topk:F | randk:F | sign (biased ones with error feedback)
-  downlink: str = "none"  # none | int8 | qsgd:B
-  dp_clip: float = 0.0  # DP-FedAvg: per-client L2 clip; with dp_noise_multiplier or dp_epsilon
-  dp_noise_multiplier: float = 0.0
-  dp_epsilon: float = 0.0  # calibrate the noise multiplier to spend this epsilon over the planned rounds
-  dp_delta: float = 1e-5
-  dp_accountant: str = "rdp"
-  dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021) from dp_clip towards dp_target_quantile
-  dp_target_quantile: float = 0.5
-  dp_count_stddev: float = 0.0  # noise std on the count of clients within the clip; 0 = clients_per_round / 20
-  secure_agg: bool = False  # simulated secure aggregation (needs bn=frozen or bn=local)
-  secagg_clip: float = 1.0
-  secagg_dropout: float = 0.0
   workdir: str | None = None  # metrics (JSONL, CSV, TensorBoard), checkpoints and results.json go here
   resume: bool = False  # continue from the latest checkpoint in workdir
   checkpoint_every: int = 1

@@ -9,7 +9,28 @@ import os
 import typing
 from collections.abc import Sequence
 
-__all__ = ["parse_config", "write_results", "format_table", "run_in_workdir"]
+__all__ = ["parse_config", "write_results", "format_table", "run_in_workdir", "TransformFlags", "transform_setup"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformFlags:
+  """Update-transform fields shared by the experiments' configs (read by :func:`transform_setup`)."""
+
+  # compression: none | int8 | qsgd:B | topk:F | randk:F | sign (biased ones with error feedback; '/noef' off)
+  compress: str = "none"
+  downlink: str = "none"  # compressor of the broadcast model: none | int8 | qsgd:B
+  # DP-FedAvg (off by default): --dp_clip=C with --dp_noise_multiplier=Z, or --dp_epsilon=E (calibrated)
+  dp_clip: float = 0.0
+  dp_noise_multiplier: float = 0.0
+  dp_epsilon: float = 0.0
+  dp_delta: float = 1e-5
+  dp_accountant: str = "rdp"
+  dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021) from dp_clip towards dp_target_quantile
+  dp_target_quantile: float = 0.5
+  dp_count_stddev: float = 0.0  # noise std on the count of clients within the clip; 0 = clients_per_round / 20
+  secure_agg: bool = False  # simulated secure aggregation (Bonawitz et al. 2017); BN statistics not averaged
+  secagg_clip: float = 1.0  # bound on every coordinate of a weighted update under secure aggregation
+  secagg_dropout: float = 0.0  # probability that a client drops out after masking
 
 
 def _parse_bool(v: str) -> bool:
@@ -120,7 +141,7 @@ def dp_setup(cfg, population: int, log=print):
   clients_per_round and rounds: returns (FedAvg keyword arguments, round_metrics function or None).
 
   ``dp_epsilon > 0`` calibrates the noise multiplier so that the planned rounds spend exactly that epsilon;
-  ``dp_clip > 0`` alone uses ``dp_noise_multiplier``. ``dp_adaptive`` (when the config has it) makes dp_clip
+  ``dp_clip > 0`` alone uses ``dp_noise_multiplier``. ``dp_adaptive`` makes dp_clip
   the initial clip norm of adaptive clipping towards ``dp_target_quantile`` (count noise ``dp_count_stddev``,
   0 = cohort / 20); the accountant sees the same overall noise multiplier. Accounting assumes the fixed-size
   cohort sampling that ``sample_clients`` does (RDP, replace-one neighbouring clients) unless dp_accountant is
@@ -143,7 +164,7 @@ def dp_setup(cfg, population: int, log=print):
       f"delta {cfg.dp_delta}, {cfg.dp_accountant} accountant, {sampling} sampling")
   eps = lambda r: {"epsilon": accounting.epsilon(z, population, m, r, cfg.dp_delta, cfg.dp_accountant, sampling),
                    "noise_multiplier": z}
-  if getattr(cfg, "dp_adaptive", False):
+  if cfg.dp_adaptive:
     from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
 
     ac = AdaptiveClipping(z, m, initial_clip=cfg.dp_clip, target_quantile=cfg.dp_target_quantile,
@@ -158,36 +179,32 @@ def dp_setup(cfg, population: int, log=print):
 def transform_setup(cfg, population: int, log=print):
   """FedAvg keyword arguments for the update transforms a config asks for, and the round_metrics function.
 
-  Reads the DP fields (see :func:`dp_setup`) and, when present, ``compress`` (uplink compressor, e.g.
-  "topk:0.01", "int8", "qsgd:4", "sign"; see ``transforms.compression.parse``), ``downlink`` (compressor of
-  the broadcast model, e.g. "int8") and ``secure_agg`` with ``secagg_clip`` / ``secagg_dropout``. DP clipping
-  runs before compression (the noise is added on the server).
+  ``cfg`` has the :class:`TransformFlags` fields: the DP ones (see :func:`dp_setup`), ``compress`` (uplink
+  compressor, e.g. "topk:0.01", "int8", "qsgd:4", "sign"; see ``transforms.compression.parse``), ``downlink``
+  (compressor of the broadcast model, e.g. "int8") and ``secure_agg`` with ``secagg_clip`` / ``secagg_dropout``.
+  DP clipping runs before compression (the noise is added on the server).
   """
+  import jax.numpy as jnp
+
   from fedjax_tl.transforms import chain, compression
+  from fedjax_tl.transforms.base import is_stateless
   from fedjax_tl.transforms.secure_agg import SecureAggregation
 
   kwargs, round_metrics = dp_setup(cfg, population, log)
-  compressor = compression.parse(getattr(cfg, "compress", None))
+  compressor = compression.parse(cfg.compress)
   if compressor is not None:
     clip = kwargs.get("client_transform")
     kwargs["client_transform"] = compressor if clip is None else chain(clip, compressor)
     log(f"uplink compression: {cfg.compress}")
-  downlink = compression.parse(getattr(cfg, "downlink", None))
+  downlink = compression.parse(cfg.downlink)
   if downlink is not None:
-    if not is_stateless_compressor(downlink):
+    if not is_stateless(downlink, {"probe": jnp.zeros((4,))}):
       raise ValueError(f"--downlink={cfg.downlink} needs error feedback, which a broadcast cannot have; use "
                        "int8, qsgd:B or a '/noef' compressor.")
     kwargs["downlink"] = downlink
     log(f"downlink compression: {cfg.downlink}")
-  if getattr(cfg, "secure_agg", False):
+  if cfg.secure_agg:
     kwargs["secure_aggregation"] = SecureAggregation(clip_value=cfg.secagg_clip, dropout=cfg.secagg_dropout)
     log(f"secure aggregation: coordinate clip {cfg.secagg_clip}, dropout {cfg.secagg_dropout}")
   return kwargs, round_metrics
 
-
-def is_stateless_compressor(t) -> bool:
-  import jax.numpy as jnp
-
-  from fedjax_tl.transforms.base import is_stateless
-
-  return is_stateless(t, {"probe": jnp.zeros((4,))})

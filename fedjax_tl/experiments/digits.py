@@ -30,14 +30,21 @@ from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import Dataset, FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
-from fedjax_tl.experiments.common import format_table, parse_config, run_in_workdir, transform_setup, write_results
+from fedjax_tl.experiments.common import (
+  TransformFlags,
+  format_table,
+  parse_config,
+  run_in_workdir,
+  transform_setup,
+  write_results,
+)
 from fedjax_tl.models import pretrained
 from fedjax_tl.models.base import Model
 from fedjax_tl.models.cnn import CNN
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class Config(TransformFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*
   seed: int = 0
   # source task (central pretraining)
   source_labels: str = "0,1,2,3,4"
@@ -59,21 +66,6 @@ class Config:
   server_lr: float = 1.0
   trainable: str | None = None  # regex of trainable params, e.g. "head" (linear probe); None = all
   schedule: str = "auto"
-  # DP-FedAvg (off by default): --dp_clip=C with --dp_noise_multiplier=Z, or --dp_epsilon=E (calibrated)
-  dp_clip: float = 0.0
-  dp_noise_multiplier: float = 0.0
-  dp_epsilon: float = 0.0
-  dp_delta: float = 1e-5
-  dp_accountant: str = "rdp"
-  dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021) from dp_clip towards dp_target_quantile
-  dp_target_quantile: float = 0.5
-  dp_count_stddev: float = 0.0  # noise std on the count of clients within the clip; 0 = clients_per_round / 20
-  # compression: none | int8 | qsgd:B | topk:F | randk:F | sign (biased ones with error feedback; '/noef' off)
-  compress: str = "none"
-  downlink: str = "none"  # compressor of the broadcast model: none | int8 | qsgd:B
-  secure_agg: bool = False  # simulated secure aggregation (Bonawitz et al. 2017)
-  secagg_clip: float = 1.0  # bound on every coordinate of a weighted update under secure aggregation
-  secagg_dropout: float = 0.0  # probability that a client drops out after masking
   target_accuracy: float = 0.7  # reported: the first round each run reaches this test accuracy
   features: str = "16,32"
   hidden: int = 64

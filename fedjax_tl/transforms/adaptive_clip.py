@@ -20,8 +20,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import optax
 
+from fedjax_tl.transforms.privacy import add_noise, clip_by_norm
 from fedjax_tl.types import PRNGKey, Updates
 
 __all__ = ["AdaptiveClipping"]
@@ -77,9 +77,8 @@ class AdaptiveClipping:
   @staticmethod
   def clip(delta: Updates, clip_norm: jax.Array) -> tuple[Updates, jax.Array]:
     """(delta scaled to L2 norm <= clip_norm, 1.0 if it was already within else 0.0) for one client."""
-    norm = optax.tree.norm(delta)
-    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))
-    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), delta), (norm <= clip_norm).astype(jnp.float32)
+    clipped, norm = clip_by_norm(delta, clip_norm)
+    return clipped, (norm <= clip_norm).astype(jnp.float32)
 
   def server_step(self, mean_delta: Updates, below_count: jax.Array, clip_norm: jax.Array,
                   key: PRNGKey) -> tuple[Updates, jax.Array]:
@@ -87,11 +86,8 @@ class AdaptiveClipping:
     of clients that were within the clip."""
     m = self.cohort_size
     k_delta, k_count = jax.random.split(key)
-    std = self.delta_noise_multiplier * clip_norm / m
-    leaves, treedef = jax.tree.flatten(mean_delta)
-    keys = jax.random.split(k_delta, max(len(leaves), 1))
-    noisy = [(u + std * jax.random.normal(k, u.shape, jnp.float32)).astype(u.dtype) for u, k in zip(leaves, keys)]
+    noisy = add_noise(mean_delta, self.delta_noise_multiplier * clip_norm / m, k_delta)
     count_noise = self.sigma_b * jax.random.normal(k_count, ()) if self.noise_multiplier > 0 else 0.0
     b_mean = (below_count + count_noise) / m
     new_clip = clip_norm * jnp.exp(-self.clip_lr * (b_mean - self.target_quantile))
-    return jax.tree.unflatten(treedef, noisy), new_clip.astype(jnp.float32)
+    return noisy, new_clip.astype(jnp.float32)

@@ -15,7 +15,22 @@ import optax
 
 from fedjax_tl.transforms.base import EmptyState, UpdateTransform
 
-__all__ = ["clip_l2", "gaussian_noise", "dp_fedavg"]
+__all__ = ["clip_l2", "gaussian_noise", "dp_fedavg", "clip_by_norm", "add_noise"]
+
+
+def clip_by_norm(updates, clip):
+  """(updates scaled to global L2 norm <= clip, their norm before clipping); ``clip`` may be traced."""
+  norm = optax.tree.norm(updates)
+  scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
+  return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), norm
+
+
+def add_noise(updates, std, key):
+  """Independent N(0, std^2) noise on every coordinate, each leaf with its own key; ``std`` may be traced."""
+  leaves, treedef = jax.tree.flatten(updates)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  noisy = [(u + std * jax.random.normal(k, u.shape, jnp.float32)).astype(u.dtype) for u, k in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, noisy)
 
 
 def clip_l2(clip: float) -> UpdateTransform:
@@ -29,9 +44,7 @@ def clip_l2(clip: float) -> UpdateTransform:
 
   def apply(updates, state, key):
     del key
-    norm = optax.tree.norm(updates)
-    scale = jnp.minimum(1.0, clip / jnp.maximum(norm, 1e-30))
-    return jax.tree.map(lambda u: (u * scale).astype(u.dtype), updates), state
+    return clip_by_norm(updates, clip)[0], state
 
   return UpdateTransform(init, apply)
 
@@ -46,10 +59,7 @@ def gaussian_noise(std: float) -> UpdateTransform:
     return EmptyState()
 
   def apply(updates, state, key):
-    leaves, treedef = jax.tree.flatten(updates)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [(u + std * jax.random.normal(k, u.shape, jnp.float32)).astype(u.dtype) for u, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy), state
+    return add_noise(updates, std, key), state
 
   return UpdateTransform(init, apply)
 
