@@ -5,7 +5,9 @@
     python experiments/benchmark.py --workload scale --populations 10000,100000 --cohort 1000
 
 Every federated measurement is paired with centralized training of the same model at the same batch size
-in the same process, alternating within each repeat, and the table reports medians over the repeats
+in the same process, alternating within each repeat (centralized = plain optax on pre-batched device data, in
+the loop form the ``auto`` schedule picks for the model, its own faster form: one ``lax.scan`` per epoch, or
+one jitted step per batch for XLA convolutions on CPU), and the table reports medians over the repeats
 (examples/s, rounds/s, ratio to centralized), the first round's seconds (compilation included) and peak
 memory (device ``peak_bytes_in_use`` where the backend reports it, else the process's peak RSS, which on CPU
 holds the data and the compiled programs too). Workload R adds the model FLOPs per example (XLA cost
@@ -101,6 +103,8 @@ def paired(model_fn, data, schedule, repeats, rounds, batch, lr):
       "first_round_s": med("first_round_s", 1),
       "ratio_to_centralized": statistics.median(ratios),
       "repeats": repeats,
+      "resolved_schedule": runs[0][1]["resolved_schedule"],
+      "centralized_loop": runs[0][0]["loop"],
   }
 
 
@@ -218,7 +222,8 @@ def main(argv=None) -> None:
     cols = ["population", "cohort", "schedule", "first_round_s", "round_s", "examples_per_s",
             "retraces_after_first_round", "data_mb", "peak_mem_mb"]
   else:
-    cols = ["workload", "shape", "schedule", "examples_per_s", "centralized_examples_per_s", "ratio_to_centralized",
+    cols = ["workload", "shape", "schedule", "resolved_schedule", "examples_per_s", "centralized_examples_per_s",
+            "centralized_loop", "ratio_to_centralized",
             "rounds_per_s", "first_round_s", "peak_mem_mb"] + (["gflops_per_example", "mfu"] if args.workload == "R"
                                                                else [])
   print(format_table(cols, [[r.get(c) for c in cols] for r in rows]))

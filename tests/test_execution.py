@@ -133,6 +133,23 @@ def test_schedule_parsing():
   assert Schedule.parse(str(Schedule(3, "host", 5))) == Schedule(3, "host", 5)
   assert Schedule.parse("auto") == default_schedule()
   assert default_schedule("cpu").loop == "host" and default_schedule("gpu").chunk_size == 0
+
+
+def test_auto_schedule_on_cpu_depends_on_xla_convolutions():
+  """XLA:CPU runs convolutions inside loop bodies slowly, so only convolution-free models get the one-program
+  scan schedule on CPU; accelerators always get the vmapped scan."""
+  from fedjax_tl.core.execution import has_convolution
+  from fedjax_tl.models.base import Model
+  from fedjax_tl.models.cnn import CNN
+
+  local = lambda conv: LocalTraining(Model(CNN(num_classes=3, features=(4,), hidden=5, conv=conv), (8, 8, 1)),  # noqa: E731
+                                     optax.sgd(0.1), 4)
+  assert has_convolution(local("xla")) and not has_convolution(local("im2col"))
+  assert default_schedule("cpu", local("im2col")) == Schedule(1, "scan", 1)
+  assert default_schedule("cpu", local("xla")) == Schedule(1, "host", 8)
+  assert default_schedule("gpu", local("im2col")) == default_schedule("gpu", local("xla")) == Schedule(0, "scan", 1)
+  assert FedAvg(local("xla")).schedule == default_schedule(local=local("xla"))
+  assert FedAvg(local("xla"), schedule="vmap").schedule == Schedule(0, "scan", 1)
   for bad in ("vmapp", "chunked:0", "sequential/loop:2", ""):
     with pytest.raises(ValueError):
       Schedule.parse(bad)

@@ -37,7 +37,8 @@ from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
 
-__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "SCHEDULE_PRESETS"]
+__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution",
+           "SCHEDULE_PRESETS"]
 
 
 
@@ -111,15 +112,53 @@ SCHEDULE_PRESETS = {
 }
 
 
-def default_schedule(backend: str | None = None) -> Schedule:
-  """The fastest measured schedule for ``backend`` (default: the current one).
+def default_schedule(backend: str | None = None, local: LocalTraining | None = None) -> Schedule:
+  """The fastest measured schedule for ``backend`` (default: the current one) and, on CPU, the model.
 
-  CPU: sequential clients, host loop over blocks of 8 unrolled steps (experiments/bench_schedules.py).
+  CPU: sequential clients. If the model (``local.model``, traced abstractly) has no XLA convolution, the whole
+  round is one program with the steps in a ``lax.scan`` (``sequential/scan:1``); with XLA convolutions, a host
+  loop over jitted blocks of 8 unrolled steps (``sequential/host:8``), because XLA:CPU runs a convolution inside
+  a loop body an order of magnitude slower than outside one (jax-ml/jax#12868; measured: 75 vs 1392 examples/s
+  for the workload-P CNN with ``nn.Conv``). Without ``local`` the CPU answer is the convolution-safe one.
+  Measured with ``experiments/bench_schedules.py`` (README, Performance).
   GPU/TPU: the whole cohort vmapped in one program, steps in a scan (unroll 1), which keeps the device busy
   with large batched kernels and no host round-trips; revisit with a GPU benchmark when one is available.
   """
   backend = backend or jax.default_backend()
-  return Schedule(1, "host", 8) if backend == "cpu" else Schedule(0, "scan", 1)
+  if backend != "cpu":
+    return Schedule(0, "scan", 1)
+  if local is not None and not has_convolution(local):
+    return Schedule(1, "scan", 1)
+  return Schedule(1, "host", 8)
+
+
+def _jaxpr_primitives(jaxpr) -> set[str]:
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for sub in _subjaxprs(eqn):
+      names |= _jaxpr_primitives(sub)
+  return names
+
+
+def _subjaxprs(eqn):
+  for v in eqn.params.values():
+    for item in v if isinstance(v, (tuple, list)) else (v,):
+      if hasattr(item, "jaxpr") and hasattr(item, "consts"):  # ClosedJaxpr
+        yield item.jaxpr
+      elif hasattr(item, "eqns"):  # Jaxpr
+        yield item
+
+
+def has_convolution(local: LocalTraining) -> bool:
+  """Whether one local step of ``local`` (its model's training forward pass, traced abstractly on one example:
+  nothing is computed or compiled) contains an XLA convolution."""
+  model = local.model
+  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
+  mask = jax.ShapeDtypeStruct((1,), jnp.bool_)
+  fn = lambda p, s, xb, m: model.apply(p, s, xb, train=True, mask=m, rng=jax.random.PRNGKey(0))  # noqa: E731
+  return "conv_general_dilated" in _jaxpr_primitives(jax.make_jaxpr(fn)(params, state, x, mask).jaxpr)
 
 
 def default_memory_budget() -> int:
@@ -205,7 +244,15 @@ class CohortRunner:
     return jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
 
   def _steps(self, states, t0, frozen, x, y, indices, n_steps: int):
-    step = jax.vmap(self.local.step, (0, None, None, None, None, 0))
+    if indices.shape[0] == 1:
+      # One client per chunk (sequential): run the unbatched step. vmap over a client axis of size 1 gives
+      # XLA:CPU batched matrix products that it runs ~1.35x slower than the plain ones (measured, workload P
+      # 10x500 sequential/scan:1: 2340 -> 3210 examples/s).
+      def step(st, t, fr, xx, yy, ind):
+        new = self.local.step(jax.tree.map(lambda a: a[0], st), t, fr, xx, yy, ind[0])
+        return jax.tree.map(lambda a: a[None], new)
+    else:
+      step = jax.vmap(self.local.step, (0, None, None, None, None, 0))
     for i in range(n_steps):
       states = step(states, t0 + i, frozen, x, y, indices)
     return states

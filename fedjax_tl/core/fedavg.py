@@ -17,7 +17,8 @@ import numpy as np
 import optax
 
 from fedjax_tl.core.client import ClientOutput, LocalTraining, merge_params
-from fedjax_tl.core.execution import ClientContext, ClientPostprocess, CohortRunner, RoundSums, Schedule
+from fedjax_tl.core.execution import (ClientContext, ClientPostprocess, CohortRunner, RoundSums, Schedule,
+                                      default_schedule)
 from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
@@ -140,7 +141,8 @@ class FedAvg:
     if builtin:
       self.postprocess = self._client_postprocess
     if isinstance(self.schedule, str):
-      self.schedule = Schedule.parse(self.schedule)
+      spec = self.schedule.strip()
+      self.schedule = default_schedule(local=self.local) if spec == "auto" else Schedule.parse(spec)
     if self.model_state not in MODEL_STATE_MODES:
       raise ValueError(f"model_state must be one of {MODEL_STATE_MODES}, got {self.model_state!r}.")
     if self.model_state == "frozen":
