@@ -57,6 +57,26 @@ def peak_memory_mb() -> tuple[float, str]:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "host RSS"
 
 
+def _proc_status_mb(field: str) -> float | None:
+  """VmRSS / VmHWM of this process in MB (Linux), else None."""
+  try:
+    with open("/proc/self/status") as f:
+      line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+  except (OSError, StopIteration):
+    return None
+
+
+def _reset_peak_rss() -> bool:
+  """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS (Linux: clear_refs 5)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
+
+
 def peak_tflops(override: float | None) -> float | None:
   if override:
     return override
@@ -158,6 +178,8 @@ def scale_one(args) -> dict:
   params, state = model.init(jax.random.PRNGKey(0))
   algo = FedAvg(LocalTraining(model, optax.sgd(0.01), args.scale_batch, epochs=1), schedule=args.scale_schedule)
   s = algo.init(params, state)
+  rss_before = _proc_status_mb("VmRSS")
+  reset = _reset_peak_rss()  # from here on, peak RSS (peak_mem_mb below) covers the rounds, not data building
   walls = []
   for r in range(args.rounds + 1):
     ids = np.sort(np.random.default_rng(r).choice(args.population, args.cohort, replace=False))
@@ -174,7 +196,9 @@ def scale_one(args) -> dict:
           "examples_per_s": float(m["num_examples"]) / statistics.median(walls[1:]),
           "retraces_after_first_round": algo.runner(data.pad_size).trace_count - traces,
           "data_mb": (data.x.nbytes + data.y.nbytes) / 2**20, "build_s": build_s, "peak_mem_mb": mem,
-          "mem_source": src}
+          "mem_source": src, "rss_before_rounds_mb": rss_before,
+          # the rounds' own peak above the RSS they started from (data, model, runtime already resident)
+          "rounds_extra_peak_mb": (_proc_status_mb("VmHWM") - rss_before) if reset and rss_before else None}
 
 
 def workload_scale(args) -> list[dict]:
@@ -207,7 +231,7 @@ def main(argv=None) -> None:
   p.add_argument("--cohort", type=int, default=1000)
   p.add_argument("--max_examples", type=int, default=8, help="scale: client sizes uniform in 1..max")
   p.add_argument("--scale_batch", type=int, default=8)
-  p.add_argument("--scale_schedule", default="chunked:100/host:1")
+  p.add_argument("--scale_schedule", default="auto")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.workload == "scale-one":
@@ -220,7 +244,7 @@ def main(argv=None) -> None:
   print(f"\n{meta}")
   if args.workload == "scale":
     cols = ["population", "cohort", "schedule", "first_round_s", "round_s", "examples_per_s",
-            "retraces_after_first_round", "data_mb", "peak_mem_mb"]
+            "retraces_after_first_round", "data_mb", "peak_mem_mb", "rss_before_rounds_mb", "rounds_extra_peak_mb"]
   else:
     cols = ["workload", "shape", "schedule", "resolved_schedule", "examples_per_s", "centralized_examples_per_s",
             "centralized_loop", "ratio_to_centralized",
