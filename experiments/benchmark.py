@@ -2,6 +2,7 @@
 
     python experiments/benchmark.py --workload P --repeats 3           # CPU target workload, both shapes
     python experiments/benchmark.py --workload R                       # ResNet50 32x32 and 224x224 (accelerator)
+    python experiments/benchmark.py --workload R --dtype bfloat16      # the same in mixed precision
     python experiments/benchmark.py --workload scale --populations 10000,100000 --cohort 1000
 
 Every federated measurement is paired with centralized training of the same model at the same batch size
@@ -30,6 +31,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -84,8 +86,8 @@ def peak_tflops(override: float | None) -> float | None:
   return next((v for k, v in PEAK_BF16_TFLOPS.items() if k.lower() in kind.lower()), None)
 
 
-def resnet50_model(image_size: int) -> Model:
-  module = resnet.ClassifierHead(resnet.ResNet50(), num_classes=10, hidden=(128,))
+def resnet50_model(image_size: int, dtype=None) -> Model:
+  module = resnet.ClassifierHead(resnet.ResNet50(dtype=dtype), num_classes=10, hidden=(128,), dtype=dtype)
   size = image_size if image_size != 32 else None
   return Model(module, (32, 32, 3), preprocess=augment.with_resize(resnet.caffe_preprocess, size))
 
@@ -145,16 +147,18 @@ def workload_p(args) -> list[dict]:
 def workload_r(args) -> list[dict]:
   rows = []
   peak = peak_tflops(args.peak_tflops)
+  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[args.dtype]
   for size in (int(s) for s in args.image_sizes.split(",")):
-    flops = step_flops(resnet50_model(size), args.batch, 0.01)
+    flops = step_flops(resnet50_model(size, dtype), args.batch, 0.01)
     for clients in (int(c) for c in args.r_clients.split(",")):
       data = make_data(clients, args.r_examples)
-      r = paired(lambda size=size: resnet50_model(size), data, args.schedules.split(",")[0], args.repeats,
+      r = paired(lambda size=size: resnet50_model(size, dtype), data, args.schedules.split(",")[0], args.repeats,
                  args.rounds, args.batch, 0.01)
       mem, src = peak_memory_mb()
       per_ex = flops / args.batch if flops else None
       mfu = per_ex * r["examples_per_s"] / (peak * 1e12) if per_ex and peak else None
       rows.append({"workload": "R", "shape": f"{clients}x{args.r_examples}@{size}", "schedule": args.schedules,
+                   "dtype": args.dtype,
                    **r, "gflops_per_example": per_ex / 1e9 if per_ex else None, "mfu": mfu,
                    "peak_tflops": peak, "peak_mem_mb": mem, "mem_source": src})
       print(f"R {rows[-1]['shape']}: {r['examples_per_s']:.1f} ex/s ({r['ratio_to_centralized']:.2f}x), "
@@ -225,6 +229,8 @@ def main(argv=None) -> None:
   p.add_argument("--r_clients", default="10,100", help="R: clients per round")
   p.add_argument("--r_examples", type=int, default=64, help="R: examples per client")
   p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="R: ResNet computation dtype (bfloat16 = mixed precision, params float32)")
   p.add_argument("--peak_tflops", type=float, default=None, help="R: peak for MFU (default: by device kind)")
   p.add_argument("--populations", default="10000,100000")
   p.add_argument("--population", type=int, default=100000)

@@ -57,11 +57,13 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path):
 def test_bad_config_values():
   for field, value, match in [("model", "resnet9", "Unknown model"), ("strategy", "last:9", "last:K"),
                               ("bn", "global", "bn must be"), ("weights", "imagenet21k", "weights must"),
-                              ("weights", "timm_x", "weights must")]:
+                              ("weights", "timm_x", "weights must"), ("dtype", "float16", "dtype must")]:
     with pytest.raises(ValueError, match=match):
       cifar10.validate(dataclasses.replace(cifar10.PRESETS["seed"], **{field: value}))
   with pytest.raises(ValueError, match="resnet50"):
     cifar10.validate(dataclasses.replace(cifar10.PRESETS["seed"], model="resnet18"))
+  bf16 = cifar10.make_model(dataclasses.replace(cifar10.PRESETS["smoke"], dtype="bfloat16"), 10, (32, 32, 3))
+  assert bf16.module.dtype == bf16.module.backbone.dtype == jax.numpy.bfloat16
 
 
 def test_transfer_patterns_select_stages():

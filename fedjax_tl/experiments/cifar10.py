@@ -14,6 +14,7 @@ Presets (override any field with --field=value):
     python -m fedjax_tl.experiments.cifar10 --weights_path=/data/resnet50_notop.h5 --data_dir=/data/tfds
     python -m fedjax_tl.experiments.cifar10 --preset=noniid --compress=topk:0.01 --downlink=int8
     python -m fedjax_tl.experiments.cifar10 --preset=noniid --bn=frozen --dp_clip=1.0 --dp_epsilon=8
+    python -m fedjax_tl.experiments.cifar10 --image_size=224 --dtype=bfloat16      # mixed precision on GPU/TPU
 
 Offline: pass the Keras weights file with --weights_path (or $FEDJAX_TL_RESNET50_WEIGHTS) and a prepared
 tfds directory with --data_dir; otherwise the run stops at the first download with a message saying so.
@@ -27,6 +28,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -48,6 +50,7 @@ from fedjax_tl.experiments.digits import client_optimizer
 from fedjax_tl.models import pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
 
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 BACKBONES = {"resnet18": resnet.ResNet18, "resnet34": resnet.ResNet34, "resnet50": resnet.ResNet50,
              "resnet101": resnet.ResNet101, "resnet152": resnet.ResNet152, "tiny": resnet.ResNetTiny}
 
@@ -70,6 +73,7 @@ class Config(TransformFlags):  # + compress, downlink, dp_*, secure_agg, secagg_
   weights_path: str | None = None
   image_size: int = 32  # model input size; stored images are resized on device inside the step
   head_hidden: str = "128"
+  dtype: str = "float32"  # computation dtype: float32 | bfloat16 (mixed precision for GPU/TPU; params stay f32)
   # transfer
   strategy: str = "full"  # full | head | last:K
   bn: str = "average"  # average | frozen | local
@@ -112,6 +116,8 @@ def validate(cfg: Config) -> None:
   if cfg.weights != "none" and (cfg.model != "resnet50" or cfg.norm != "batch"):
     raise ValueError("ImageNet weights exist for model=resnet50 with norm=batch only; use --weights=none for "
                      f"model={cfg.model!r}, norm={cfg.norm!r}.")
+  if cfg.dtype not in DTYPES:
+    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}.")
   if cfg.bn not in MODEL_STATE_MODES:
     raise ValueError(f"bn must be one of {MODEL_STATE_MODES}, got {cfg.bn!r}.")
   transfer.trainable_pattern(cfg.strategy)  # raises on an unknown strategy
@@ -119,8 +125,10 @@ def validate(cfg: Config) -> None:
 
 def make_model(cfg: Config, num_classes: int, sample_shape: tuple[int, ...]) -> Model:
   hidden = tuple(int(h) for h in cfg.head_hidden.split(",") if h.strip())
-  backbone = resnet.ResNet50Torch() if cfg.weights == "timm" else BACKBONES[cfg.model](norm=cfg.norm)
-  module = resnet.ClassifierHead(backbone, num_classes=num_classes, hidden=hidden)
+  dtype = DTYPES[cfg.dtype]
+  backbone = (resnet.ResNet50Torch(dtype=dtype) if cfg.weights == "timm"
+              else BACKBONES[cfg.model](norm=cfg.norm, dtype=dtype))
+  module = resnet.ClassifierHead(backbone, num_classes=num_classes, hidden=hidden, dtype=dtype)
   size = cfg.image_size if cfg.image_size != sample_shape[0] else None
   preprocess = resnet.torch_preprocess if cfg.weights == "timm" else resnet.caffe_preprocess
   return Model(module, sample_shape, preprocess=augment.with_resize(preprocess, size))

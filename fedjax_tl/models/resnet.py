@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,14 +44,17 @@ class _Norm(nn.Module):
   kind: str = "batch"
   groups: int = 32
   epsilon: float = BN_EPSILON
+  dtype: Any = None  # output/computation dtype (statistics are reduced in float32 either way)
 
   @nn.compact
   def __call__(self, x, train: bool, mask=None):
     if self.kind == "batch":
       m = None if mask is None else mask.reshape(mask.shape + (1,) * (x.ndim - 1))
-      return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=self.epsilon, name="bn")(x, mask=m)
+      return nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=self.epsilon, dtype=self.dtype,
+                          name="bn")(x, mask=m)
     if self.kind == "group":
-      return nn.GroupNorm(num_groups=min(self.groups, x.shape[-1]), epsilon=self.epsilon, name="gn")(x)
+      return nn.GroupNorm(num_groups=min(self.groups, x.shape[-1]), epsilon=self.epsilon, dtype=self.dtype,
+                          name="gn")(x)
     raise ValueError(f"norm must be 'batch' or 'group', got {self.kind!r}")
 
 
@@ -68,6 +72,9 @@ class ResNet(nn.Module):
       timm, "ResNet v1.5").
     conv_bias: convolutions with bias (Keras: True; torchvision/timm: False).
     bn_epsilon: BatchNorm epsilon (Keras 1.001e-5; torchvision 1e-5).
+    dtype: computation dtype, e.g. ``jnp.bfloat16`` for mixed precision on GPU/TPU: convolutions and
+      activations in bf16, params (and so gradients, optimizer state and updates) stay float32, normalisation
+      statistics and the pooled features are reduced in float32. None = float32. On CPU bf16 is slower.
   """
 
   stage_sizes: Sequence[int]
@@ -79,13 +86,15 @@ class ResNet(nn.Module):
   stride_on: str = "1x1"
   conv_bias: bool = True
   bn_epsilon: float = BN_EPSILON
+  dtype: Any = None
 
   def _conv_norm(self, x, filters, kernel, strides, name, train, mask, padding="VALID"):
     if kernel > 1 and strides > 1 and padding == "SAME":  # torch-style symmetric padding for strided 3x3
       padding = ((kernel // 2, kernel // 2),) * 2
     x = nn.Conv(filters, (kernel, kernel), (strides, strides), padding=padding, use_bias=self.conv_bias,
-                name=f"{name}_conv")(x)
-    norm = _Norm(self.norm, epsilon=self.bn_epsilon, name=f"{name}_{'bn' if self.norm == 'batch' else 'gn'}")
+                dtype=self.dtype, name=f"{name}_conv")(x)
+    norm = _Norm(self.norm, epsilon=self.bn_epsilon, dtype=self.dtype,
+                 name=f"{name}_{'bn' if self.norm == 'batch' else 'gn'}")
     return norm(x, train, mask)
 
   @nn.compact
@@ -106,7 +115,7 @@ class ResNet(nn.Module):
         stride = 2 if (i > 0 and j == 0) else 1
         x = self._block(x, filters, stride, first=j == 0, name=name, train=train, mask=mask)
     if self.pooling == "avg":
-      x = x.mean(axis=(1, 2))
+      x = x.astype(jnp.float32).mean(axis=(1, 2))
     return x
 
   def _block(self, x, filters, stride, first, name, train, mask):
@@ -151,10 +160,11 @@ class ClassifierHead(nn.Module):
   backbone: nn.Module
   num_classes: int
   hidden: Sequence[int] = ()
+  dtype: Any = None  # computation dtype of the hidden layers (the logits are float32)
 
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
     x = self.backbone(x, train=train, mask=mask)
     for i, h in enumerate(self.hidden):
-      x = nn.relu(nn.Dense(h, name=f"head_hidden{i}")(x))
-    return nn.Dense(self.num_classes, name="head")(x)
+      x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f"head_hidden{i}")(x))
+    return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
