@@ -17,8 +17,14 @@ import numpy as np
 import optax
 
 from fedjax_tl.core.client import ClientOutput, LocalTraining, merge_params
-from fedjax_tl.core.execution import (ClientContext, ClientPostprocess, CohortRunner, RoundSums, Schedule,
-                                      default_schedule)
+from fedjax_tl.core.execution import (
+  ClientContext,
+  ClientPostprocess,
+  CohortRunner,
+  RoundSums,
+  Schedule,
+  default_schedule,
+)
 from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
