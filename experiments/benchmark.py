@@ -31,7 +31,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -42,7 +41,7 @@ from fedjax_tl.core.client import LocalTraining  # noqa: E402
 from fedjax_tl.core.fedavg import FedAvg  # noqa: E402
 from fedjax_tl.data import augment  # noqa: E402
 from fedjax_tl.data.client_data import Dataset, FederatedData  # noqa: E402
-from fedjax_tl.experiments.common import format_table  # noqa: E402
+from fedjax_tl.experiments.common import DTYPES, format_table  # noqa: E402
 from fedjax_tl.models import resnet  # noqa: E402
 from fedjax_tl.models.base import Model  # noqa: E402
 from fedjax_tl.models.cnn import CNN  # noqa: E402
@@ -147,7 +146,7 @@ def workload_p(args) -> list[dict]:
 def workload_r(args) -> list[dict]:
   rows = []
   peak = peak_tflops(args.peak_tflops)
-  dtype = {"float32": None, "bfloat16": jnp.bfloat16}[args.dtype]
+  dtype = DTYPES[args.dtype]
   for size in (int(s) for s in args.image_sizes.split(",")):
     flops = step_flops(resnet50_model(size, dtype), args.batch, 0.01)
     for clients in (int(c) for c in args.r_clients.split(",")):
@@ -229,7 +228,7 @@ def main(argv=None) -> None:
   p.add_argument("--r_clients", default="10,100", help="R: clients per round")
   p.add_argument("--r_examples", type=int, default=64, help="R: examples per client")
   p.add_argument("--batch", type=int, default=32)
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+  p.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                  help="R: ResNet computation dtype (bfloat16 = mixed precision, params float32)")
   p.add_argument("--peak_tflops", type=float, default=None, help="R: peak for MFU (default: by device kind)")
   p.add_argument("--populations", default="10000,100000")

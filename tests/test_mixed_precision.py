@@ -6,6 +6,7 @@ import numpy as np
 import optax
 
 from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.execution import iter_eqns
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.models import resnet
 from fedjax_tl.models.base import Model
@@ -17,17 +18,7 @@ def _model(dtype):
 
 
 def _primitive_dtypes(jaxpr, name):
-  out = []
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == name:
-      out.append(eqn.invars[0].aval.dtype)
-    for v in eqn.params.values():
-      for sub in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(sub, "jaxpr") and hasattr(sub, "consts"):
-          out += _primitive_dtypes(sub.jaxpr, name)
-        elif hasattr(sub, "eqns"):
-          out += _primitive_dtypes(sub, name)
-  return out
+  return [eqn.invars[0].aval.dtype for eqn in iter_eqns(jaxpr) if eqn.primitive.name == name]
 
 
 def test_bfloat16_resnet_computes_in_bf16_and_keeps_float32_state():

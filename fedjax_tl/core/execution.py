@@ -37,7 +37,7 @@ from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
 
-__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution",
+__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution", "iter_eqns",
            "SCHEDULE_PRESETS"]
 
 
@@ -132,22 +132,16 @@ def default_schedule(backend: str | None = None, local: LocalTraining | None = N
   return Schedule(1, "host", 8)
 
 
-def _jaxpr_primitives(jaxpr) -> set[str]:
-  names = set()
+def iter_eqns(jaxpr):
+  """Every equation of ``jaxpr`` and, recursively, of the jaxprs inside it (jit, scan, custom_vjp, ...)."""
   for eqn in jaxpr.eqns:
-    names.add(eqn.primitive.name)
-    for sub in _subjaxprs(eqn):
-      names |= _jaxpr_primitives(sub)
-  return names
-
-
-def _subjaxprs(eqn):
-  for v in eqn.params.values():
-    for item in v if isinstance(v, (tuple, list)) else (v,):
-      if hasattr(item, "jaxpr") and hasattr(item, "consts"):  # ClosedJaxpr
-        yield item.jaxpr
-      elif hasattr(item, "eqns"):  # Jaxpr
-        yield item
+    yield eqn
+    for v in eqn.params.values():
+      for item in v if isinstance(v, (tuple, list)) else (v,):
+        if hasattr(item, "jaxpr") and hasattr(item, "consts"):  # ClosedJaxpr
+          yield from iter_eqns(item.jaxpr)
+        elif hasattr(item, "eqns"):  # Jaxpr
+          yield from iter_eqns(item)
 
 
 def has_convolution(local: LocalTraining) -> bool:
@@ -158,7 +152,8 @@ def has_convolution(local: LocalTraining) -> bool:
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   mask = jax.ShapeDtypeStruct((1,), jnp.bool_)
   fn = lambda p, s, xb, m: model.apply(p, s, xb, train=True, mask=m, rng=jax.random.PRNGKey(0))  # noqa: E731
-  return "conv_general_dilated" in _jaxpr_primitives(jax.make_jaxpr(fn)(params, state, x, mask).jaxpr)
+  jaxpr = jax.make_jaxpr(fn)(params, state, x, mask).jaxpr
+  return any(eqn.primitive.name == "conv_general_dilated" for eqn in iter_eqns(jaxpr))
 
 
 def default_memory_budget() -> int:

@@ -28,7 +28,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -39,6 +38,7 @@ from fedjax_tl.data import augment, partition
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_tfds
 from fedjax_tl.experiments.common import (
+  DTYPES,
   TransformFlags,
   format_table,
   parse_config,
@@ -50,7 +50,6 @@ from fedjax_tl.experiments.digits import client_optimizer
 from fedjax_tl.models import pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
 
-DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 BACKBONES = {"resnet18": resnet.ResNet18, "resnet34": resnet.ResNet34, "resnet50": resnet.ResNet50,
              "resnet101": resnet.ResNet101, "resnet152": resnet.ResNet152, "tiny": resnet.ResNetTiny}
 

@@ -9,7 +9,10 @@ import os
 import typing
 from collections.abc import Sequence
 
-__all__ = ["parse_config", "write_results", "format_table", "run_in_workdir", "TransformFlags", "transform_setup"]
+import jax.numpy as jnp
+
+__all__ = ["DTYPES", "parse_config", "write_results", "format_table", "run_in_workdir", "TransformFlags",
+           "transform_setup"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +34,10 @@ class TransformFlags:
   secure_agg: bool = False  # simulated secure aggregation (Bonawitz et al. 2017); BN statistics not averaged
   secagg_clip: float = 1.0  # bound on every coordinate of a weighted update under secure aggregation
   secagg_dropout: float = 0.0  # probability that a client drops out after masking
+
+
+# --dtype values: the models' computation dtype (None = float32; bfloat16 = mixed precision, params float32)
+DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 def _parse_bool(v: str) -> bool:
