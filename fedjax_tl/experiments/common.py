@@ -151,8 +151,8 @@ def dp_setup(cfg, population: int, log=print):
   ``dp_clip > 0`` alone uses ``dp_noise_multiplier``. ``dp_adaptive`` makes dp_clip
   the initial clip norm of adaptive clipping towards ``dp_target_quantile`` (count noise ``dp_count_stddev``,
   0 = cohort / 20); the accountant sees the same overall noise multiplier. Accounting assumes the fixed-size
-  cohort sampling that ``sample_clients`` does (RDP, replace-one neighbouring clients) unless dp_accountant is
-  "pld" (Poisson).
+  cohort sampling that ``sample_clients`` does (replace-one neighbouring clients, sensitivity 2 * clip) with
+  either accountant ("pld" is tighter, "rdp" faster); see ``fedjax_tl.privacy.accounting``.
   """
   from fedjax_tl.privacy import accounting
   from fedjax_tl.transforms import dp_fedavg
@@ -161,7 +161,7 @@ def dp_setup(cfg, population: int, log=print):
     return {}, None
   if cfg.dp_clip <= 0:
     raise ValueError("--dp_epsilon needs a clipping norm: set --dp_clip > 0.")
-  sampling = "poisson" if cfg.dp_accountant == "pld" else "fixed"
+  sampling = "fixed"  # what sample_clients does
   m = cfg.clients_per_round
   z = cfg.dp_noise_multiplier
   if cfg.dp_epsilon > 0:

@@ -6,11 +6,15 @@ also reports the bit b_i = [||delta_i|| <= C]. The server adds Gaussian noise to
 (std ``count_stddev``, the paper's sigma_b, default m / 20) and to the uniformly weighted mean of the deltas
 (std z_delta * C / m), then moves C geometrically towards the ``target_quantile`` gamma of the clients' norms:
 
-    b_mean = (sum_i b_i + N(0, sigma_b^2)) / m,        C <- C * exp(-clip_lr * (b_mean - gamma)).
+    b_mean = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2,        C <- C * exp(-clip_lr * (b_mean - gamma)).
+
+The released count is centred (b_i - 1/2, as in the paper) so that adding or removing a client moves it by at
+most 1/2; replacing one moves it by at most 1 (and the deltas' sum by 2C), which halves every multiplier alike.
 
 Splitting the privacy budget between the two releases: with the overall ``noise_multiplier`` z the deltas get
 z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Theorem 1 of the paper), so the pair costs what one Gaussian
-mechanism with multiplier z costs, and the accountant is used with z unchanged.
+mechanism with multiplier z costs under either neighbouring relation, and the accountant
+(``fedjax_tl.privacy.accounting``, which applies the replace-one factor itself) is used with z unchanged.
 Use with ``FedAvg(adaptive_clip=..., weighting="uniform")``.
 """
 
@@ -88,6 +92,6 @@ class AdaptiveClipping:
     k_delta, k_count = jax.random.split(key)
     noisy = add_noise(mean_delta, self.delta_noise_multiplier * clip_norm / m, k_delta)
     count_noise = self.sigma_b * jax.random.normal(k_count, ()) if self.noise_multiplier > 0 else 0.0
-    b_mean = (below_count + count_noise) / m
+    b_mean = (below_count - m / 2 + count_noise) / m + 0.5  # the centred release
     new_clip = clip_norm * jnp.exp(-self.clip_lr * (b_mean - self.target_quantile))
     return noisy, new_clip.astype(jnp.float32)
