@@ -100,3 +100,45 @@ def test_clipping_is_reported_and_bad_settings_refused(tiny_data, tiny_local, ti
   assert float(m["secagg_clipped_fraction"]) > 0.1
   with pytest.raises(ValueError, match="dropout"):
     SecureAggregation(dropout=1.0)
+
+
+def _decode(sa, deltas, weights, shared, key):
+  total = jax.tree.map(lambda a: jnp.sum(a, axis=0, dtype=jnp.uint32), _encode_all(sa, deltas, weights, shared, key))
+  return jax.tree.map(lambda t: np.asarray(jax.lax.bitcast_convert_type(t, jnp.int32), np.float64)
+                      / float(shared.scale), total)
+
+
+def test_sums_at_the_clip_bound_never_wrap_for_any_cohort_size():
+  # Every client at (or beyond) +-R on every coordinate: the field sum is n R in magnitude, the largest there is.
+  # Before the fix the float32 scale rounded up and the sum wrapped into the opposite sign (3 x 2.0 -> -3.0).
+  r, padded = 1.0, 64
+  sa = SecureAggregation(clip_value=r)
+  pattern = np.array([1.0, -1.0, 2.0, -2.0, 1e6, -1e6, 0.999999, -0.999999], np.float32)
+  for n in range(2, padded + 1):
+    shared, _ = sa.setup_round(n, padded, jax.random.PRNGKey(n), max_weight=1.0)
+    weights = jnp.asarray(np.arange(padded) < n, jnp.float32)
+    deltas = {"w": jnp.tile(jnp.asarray(pattern), (padded, 64))}
+    got = _decode(sa, deltas, weights, shared, jax.random.PRNGKey(100 + n))["w"]
+    want = n * np.clip(np.tile(pattern, 64).astype(np.float64), -r, r)
+    # rounding: stochastic (one unit per client) and float32 products (2^-24 relative per client)
+    np.testing.assert_allclose(got, want, rtol=0, atol=n / float(shared.scale) + n * r * 2**-23, err_msg=f"n={n}")
+
+
+def test_a_round_where_every_coordinate_is_clipped(tiny_data, tiny_local, tiny_params):
+  # A plain reference: each client's delta from a one-client round, clipped coordinate-wise to R and averaged.
+  ids, key, r = np.array([0, 1, 3]), jax.random.PRNGKey(4), 1e-6
+  params = tiny_params[0]
+  singles = []
+  for c in ids:
+    one = FedAvg(tiny_local, schedule="vmap", weighting="uniform")
+    s = one.apply(one.init(*tiny_params), tiny_data, np.array([c]), key)[1]
+    singles.append(jax.tree.map(lambda a, p: np.asarray(a, np.float64) - np.asarray(p, np.float64), s.params, params))
+  want = jax.tree.map(lambda *d: np.mean([np.clip(x, -r, r) for x in d], axis=0), *singles)
+  secure = FedAvg(tiny_local, schedule="vmap", weighting="uniform", secure_aggregation=SecureAggregation(r))
+  m, s_sec = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
+  got = jax.tree.map(lambda a, p: np.asarray(a, np.float64) - np.asarray(p, np.float64), s_sec.params, params)
+  assert float(m["secagg_clipped_fraction"]) > 0.5  # the rest are (near-)zero deltas: dead units, biases
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=0, atol=0.05 * r)
+    clipped_same_sign = np.abs(w) == r
+    np.testing.assert_array_equal(np.sign(g[clipped_same_sign]), np.sign(w[clipped_same_sign]))

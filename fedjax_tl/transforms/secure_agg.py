@@ -16,8 +16,14 @@ Per round, for a cohort of n clients (host side, :meth:`SecureAggregation.setup_
    masks those left behind (:meth:`unmask`). Fewer than t survivors: the round is aborted (no update), as in
    the protocol.
 
-The fixed-point scale is (2^31 - 1) / (n R), so the sum of n clipped values cannot overflow; the decoded sum
-is exact up to the rounding of each client's value (at most 1/scale per client and coordinate, unbiased).
+The sum of n clipped values must stay inside the signed range of the field, |sum| <= 2^31 - 1, or it wraps
+around and decodes with the wrong sign. The fixed-point scale leaves headroom for every rounding on the way:
+it is (2^31 - 1 - 2n) / (n R (1 + 2^-21)) taken *down* to a float32, which covers float32 rounding up of R and
+of the product (each at most 2^-24 relative) and the stochastic rounding of every client up by one unit; on
+top of that every client's integer is clamped to +-floor((2^31 - 1) / n), so no input can overflow. The
+decoded sum is exact up to the rounding of each client's value (at most 1/scale per client and coordinate,
+unbiased). The resolution is n R / 2^31 per client; a 64-bit field (needing ``jax_enable_x64``) would be the
+answer for cohorts so large that this matters (R / 2^21 at n = 1000).
 
 What this does not simulate (stated, not hidden): authenticated channels and signatures, the second
 ("self") mask that protects a client who is merely slow, and cryptographic strength (the group is a Mersenne
@@ -35,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SecureAggregation", "SecAggShared", "shamir_share", "shamir_reconstruct", "FIELD_BITS"]
+__all__ = ["SecureAggregation", "SecAggShared", "shamir_share", "shamir_reconstruct", "fixed_point_scale", "FIELD_BITS"]
 
 FIELD_BITS = 32
 _PRIME = 2**127 - 1  # DH group modulus and Shamir field
@@ -72,6 +78,17 @@ def shamir_reconstruct(shares: list[tuple[int, int]], threshold: int) -> int:
   return secret
 
 
+def fixed_point_scale(n: int, clip_value: float) -> float:
+  """The largest float32 scale for which n clients' values in [-R, R], scaled, rounded up and summed, stay within
+  the signed 32-bit range even after float32 rounding (module docstring)."""
+  n = max(n, 1)
+  exact = (2**31 - 1 - 2 * n) / (n * clip_value * (1 + 2**-21))
+  s = np.float32(exact)
+  if float(s) > exact:
+    s = np.nextafter(s, np.float32(0))
+  return float(s)
+
+
 def _seed_words(s: int) -> tuple[int, int]:
   s %= 2**64
   return s >> 32, s & 0xFFFFFFFF
@@ -84,6 +101,7 @@ class SecAggShared(NamedTuple):
   signs: jax.Array  # int32 [C, C]: +1 (add), -1 (subtract) or 0 (no mask: self or a padding position)
   alive: jax.Array  # bool [C]: the client's masked vector reaches the server
   scale: jax.Array  # float32: fixed-point scale
+  qmax: jax.Array  # int32: every client's integers are clamped to [-qmax, qmax] so that n of them cannot wrap
   max_weight: jax.Array  # float32: weights are divided by this, so every weighted value is within [-R, R]
 
 
@@ -153,8 +171,8 @@ class SecureAggregation:
         signs[i, j], signs[j, i] = 1, -1
     alive = np.zeros(padded, bool)
     alive[:n] = rng.random(n) >= self.dropout
-    scale = (2**31 - 1) / (max(n, 1) * self.clip_value)
-    shared = SecAggShared(jnp.asarray(seeds), jnp.asarray(signs), jnp.asarray(alive), jnp.float32(scale),
+    shared = SecAggShared(jnp.asarray(seeds), jnp.asarray(signs), jnp.asarray(alive),
+                          jnp.float32(fixed_point_scale(n, self.clip_value)), jnp.int32((2**31 - 1) // max(n, 1)),
                           jnp.float32(max_weight))
     host = {"n": n, "padded": padded, "pk": pk, "shares": shares, "alive": alive[:n], "threshold": t,
             "signs": signs}
@@ -175,6 +193,7 @@ class SecureAggregation:
       x = jnp.clip(v, -r, r) * shared.scale
       low = jnp.floor(x)
       q = (low + (jax.random.uniform(k, x.shape) < x - low)).astype(jnp.int32)
+      q = jnp.clip(q, -shared.qmax, shared.qmax)  # in int32: a float32 bound could itself round up
       encoded.append(jax.lax.bitcast_convert_type(q, jnp.uint32))
     masked = jax.tree.unflatten(treedef, encoded)
 
