@@ -4,7 +4,8 @@
 
 Runs the default digits preset (pretrained and scratch arms, 10 rounds, 5 of 20 clients per round) with
 --compress none / int8 / topk:0.01 (error feedback) and with --dp_clip=0.5 --dp_epsilon 1 / 4 / 8
-(delta 1e-5), the latter also with adaptive clipping from 0.5 towards the median, and prints one table.
+(delta 1e-5; RDP accounting, and PLD for 1 and 8), the latter also with adaptive clipping from 0.5 towards the
+median, and prints one table.
 Any digits flag can be appended (e.g. --rounds=20), and --only selects settings by prefix:
 
     python experiments/digits_transforms.py --only none,DP --num_clients=60 --partition=iid \
@@ -30,6 +31,8 @@ SETTINGS = [
     ("DP eps=1", {"dp_clip": 0.5, "dp_epsilon": 1.0}),
     ("DP eps=4", {"dp_clip": 0.5, "dp_epsilon": 4.0}),
     ("DP eps=8", {"dp_clip": 0.5, "dp_epsilon": 8.0}),
+    ("DP eps=1 PLD", {"dp_clip": 0.5, "dp_epsilon": 1.0, "dp_accountant": "pld"}),
+    ("DP eps=8 PLD", {"dp_clip": 0.5, "dp_epsilon": 8.0, "dp_accountant": "pld"}),
     ("adaptive DP eps=8", {"dp_clip": 0.5, "dp_epsilon": 8.0, "dp_adaptive": True, "dp_count_stddev": 1.0}),
 ]
 
