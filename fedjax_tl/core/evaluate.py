@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl.core.client import masked_cross_entropy
+from fedjax_tl.data.client_data import check_labels
 from fedjax_tl.models.base import Model
 from fedjax_tl.types import ModelState, Params
 
@@ -36,6 +37,8 @@ def _eval_batch(model: Model, params, state, x, y, mask):
 def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_size: int = 256) -> dict:
   """{"loss", "accuracy", "num_examples"} of ``model`` on (x, y), as Python floats.
 
+  ``y`` must hold integer class indices in [0, number of model outputs) (a ValueError names any others).
+
   Batches have ``eval_batch_size(len(y), batch_size)`` rows (a set smaller than ``batch_size`` is padded up to
   a power of two; padded rows are masked out of every sum), so a model compiles once per bucket, not once per
   evaluation-set size (per-client evaluation of 20 clients of 20 sizes: at most 6 programs).
@@ -43,6 +46,7 @@ def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_
   n = len(y)
   if n == 0:
     raise ValueError("Cannot evaluate on an empty dataset.")
+  check_labels(y, model.num_outputs(), f"evaluation labels (the model has {model.num_outputs()} outputs)")
   x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
   b = eval_batch_size(n, batch_size)
   total = jnp.zeros(3)

@@ -45,6 +45,14 @@ def _call_arguments(cls: type) -> tuple[bool, bool, str]:
   return "train" in params or var_kw, "mask" in params or var_kw, f"{cls.__name__}.__call__{sig}"
 
 
+@functools.cache
+def _num_outputs(model: Model) -> int:
+  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
+  logits, _ = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
+  return int(logits.shape[-1])
+
+
 _NEEDED_SIGNATURE = "__call__(self, x, train: bool = False, mask=None)"
 
 
@@ -107,6 +115,13 @@ class Model:
                        f"its batch statistics. Define {_NEEDED_SIGNATURE} and pass the mask to its BatchNorm "
                        "layers, e.g. nn.BatchNorm(...)(x, mask=mask[:, None, None, None]).")
     return params, variables
+
+  def num_outputs(self) -> int:
+    """Size of the logits' last axis (the number of classes the model can predict), from an abstract trace."""
+    try:
+      return _num_outputs(self)
+    except TypeError:  # an unhashable module (e.g. a list field): not cached
+      return _num_outputs.__wrapped__(self)
 
   def apply(self, params: Params, state: ModelState, x: jax.Array, *, train: bool,
             mask: jax.Array | None = None, rng: PRNGKey | None = None) -> tuple[jax.Array, ModelState]:
