@@ -188,3 +188,42 @@ def test_many_mismatched_weights_are_summarised():
   assert len(msg.splitlines()) <= 4 and len(msg) < 1200, msg
   assert "100 of the model's 100 parameters missing" in msg and "(and 95 more)" in msg
   assert "107 of the 107 loaded parameters not in the model" in msg and "conv0_conv/kernel (1, 1, 2, 2)" in msg
+
+
+def test_weights_file_with_other_layer_names_gets_a_short_message(tmp_path):
+  # an h5 in the legacy Keras layout whose layers are not Keras ResNet50's (e.g. another architecture's file)
+  import dataclasses
+
+  import h5py
+  import numpy as np
+
+  from fedjax_tl.models.pretrained import WeightMismatchError
+
+  path = str(tmp_path / "other.h5")
+  with h5py.File(path, "w") as f:
+    f.attrs["layer_names"] = [f"block{i}_conv".encode() for i in range(60)]
+    for i in range(60):
+      g = f.create_group(f"block{i}_conv")
+      g.attrs["weight_names"] = [f"block{i}_conv/kernel:0".encode(), f"block{i}_conv/bias:0".encode()]
+      g.create_dataset(f"block{i}_conv/kernel:0", data=np.zeros((1, 1, 2, 2), np.float32))
+      g.create_dataset(f"block{i}_conv/bias:0", data=np.zeros(2, np.float32))
+  cfg = dataclasses.replace(cifar10.PRESETS["seed"], weights_path=path)
+  loaded = cifar10.load_pretrained(cfg, log=lambda *_: None)
+
+  class ResNetLike:  # the parameter names of the Flax ResNet50 (init without compiling one, for speed)
+    def init(self, key):
+      del key
+      convs = [f"conv{s}_block{b}_{i}_conv" for s in (2, 3, 4, 5) for b in (1, 2, 3) for i in (1, 2, 3)]
+      params = {"backbone": {n: {"kernel": np.zeros((1, 1, 2, 2), np.float32)} for n in ["conv1_conv"] + convs},
+                "head": {"kernel": np.zeros((2, 10), np.float32)}}
+      return params, {"batch_stats": {"backbone": {}}}
+
+  model = ResNetLike()
+  with pytest.raises(WeightMismatchError) as e:
+    cifar10.init_params(cfg, model, loaded)
+  msg = str(e.value)
+  assert len(msg.splitlines()) <= 4 and len(msg) < 2000, msg
+  assert f"weights ({path}) do not fit model=resnet50" in msg and "--weights_path" in msg
+  assert "37 of the model's 38 parameters missing from the loaded weights: backbone/conv1_conv/kernel " in msg
+  print(f"{len(msg.splitlines())} lines, {len(msg)} characters:\n{msg}")
+  assert "120 of the 120 loaded parameters not in the model: backbone/block0_conv/bias (2,)" in msg
