@@ -82,8 +82,8 @@ def make_parser(config_cls, presets: dict, preset: str, description: str = "") -
   ``--help``, together with the other presets' values where they differ). No prefix abbreviations:
   ``--round=1`` is an error, not ``--rounds=1``."""
   parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                   epilog=f"Defaults shown are preset {preset!r}'s; pass --preset=NAME --help "
-                                   "for another preset's.")
+                                   epilog=f"The defaults shown are those of preset {preset}; --preset=NAME "
+                                   "--help shows another preset's.")
   parser.add_argument("--preset", default=preset, choices=list(presets),
                       help=f"named configuration to start from (default: {next(iter(presets))})")
   base = presets[preset]
