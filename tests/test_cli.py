@@ -227,3 +227,12 @@ def test_weights_file_with_other_layer_names_gets_a_short_message(tmp_path):
   assert "37 of the model's 38 parameters missing from the loaded weights: backbone/conv1_conv/kernel " in msg
   print(f"{len(msg.splitlines())} lines, {len(msg)} characters:\n{msg}")
   assert "120 of the 120 loaded parameters not in the model: backbone/block0_conv/bias (2,)" in msg
+
+
+def test_unknown_dataset_is_a_flag_error(capsys):
+  pytest.importorskip("tensorflow_datasets")
+  with pytest.raises(SystemExit) as e:
+    cifar10.main(["--preset=smoke", "--mock_data=false", "--dataset=no_such_dataset"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert "error: --dataset=no_such_dataset: Unknown tfds dataset" in err and "Traceback" not in err

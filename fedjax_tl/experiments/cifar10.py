@@ -201,9 +201,12 @@ def load_data(cfg: Config):
     import tensorflow_datasets as tfds
 
     ctx = tfds.testing.mock_data(num_examples=cfg.mock_examples)
-  with ctx:
-    train = load_tfds(cfg.dataset, "train", cfg.data_dir)
-    test = load_tfds(cfg.dataset, "test", cfg.data_dir)
+  try:
+    with ctx:
+      train = load_tfds(cfg.dataset, "train", cfg.data_dir)
+      test = load_tfds(cfg.dataset, "test", cfg.data_dir)
+  except ValueError as e:  # unknown dataset, or not an image classification one
+    raise ConfigError(f"--dataset={cfg.dataset}: {e}") from None
   if cfg.max_train_examples:
     train = train.subset(np.arange(min(cfg.max_train_examples, len(train))))
   if cfg.max_test_examples:
