@@ -115,8 +115,8 @@ def test_user_errors_at_run_time_end_without_a_traceback(capsys):
   with pytest.raises(SystemExit) as e:
     common.cli_main(run, digits.Config, digits.PRESETS, ["--preset=smoke"], "", digits.validate)
   assert e.value.code == 1
-  assert capsys.readouterr().err == "digits: error: No intact checkpoint in /x/checkpoints: round 2: its config " \
-                                    "cannot be read.\n"
+  assert capsys.readouterr().err == f"{os.path.basename(sys.argv[0])}: error: No intact checkpoint in " \
+                                    "/x/checkpoints: round 2: its config cannot be read.\n"
 
 
 def test_dp_clip_without_noise_says_there_is_no_privacy():

@@ -240,8 +240,7 @@ def cli_main(run, config_cls, presets: dict, argv, description: str, validate) -
     run(cfg)
   except (ConfigError, CheckpointError, WeightFileError, WeightMismatchError, MetricsFileError,
           FileExistsError, FileNotFoundError, FloatingPointError) as e:
-    prog = config_cls.__module__.rsplit(".", 1)[-1]
-    print(f"{prog}: error: {e}", file=sys.stderr)
+    print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)  # argparse's prog, as for usage errors
     raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
 
