@@ -236,3 +236,14 @@ def test_unknown_dataset_is_a_flag_error(capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert "error: --dataset=no_such_dataset: Unknown tfds dataset" in err and "Traceback" not in err
+
+
+def test_a_split_that_cannot_be_made_fails_before_the_pretraining(monkeypatch, capsys):
+  def stop(*_, **__):
+    raise _WorkStarted
+
+  monkeypatch.setattr(digits, "pretrain", stop)
+  with pytest.raises(SystemExit) as e:
+    digits.main(["--preset=smoke", "--num_clients=2000"])
+  assert e.value.code == 2
+  assert "error: --partition=dirichlet, --num_clients=2000: Cannot give 2000 clients" in capsys.readouterr().err
