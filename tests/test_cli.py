@@ -42,6 +42,8 @@ BAD_FLAGS = [
     (digits, ["--compress=topk"], "--compress: Cannot parse"),
     (digits, ["--client_optimizer=adamw"], "--client_optimizer='adamw' is unknown"),
     (digits, ["--resume=true"], "--resume=true needs the --workdir"),
+    (digits, ["--seed=-1"], "--seed must be >= 0"),
+    (digits, [f"--workdir={__file__}/run"], "cannot write under"),  # below a file
     (cifar10, ["--preset=smoke", "--image_size=0"], "--image_size must be a positive"),
     (cifar10, ["--preset=smoke", "--image_size=-5"], "--image_size must be a positive"),
     (cifar10, ["--preset=smoke", "--rounds=0"], "--rounds must be a positive integer"),
