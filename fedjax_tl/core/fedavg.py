@@ -154,6 +154,7 @@ class FedAvg:
     if self.model_state == "frozen":
       self.local = dataclasses.replace(self.local, norm_stats="frozen")
     self._runners: dict[int, CohortRunner] = {}
+    self._num_outputs: int | None = None
     self._server_update = jax.jit(self._server_update_impl)
     self._broadcast = jax.jit(lambda p, k: self.downlink.apply(p, self.downlink.init(p), k)[0])
 
@@ -208,6 +209,17 @@ class FedAvg:
     return ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
                        jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state, clip_norm)
 
+  def _check_labels(self, data: FederatedData) -> None:
+    """Raises if ``data`` has labels the model has no logit for (they would give NaN losses, reported later as
+    a diverged model). The data's own labels are checked against its ``num_classes`` when it is built."""
+    if self._num_outputs is None:
+      self._num_outputs = self.local.model.num_outputs()
+    k, top = self._num_outputs, data.label_range[1]
+    if top >= k:
+      raise ValueError(f"The data has labels up to {top} (num_classes={data.num_classes}) but the model has {k} "
+                       f"outputs: labels >= {k} have no logit and give NaN losses. Build the model with "
+                       f"num_classes={max(data.num_classes, top + 1)} outputs, or remap the labels to 0..{k - 1}.")
+
   def runner(self, pad_size: int) -> CohortRunner:
     if pad_size not in self._runners:
       self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, self.postprocess,
@@ -257,6 +269,7 @@ class FedAvg:
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[dict, ServerState]:
     """One round: returns (metrics, new_state). Metrics are device scalars plus per-client arrays."""
+    self._check_labels(data)
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
       ms = state.client_states if self.model_state == "local" else state.model_state

@@ -11,7 +11,43 @@ import jax
 from fedjax_tl.core.fedavg import FedAvg, ServerState, sample_clients
 from fedjax_tl.data.client_data import FederatedData
 
-__all__ = ["run_rounds", "round_keys"]
+__all__ = ["run_rounds", "round_keys", "CompileTimer"]
+
+# jax.monitoring time spans of tracing, lowering to MLIR and XLA compilation (jax._src.dispatch).
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+class CompileTimer:
+  """Context manager: seconds JAX spent tracing, lowering and compiling inside it (``.seconds``).
+
+  Listens to jax.monitoring's time spans of those phases; nested spans (a jitted function traced inside
+  another's trace) are merged, so every second counts once.
+  """
+
+  def __init__(self):
+    self._spans: list[tuple[float, float]] = []
+
+  def _on_span(self, event: str, start: float, end: float, **kwargs) -> None:
+    del kwargs
+    if event in _COMPILE_EVENTS:
+      self._spans.append((start, end))
+
+  def __enter__(self) -> CompileTimer:
+    jax.monitoring.register_event_time_span_listener(self._on_span)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_time_span_listener(self._on_span)
+
+  @property
+  def seconds(self) -> float:
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(self._spans):
+      if end > reach:
+        total += end - max(start, reach)
+        reach = end
+    return total
 
 
 def round_keys(seed: int, round_idx: int) -> tuple[jax.Array, jax.Array]:
@@ -31,22 +67,28 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
 
   Each record holds the round number, training loss/accuracy, examples, bytes up/down of the round, the
   cumulative uplink/downlink megabytes of the run (``mb_up_total``/``mb_down_total``, starting from
-  ``bytes_so_far`` = (up, down) of the rounds before a resume), wall time, examples/s, secure-aggregation
-  counts when used and, every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
-  A non-finite training loss stops the run with an error naming the round. ``on_round(record, state)`` is
-  called after every round (metrics files, checkpoints); ``round_metrics(round)`` adds entries to a round's
-  record (e.g. the privacy spent so far).
+  ``bytes_so_far`` = (up, down) of the rounds before a resume), ``compile_s`` (seconds the round spent
+  tracing and compiling: the first round, or one that first runs a new program), ``wall_s`` (the round's
+  time until the new server state is computed, excluding ``compile_s``), examples/s (over ``wall_s``),
+  secure-aggregation counts when used and, every ``eval_every`` rounds and at the end, the evaluation metrics
+  prefixed ``test_``. A non-finite training loss stops the run with an error naming the round.
+  ``on_round(record, state)`` is called after every round (metrics files, checkpoints); ``round_metrics(round)``
+  adds entries to a round's record (e.g. the privacy spent so far).
   """
   history = []
   up_total, down_total = bytes_so_far
   start_round = int(state.round)
   for r in range(start_round, start_round + rounds):
-    t0 = time.perf_counter()
-    sample_key, train_key = round_keys(seed, r)
-    ids = sample_clients(sample_key, data.num_clients, cohort_size)
-    metrics, state = algorithm.apply(state, data, ids, train_key)
-    loss = float(metrics["train_loss"])
-    wall = time.perf_counter() - t0
+    with CompileTimer() as compile_timer:
+      t0 = time.perf_counter()
+      sample_key, train_key = round_keys(seed, r)
+      ids = sample_clients(sample_key, data.num_clients, cohort_size)
+      metrics, state = algorithm.apply(state, data, ids, train_key)
+      state = jax.block_until_ready(state)  # the server update is dispatched asynchronously: time it too
+      loss = float(metrics["train_loss"])
+      elapsed = time.perf_counter() - t0
+    compile_s = min(compile_timer.seconds, elapsed)
+    wall = elapsed - compile_s
     if not math.isfinite(loss):
       raise FloatingPointError(
           f"Client training loss is {loss} in round {r + 1}; the model diverged. Lower the client learning "
@@ -54,7 +96,7 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
     rec = {"round": r + 1, "train_loss": loss, "train_accuracy": float(metrics["train_accuracy"]),
            "num_examples": int(metrics["num_examples"]), "bytes_up": int(metrics["bytes_up"]),
            "bytes_down": int(metrics["bytes_down"]), "wall_s": wall,
-           "examples_per_s": float(metrics["num_examples"]) / wall}
+           "compile_s": compile_s, "examples_per_s": float(metrics["num_examples"]) / max(wall, 1e-9)}
     up_total += rec["bytes_up"]
     down_total += rec["bytes_down"]
     rec.update(mb_up_total=up_total / 1e6, mb_down_total=down_total / 1e6)
