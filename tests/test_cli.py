@@ -42,6 +42,8 @@ BAD_FLAGS = [
     (digits, ["--compress=topk"], "--compress: Cannot parse"),
     (digits, ["--client_optimizer=adamw"], "--client_optimizer='adamw' is unknown"),
     (digits, ["--resume=true"], "--resume=true needs the --workdir"),
+    (digits, ["--seed=-1"], "--seed must be >= 0"),
+    (digits, [f"--workdir={__file__}/run"], "cannot write under"),  # below a file
     (cifar10, ["--preset=smoke", "--image_size=0"], "--image_size must be a positive"),
     (cifar10, ["--preset=smoke", "--image_size=-5"], "--image_size must be a positive"),
     (cifar10, ["--preset=smoke", "--rounds=0"], "--rounds must be a positive integer"),
@@ -158,14 +160,14 @@ def test_resume_without_checkpoint_warns_and_progress_bar_follows_the_terminal(
 
 
 def test_junk_metrics_file_is_named_with_its_line(tmp_path):
-  from fedjax_tl.metrics import MetricsFileError, MetricsWriter
+  from fedjax_tl.metrics import MetricsWriter
 
   rows = [json.dumps({"round": r, "train_loss": 1.0}) for r in (1, 2)]
   (tmp_path / "metrics.jsonl").write_text(rows[0] + "\nnot json\n" + rows[1] + "\n")
-  with pytest.raises(MetricsFileError, match="metrics.jsonl line 2 is not a metrics row"):
+  with pytest.raises(ValueError, match="metrics.jsonl line 2 is not a metrics row"):  # MetricsFileError
     MetricsWriter(str(tmp_path), 3, resume_round=2, quiet=True, tensorboard=False)
   (tmp_path / "metrics.jsonl").write_text(rows[0] + "\n" + json.dumps({"loss": 1}) + "\n")
-  with pytest.raises(MetricsFileError, match="line 2"):
+  with pytest.raises(ValueError, match="metrics.jsonl line 2 is not a metrics row"):
     MetricsWriter(str(tmp_path), 3, resume_round=2, quiet=True, tensorboard=False)
   # a record cut off by a kill during the append is dropped: the run resumes from its checkpoint anyway
   (tmp_path / "metrics.jsonl").write_text(rows[0] + "\n" + rows[1][:7])
@@ -236,3 +238,14 @@ def test_unknown_dataset_is_a_flag_error(capsys):
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert "error: --dataset=no_such_dataset: Unknown tfds dataset" in err and "Traceback" not in err
+
+
+def test_a_split_that_cannot_be_made_fails_before_the_pretraining(monkeypatch, capsys):
+  def stop(*_, **__):
+    raise _WorkStarted
+
+  monkeypatch.setattr(digits, "pretrain", stop)
+  with pytest.raises(SystemExit) as e:
+    digits.main(["--preset=smoke", "--num_clients=2000"])
+  assert e.value.code == 2
+  assert "error: --partition=dirichlet, --num_clients=2000: Cannot give 2000 clients" in capsys.readouterr().err

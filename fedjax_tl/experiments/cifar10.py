@@ -225,7 +225,10 @@ def run(cfg: Config, log=print) -> dict:
   log(f"{cfg.dataset}: {len(train)} train / {len(test)} test, {train.num_classes} classes, images "
       f"{train.x.shape[1:]} -> model input {cfg.image_size}; {cfg.num_clients} clients ({cfg.partition})")
 
-  parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha)
+  try:
+    parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha)
+  except ValueError as e:
+    raise ConfigError(f"--partition={cfg.partition}, --num_clients={cfg.num_clients}: {e}") from None
   data = FederatedData.from_partition(train, parts)
   local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)

@@ -142,6 +142,7 @@ def validate_common(cfg, optimizers=None) -> None:
   from fedjax_tl.core.execution import Schedule
   from fedjax_tl.data.partition import PARTITIONERS
 
+  check(cfg.seed >= 0, f"--seed must be >= 0 (numpy's generators take no negative seeds), got {cfg.seed}.")
   for name in ("rounds", "num_clients", "clients_per_round", "local_epochs", "batch_size", "checkpoint_every",
                "keep_checkpoints"):
     v = getattr(cfg, name)
@@ -209,6 +210,11 @@ def check_workdir(workdir: str | None, resume: bool, subdirs: Sequence[str] = ("
     check(not resume, "--resume=true needs the --workdir of the run to continue.")
     return
   check(not os.path.isfile(workdir), f"--workdir={workdir} is a file; give a directory.")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  check(os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
+        f"--workdir={workdir}: cannot write under {existing} (not a writable directory); choose another.")
   if resume:
     return
   for sub in subdirs:

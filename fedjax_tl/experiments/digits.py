@@ -161,12 +161,15 @@ def run(cfg: Config, log=print) -> dict:
   log(f"source task {cfg.source_labels}: {len(source)} examples; target task {cfg.target_labels}: "
       f"{len(train)} train / {len(test)} test over {cfg.num_clients} clients ({cfg.partition}, alpha={cfg.alpha})")
 
+  try:  # before the pretraining, so that a split that cannot be made fails in seconds
+    parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
+                                     min_size=cfg.min_client_size)
+  except ValueError as e:
+    raise ConfigError(f"--partition={cfg.partition}, --num_clients={cfg.num_clients}: {e}") from None
   pre = pretrain(cfg, source)
   log(f"pretrained on the source task: train accuracy {pre['train_accuracy']:.4f} "
       f"({time.perf_counter() - t_start:.1f}s)")
 
-  parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
-                                   min_size=cfg.min_client_size)
   data = FederatedData.from_partition(train, parts)
   model = make_model(cfg, target.num_classes)
   fresh, state = model.init(jax.random.PRNGKey(cfg.seed + 1))
