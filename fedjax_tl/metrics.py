@@ -57,9 +57,10 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def progress_bar(total_rounds: int, initial: int = 0, quiet: bool | None = None, desc: str = "rounds"):
-  """A tqdm bar over rounds (on stderr), or None when ``quiet`` (None: quiet unless stderr is a terminal)."""
+  """A tqdm bar over rounds (on stderr), or None when ``quiet`` (None: quiet unless stderr is a terminal or this
+  is a notebook, where tqdm.auto draws a widget)."""
   if quiet is None:
-    quiet = not sys.stderr.isatty()
+    quiet = not (sys.stderr.isatty() or "ipykernel" in sys.modules)
   if quiet:
     return None
   from tqdm.auto import tqdm
