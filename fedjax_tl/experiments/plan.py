@@ -1,0 +1,94 @@
+"""Will it fit on a Colab TPU? Plan the CIFAR-10 experiment's round for a TPU target, without a TPU.
+
+Compiles the round of ``fedjax_tl.experiments.cifar10`` (any of its model flags: --model, --image_size, --dtype,
+--strategy, --batch_size, --local_epochs, ...) for each cohort size with the real TPU compiler (libtpu:
+``pip install -e ".[tpu]"``) and prints, per target and cohort size, the schedule (chunk size) that fits,
+memory per device, FLOPs per round and the lower bound on round time at the chip's peak; --out writes JSON.
+
+    python -m fedjax_tl.experiments.plan --target=v5e-1 --model=resnet50 --dtype=bfloat16 --cohorts=10,100,1000
+    python -m fedjax_tl.experiments.plan --target=v5e-1,v5e-4 --image_size=224 --dtype=bfloat16 --out=plan.json
+    python -m fedjax_tl.experiments.plan --target=host --memory_gib=2 --model=tiny --cohorts=16   # this machine
+
+Targets: v2-8 (Colab "TPU v2"), v5e-1 (Colab "v5e-1 TPU"), v6e-1 (Colab "v6e-1 TPU"), v5e-4, v5e-8, v6e-4, v6e-8,
+host. Clients hold --examples_per_client examples each (default 50: CIFAR-10 over 1000 clients), so with batch
+32 and one local epoch each client runs 2 steps. Compiling ResNet50 takes about 1-2 minutes per program on 2 CPU
+cores; a row needs 1 program when the whole cohort fits and 3-5 when it must be chunked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+from fedjax_tl import plan
+from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.experiments import cifar10
+from fedjax_tl.experiments.common import ConfigError, check, format_table, parse_config, parse_ints
+from fedjax_tl.experiments.digits import client_optimizer  # moves to core.client with the framework
+from fedjax_tl.models import transfer
+
+
+def _planner_args(argv):
+  ap = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  ap.add_argument("--target", default="v5e-1")
+  ap.add_argument("--cohorts", default="10,100,1000")
+  ap.add_argument("--examples_per_client", type=int, default=50)
+  ap.add_argument("--num_train", type=int, default=50000)
+  ap.add_argument("--hbm_fraction", type=float, default=0.9)
+  ap.add_argument("--memory_gib", type=float, default=None, help="memory per device instead of the target's")
+  ap.add_argument("--max_compiles", type=int, default=6, help="compiles allowed for the chunk search per row")
+  ap.add_argument("--out", default=None)
+  return ap.parse_known_args(argv)
+
+
+def run(args, cfg: cifar10.Config, log=print) -> list[dict]:
+  model = cifar10.make_model(cfg, 10, (32, 32, 3))
+  local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
+                        epochs=cfg.local_epochs)
+  trainable = transfer.trainable_pattern(cfg.strategy)
+  rows = []
+  for name in args.target.split(","):
+    for c in parse_ints(args.cohorts, "cohorts"):
+      row = plan.plan_round(local, name, cohort_size=c, pad_size=args.examples_per_client, num_train=args.num_train,
+                            trainable=trainable, schedule=cfg.schedule, hbm_fraction=args.hbm_fraction,
+                            memory_bytes=int(args.memory_gib * plan.GiB) if args.memory_gib else None,
+                            max_compiles=args.max_compiles, log=log)
+      row.update(model=cfg.model, image_size=cfg.image_size, dtype=cfg.dtype, strategy=cfg.strategy)
+      rows.append(row)
+      if args.out:  # after every row: compiles are slow, keep what is done
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+          json.dump({"config": dataclasses.asdict(cfg), "planner": vars(args), "rows": rows}, f, indent=1)
+  cols = ["target", "cohort", "schedule", "GiB/device", "% HBM", "fits", "TFLOP/round", "ms/round >=", "compile s"]
+  table = [[r["target"], r["cohort"], r["schedule"],
+            f"{r['bytes_per_device'] / plan.GiB:.2f}" if r["bytes_per_device"] else "OOM",
+            f"{100 * r['hbm_fraction']:.0f}" if r["hbm_fraction"] else "", r["fits"],
+            f"{r.get('flops_per_round', 0) / 1e12:.2f}", f"{r['min_round_ms']:.1f}" if r.get("min_round_ms") else "",
+            f"{r.get('compile_s', 0):.0f}"] for r in rows]
+  log(format_table(cols, table))
+  return rows
+
+
+def main(argv=None) -> None:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args, rest = _planner_args(argv)
+  cfg, _ = parse_config(cifar10.Config, cifar10.PRESETS, rest, __doc__.splitlines()[0])
+  prog = "python -m fedjax_tl.experiments.plan"
+  try:
+    check(cfg.model in cifar10.BACKBONES, f"Unknown model {cfg.model!r}; choose one of {sorted(cifar10.BACKBONES)}.")
+    check(cfg.bn != "local", "--bn=local keeps a state per client of the population; plan with --bn=average.")
+    check(args.examples_per_client >= 1 and args.num_train >= args.examples_per_client,
+          "--examples_per_client must be >= 1 and at most --num_train.")
+    for name in args.target.split(","):
+      plan.resolve_target(name)
+    run(args, cfg)
+  except (ConfigError, plan.PlanError) as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+  main()
