@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_tl import keys
 from fedjax_tl.models.base import Model
 from fedjax_tl.types import ModelState, Params, PRNGKey, Updates
 
-__all__ = ["LocalTraining", "ClientState", "ClientOutput", "merge_params", "masked_cross_entropy"]
+__all__ = ["LocalTraining", "client_optimizer", "OPTIMIZERS", "ClientState", "ClientOutput", "merge_params",
+           "masked_cross_entropy"]
 
 
 class ClientState(NamedTuple):
@@ -141,7 +143,7 @@ class LocalTraining:
       active = (n > 0) & (t < self.epochs * steps_per_epoch)
     # A fresh permutation of the client's own examples every epoch: real slots sorted by a random key, padding
     # slots last.
-    noise = jax.random.uniform(jax.random.fold_in(state.key, epoch), (pad,))
+    noise = jax.random.uniform(keys.epoch(state.key, epoch), (pad,))
     perm = jnp.argsort(jnp.where(jnp.arange(pad) < n, noise, 2.0))
     pos = within * b + jnp.arange(b)
     mask = (pos < n) & active
@@ -152,7 +154,7 @@ class LocalTraining:
     """One local step ``t`` for one client; ``x``/``y`` are the whole dataset, ``indices`` the client's row."""
     idx, mask, active = self.batch(state, t, indices)
     xb, yb = x[idx], y[idx]
-    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1 << 20), t)
+    step_key = keys.step(state.key, t)
     aug_key, drop_key = jax.random.split(step_key)
     if self.augment is not None:
       xb = self.augment(aug_key, xb)
@@ -184,3 +186,14 @@ class LocalTraining:
     n = state.num_examples.astype(jnp.float32)
     metrics = {"loss": state.loss_sum / seen, "accuracy": state.correct / seen, "num_examples": n}
     return ClientOutput(delta, state.model_state, n, metrics)
+
+
+# Client optimizers by name (the experiments' --client_optimizer): name -> (learning rate -> optax optimizer).
+OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam, "momentum": lambda lr: optax.sgd(lr, momentum=0.9)}
+
+
+def client_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+  """The optax optimizer ``name`` (one of ``OPTIMIZERS``) with learning rate ``lr``."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"Unknown client optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
+  return OPTIMIZERS[name](lr)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer  # noqa: F401 (re-exported)
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.core.train import run_rounds
@@ -32,6 +32,7 @@ from fedjax_tl.data.client_data import Dataset, FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
 from fedjax_tl.experiments.common import (
   TransformFlags,
+  fedavg_kwargs,
   format_table,
   parse_config,
   run_in_workdir,
@@ -81,21 +82,12 @@ PRESETS = {
     "smoke": Config(pretrain_epochs=2, rounds=2, num_clients=6, clients_per_round=3),
 }
 
-OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam, "momentum": lambda lr: optax.sgd(lr, momentum=0.9)}
-
-
 def _ints(text: str) -> list[int]:
   return [int(v) for v in text.split(",") if v.strip()]
 
 
 def make_model(cfg: Config, num_classes: int) -> Model:
   return Model(CNN(num_classes=num_classes, features=tuple(_ints(cfg.features)), hidden=cfg.hidden), (8, 8, 1))
-
-
-def client_optimizer(name: str, lr: float) -> optax.GradientTransformation:
-  if name not in OPTIMIZERS:
-    raise ValueError(f"Unknown client optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
-  return OPTIMIZERS[name](lr)
 
 
 def pretrain(cfg: Config, source: Dataset) -> dict:
@@ -138,7 +130,7 @@ def run(cfg: Config, log=print) -> dict:
     algo = FedAvg(LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                                 epochs=cfg.local_epochs),
                   server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
-                  trainable=None if name.startswith("scratch") else cfg.trainable, **dp_kwargs)
+                  trainable=None if name.startswith("scratch") else cfg.trainable, **fedavg_kwargs(dp_kwargs))
     eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
     workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
     server, hist = run_in_workdir(cfg, algo, algo.init(params, state, data.num_clients), data, rounds=cfg.rounds,
