@@ -71,10 +71,17 @@ _EXPORTS = {
     "dp_fedavg": "fedjax_tl.transforms.privacy",
     "AdaptiveClipping": "fedjax_tl.transforms.adaptive_clip",
     "SecureAggregation": "fedjax_tl.transforms.secure_agg",
+    # aggregators
+    "aggregators": "fedjax_tl.aggregators",
+    "Mean": "fedjax_tl.aggregators",
+    "WeightedMean": "fedjax_tl.aggregators",
+    "UniformMean": "fedjax_tl.aggregators",
+    "DPFedAvg": "fedjax_tl.aggregators",
     # core
     "LocalTraining": "fedjax_tl.core.client",
     "client_optimizer": "fedjax_tl.core.client",
     "Schedule": "fedjax_tl.core.execution",
+    "store": "fedjax_tl.core.store",
     "FedAvg": "fedjax_tl.core.fedavg",
     "ServerState": "fedjax_tl.core.fedavg",
     "sample_clients": "fedjax_tl.core.fedavg",

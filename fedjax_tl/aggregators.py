@@ -1,130 +1,40 @@
-"""Aggregators: what happens between the clients' updates and the server's mean update.
+"""Aggregators: the protocol (:mod:`fedjax_tl.core.aggregation`) and every implementation in one place.
 
-An aggregator is a frozen (hashable) object with an optax-like pair of pure functions around the reduction
-over clients, plus two host-side hooks for protocols that need them (secure aggregation's key agreement and
-mask recovery). Like pfl-research's postprocessors, the algorithm never knows which mechanism it runs:
-
-    state                 = agg.init(template)                                    server state (checkpointed)
-    shared, host          = agg.setup(state, num_clients, padded, max_weight, key)  host, once per round
-    message, weight, mets = agg.encode(delta, num_examples, state, shared, ctx)   traced, per client (vmapped)
-        (the execution layer reduces: sum_i weight_i * message_i, and sum_i weight_i; unsigned integer
-         messages are summed unweighted modulo 2^bits)
-    total, weight, info   = agg.aggregate(message_sum, weight_sum, shared, host)  host; total None = aborted
-    mean, state, metrics  = agg.decode(total, weight, state, client_metrics, real, key)   traced, server side
-    agg.bits(template)    -> exact uplink bits per client, or None: what the update transform sends
-
-``ctx`` is the client's :class:`~fedjax_tl.core.execution.ClientContext` (client id, cohort position, its own
-key); ``real`` marks the real clients of the padded cohort; ``key`` is the round's "aggregator" stream
-(:mod:`fedjax_tl.keys`). Update transforms (compression, clipping as a transform) run on each client's delta
-*before* ``encode``, so any transform composes with any aggregator.
-
-Concrete aggregators: :class:`Mean` (``WeightedMean()`` = FedAvg, ``UniformMean()``), :class:`DPFedAvg`
-(clip + Gaussian noise, McMahan et al. 2018), :class:`~fedjax_tl.transforms.adaptive_clip.AdaptiveClipping`
-(Andrew et al. 2021) and :class:`~fedjax_tl.transforms.secure_agg.SecureAggregation` (Bonawitz et al. 2017).
+:class:`Mean` (``WeightedMean()`` = FedAvg, ``UniformMean()``), :class:`DPFedAvg` (clip + Gaussian noise,
+McMahan et al. 2018), :class:`AdaptiveClipping` (Andrew et al. 2021) and :class:`SecureAggregation`
+(Bonawitz et al. 2017). Pass one as ``FedAvg(aggregator=...)``; the algorithm never knows which it runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
 
-import jax
 import jax.numpy as jnp
 
+from fedjax_tl.core.aggregation import (  # noqa: F401 (re-exported)
+  WEIGHTINGS,
+  Aggregator,
+  Mean,
+  UniformMean,
+  WeightedMean,
+  client_weight,
+  mean_of,
+)
 from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
 from fedjax_tl.transforms.privacy import add_noise, clip_by_norm
 from fedjax_tl.transforms.secure_agg import SecureAggregation
-from fedjax_tl.types import PRNGKey, Updates
 
 __all__ = ["Aggregator", "Mean", "WeightedMean", "UniformMean", "DPFedAvg", "AdaptiveClipping", "SecureAggregation",
            "WEIGHTINGS", "client_weight", "mean_of"]
 
-WEIGHTINGS = ("num_examples", "uniform")
-
-
-class Aggregator(Protocol):
-  """The aggregation protocol (see the module docstring); implementations are frozen dataclasses."""
-
-  def init(self, template: Updates) -> Any: ...
-
-  def setup(self, state: Any, num_clients: int, padded: int, max_weight: float, key: PRNGKey) -> tuple[Any, Any]: ...
-
-  def encode(self, delta: Updates, num_examples: jax.Array, state: Any, shared: Any, ctx) -> tuple: ...
-
-  def aggregate(self, message_sum: Any, weight_sum: jax.Array, shared: Any, host: Any) -> tuple: ...
-
-  def decode(self, total: Updates, weight_sum: jax.Array, state: Any, client_metrics: dict, real: jax.Array,
-             key: PRNGKey) -> tuple[Updates, Any, dict]: ...
-
-  def bits(self, template: Updates) -> int | None: ...
-
-
-def client_weight(weighting: str, num_examples: jax.Array, client_id: jax.Array) -> jax.Array:
-  """A client's aggregation weight: its number of examples (FedAvg), or 1 for every real client of the cohort,
-  also one without examples, which sends a zero update (the mean is over the cohort, as DP's sensitivity needs)."""
-  if weighting == "uniform":
-    return (client_id >= 0).astype(jnp.float32)
-  return num_examples
-
-
-def mean_of(total: Updates, weight_sum: jax.Array) -> Updates:
-  """The weighted mean from the weighted sum (float32 sums, cast back to the update's dtype)."""
-  w = jnp.maximum(weight_sum, 1e-12)
-  return jax.tree.map(lambda d: d / w, total)
-
 
 @dataclasses.dataclass(frozen=True)
-class Mean:
-  """The (weighted) mean of the clients' updates: ``weighting`` "num_examples" is FedAvg (McMahan et al. 2017),
-  "uniform" weighs every client of the cohort 1."""
-
-  weighting: str = "num_examples"
-
-  def __post_init__(self):
-    if self.weighting not in WEIGHTINGS:
-      raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
-
-  def init(self, template):
-    del template
-    return None
-
-  def setup(self, state, num_clients, padded, max_weight, key):
-    del state, num_clients, padded, max_weight, key
-    return None, None
-
-  def encode(self, delta, num_examples, state, shared, ctx):
-    del state, shared
-    return delta, client_weight(self.weighting, num_examples, ctx.client_id), {}
-
-  def aggregate(self, message_sum, weight_sum, shared, host):
-    del shared, host
-    return message_sum, weight_sum, {}
-
-  def decode(self, total, weight_sum, state, client_metrics, real, key):
-    del client_metrics, real, key
-    return mean_of(total, weight_sum), state, {}
-
-  def bits(self, template):
-    del template
-    return None
-
-
-def WeightedMean() -> Mean:  # noqa: N802 (reads as a class)
-  """FedAvg's mean, weighted by the clients' numbers of examples."""
-  return Mean("num_examples")
-
-
-def UniformMean() -> Mean:  # noqa: N802
-  """The plain mean over the cohort's clients."""
-  return Mean("uniform")
-
-
-@dataclasses.dataclass(frozen=True)
-class DPFedAvg(Mean):
-  """DP-FedAvg with a fixed clip (McMahan et al. 2018): every client's update is clipped to L2 norm ``clip``
-  (after the update transforms, so the bound holds for what is sent), the uniformly weighted mean over the
-  cohort gets N(0, (noise_multiplier * clip / cohort_size)^2) noise on every coordinate. ``clip = inf`` and
-  ``noise_multiplier = 0`` is plain uniform FedAvg."""
+class DPFedAvg:
+  """DP-FedAvg with a fixed clip (McMahan et al. 2018, "Learning Differentially Private Recurrent Language
+  Models"): every client's update is clipped to L2 norm ``clip`` (after the update transforms, so the bound
+  holds for what is sent), the mean is uniform over the cohort, and it gets N(0, (noise_multiplier * clip /
+  cohort_size)^2) noise on every coordinate (the aggregator key). ``clip = inf`` and ``noise_multiplier = 0``
+  is plain uniform FedAvg. Account with :mod:`fedjax_tl.privacy.accounting`."""
 
   clip: float = 1.0
   noise_multiplier: float = 0.0
@@ -138,13 +48,27 @@ class DPFedAvg(Mean):
       raise ValueError(f"Need clip > 0, noise_multiplier >= 0 and cohort_size >= 1, got {self.clip}, "
                        f"{self.noise_multiplier}, {self.cohort_size}.")
 
+  _MEAN = Mean("uniform")
+
+  def init(self, template):
+    return self._MEAN.init(template)
+
+  def setup(self, state, num_clients, padded, max_examples, key):
+    return self._MEAN.setup(state, num_clients, padded, max_examples, key)
+
   def encode(self, delta, num_examples, state, shared, ctx):
     clipped, norm = clip_by_norm(delta, self.clip)
-    delta, weight, _ = super().encode(clipped, num_examples, state, shared, ctx)
+    delta, weight, _ = self._MEAN.encode(clipped, num_examples, state, shared, ctx)
     return delta, weight, {"dp_within_clip": (norm <= self.clip).astype(jnp.float32)}
 
+  def aggregate(self, message_sum, weight_sum, shared, host):
+    return self._MEAN.aggregate(message_sum, weight_sum, shared, host)
+
   def decode(self, total, weight_sum, state, client_metrics, real, key):
-    mean, state, metrics = super().decode(total, weight_sum, state, client_metrics, real, key)
+    mean, state, metrics = self._MEAN.decode(total, weight_sum, state, client_metrics, real, key)
     if self.noise_multiplier > 0:
       mean = add_noise(mean, self.noise_multiplier * self.clip / self.cohort_size, key)
     return mean, state, metrics
+
+  def bits(self, template):
+    return self._MEAN.bits(template)

@@ -9,13 +9,15 @@ Every key of a run is a path of ``fold_in``\\ s from ``PRNGKey(seed)``, written 
               │    ├► step(client, t)             augmentation and dropout of local step t
               │    └► postprocess(client)         its update transforms (clip, compression, ...)
               │         └► secure_agg(post)       its secure-aggregation rounding
-              └► server(round_key, stream)        server-side randomness: DP noise, adaptive clipping,
-                                                  downlink compression (one named stream each)
+              └► server(round_key, stream)        server-side randomness, one named stream each: the server
+                                                  transform (e.g. DP noise), the aggregator (DP-FedAvg noise,
+                                                  adaptive clipping), downlink compression
 
 Client keys fold the client id into the round key. Client ids are int32 (``< 2^31``, padding ``-1`` =
 ``2^32 - 1`` as uint32), so the server streams hang off ``fold_in(round_key, 2^32 - 2)``, a value no client
 id can take. Before this module the server streams were ``fold_in(round_key, k << 20)`` for k = 3 (the
-server transform, e.g. DP noise), 4 (adaptive clipping) and 5 (downlink compression): client ``3 << 20``
+server transform, e.g. DP noise), 4 (adaptive clipping, now the aggregator stream) and 5 (downlink
+compression): client ``3 << 20``
 trained with exactly the DP-noise key. Those three streams changed; every other derivation is unchanged, so
 runs without them are bit-identical to before.
 

@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
+from fedjax_tl.core.params import split_params
 from fedjax_tl.models.base import Model
 from fedjax_tl.types import ModelState, Params, PRNGKey, Updates
 
@@ -88,6 +89,9 @@ class LocalTraining:
     norm_stats: "batch": normalisation layers use batch statistics and update their running statistics
       (training mode); "frozen": they use the running statistics they were given and leave them unchanged
       (inference mode, as a Keras BatchNormalization with trainable=False).
+    personal: regex of params that are the client's own (set by ``FedAvg(local_params=...)``): ``init`` takes
+      them from ``model_state["personal"]`` (the client's stored copy) and trains them with the rest; ``finish``
+      returns them in ``model_state["personal"]`` and leaves them out of the delta, so they are never sent.
   """
 
   model: Model
@@ -97,6 +101,7 @@ class LocalTraining:
   steps: int | None = None
   augment: Callable[[PRNGKey, jax.Array], jax.Array] | None = None
   norm_stats: str = "batch"
+  personal: str | None = None
 
   def __post_init__(self):
     if self.norm_stats not in ("batch", "frozen"):
@@ -127,6 +132,8 @@ class LocalTraining:
   # ---- pure pieces (traced) ----
   def init(self, params: Params, model_state: ModelState, key: PRNGKey, num_examples: jax.Array) -> ClientState:
     z = jnp.zeros((), jnp.float32)
+    if self.personal is not None:  # the client's own params join the broadcast ones
+      params, model_state = merge_params(params, model_state["personal"]), model_state["model"]
     return ClientState(params, self.optimizer.init(params), model_state, key,
                        jnp.asarray(num_examples, jnp.int32), z, z, z)
 
@@ -181,11 +188,15 @@ class LocalTraining:
     )
 
   def finish(self, state: ClientState, server_params: Params) -> ClientOutput:
-    delta = jax.tree.map(lambda c, s: (c - s).astype(s.dtype), state.params, server_params)
+    params, model_state = state.params, state.model_state
+    if self.personal is not None:  # kept by the client, never sent
+      personal, params = split_params(params, self.personal)
+      model_state = {"model": model_state, "personal": personal}
+    delta = jax.tree.map(lambda c, s: (c - s).astype(s.dtype), params, server_params)
     seen = jnp.maximum(state.seen, 1.0)
     n = state.num_examples.astype(jnp.float32)
     metrics = {"loss": state.loss_sum / seen, "accuracy": state.correct / seen, "num_examples": n}
-    return ClientOutput(delta, state.model_state, n, metrics)
+    return ClientOutput(delta, model_state, n, metrics)
 
 
 # Client optimizers by name (the experiments' --client_optimizer): name -> (learning rate -> optax optimizer).

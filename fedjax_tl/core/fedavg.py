@@ -18,7 +18,8 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
-from fedjax_tl.aggregators import Aggregator, Mean
+from fedjax_tl.core import store
+from fedjax_tl.core.aggregation import Aggregator, Mean
 from fedjax_tl.core.client import ClientOutput, LocalTraining, merge_params
 from fedjax_tl.core.execution import (
   ClientContext,
@@ -48,9 +49,18 @@ class ServerState(NamedTuple):
   transform_states: Any = None  # stateful client_transform: every client's own state, [num_clients, ...]
   server_transform_state: Any = None  # stateful server_transform's state
   aggregator_state: Any = None  # the aggregator's server state (e.g. adaptive clipping's clip norm)
+  client_params: Params = None  # local_params: every client's own params, [num_clients, ...]
 
   def full_params(self) -> Params:
+    """The global model (without the clients' own params when there are local_params)."""
     return merge_params(self.params, self.frozen)
+
+  def client_full_params(self, client_id: int) -> Params:
+    """Client ``client_id``'s model: the global params with its own local params."""
+    if self.client_params is None:
+      return self.full_params()
+    own = jax.tree.map(lambda a: a[client_id], self.client_params)
+    return merge_params(merge_params(self.params, own), self.frozen)
 
   @property
   def clip_norm(self) -> jax.Array | None:
@@ -94,6 +104,9 @@ class FedAvg:
       "chunked:auto" sizes the chunks from XLA's memory analysis to fit ``memory_budget`` bytes (default: half
       the device's free memory, or a quarter of the host's RAM on CPU).
     trainable: regex of trainable param paths (None: all); the rest is frozen and never communicated.
+    local_params: regex of trainable params that every client keeps for itself: trained locally, never sent
+      nor averaged, stored per client of the population in ``ServerState.client_params`` (FedPer, Arivazhagan
+      et al. 2019, with ``"^head/"``: a personal head over a shared body). Needs ``num_clients`` in init.
     model_state: how non-param collections (BatchNorm statistics) are treated:
       "average" - clients normalise with batch statistics and update the running statistics; the server
         takes their weighted mean (sent up and down like params);
@@ -136,6 +149,7 @@ class FedAvg:
   downlink: UpdateTransform | None = None
   memory_budget: int | None = None
   aggregator: Aggregator = Mean()
+  local_params: str | None = None
 
   def __post_init__(self):
     if self.postprocess is not None and (self.client_transform is not None or self.aggregator != Mean()):
@@ -150,6 +164,8 @@ class FedAvg:
       raise ValueError(f"model_state must be one of {MODEL_STATE_MODES}, got {self.model_state!r}.")
     if self.model_state == "frozen":
       object.__setattr__(self, "local", dataclasses.replace(self.local, norm_stats="frozen"))
+    if self.local_params is not None:
+      object.__setattr__(self, "local", dataclasses.replace(self.local, personal=self.local_params))
     # Not a field: the runner per pad size. Their compiled programs are shared by equal configurations.
     object.__setattr__(self, "_runners", {})
 
@@ -169,8 +185,9 @@ class FedAvg:
   def runner(self, pad_size: int) -> CohortRunner:
     if pad_size not in self._runners:
       post = self.postprocess if self.postprocess is not None else self._client_postprocess
+      per_client = self.model_state == "local" or self.local_params is not None
       self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post,
-                                             per_client_state=self.model_state == "local", mesh=self.mesh)
+                                             per_client_state=per_client, mesh=self.mesh)
     return self._runners[pad_size]
 
   # ---- state ----
@@ -178,6 +195,12 @@ class FedAvg:
            num_clients: int | None = None) -> ServerState:
     """Server state from initial params; ``num_clients`` (the population size) is needed for "local"."""
     trainable, frozen = split_params(params, self.trainable)
+    client_params = None
+    if self.local_params is not None:
+      if not num_clients:
+        raise ValueError("local_params are kept per client: pass num_clients to init().")
+      own, trainable = split_params(trainable, self.local_params)
+      client_params = store.population(own, num_clients)
     if self.downlink is not None and not is_stateless(self.downlink, trainable):
       raise ValueError("downlink must be stateless (every client decodes the broadcast on its own).")
     model_state = model_state or {}
@@ -191,18 +214,17 @@ class FedAvg:
       if not num_clients:
         raise ValueError("client_transform keeps a state per client (e.g. error feedback): pass num_clients "
                          "to init().")
-      one = t.init(trainable)
-      transform_states = jax.tree.map(lambda a: jnp.zeros((num_clients, *a.shape), a.dtype) + a, one)
+      transform_states = store.population(t.init(trainable), num_clients)
     if self.server_transform is not None and not is_stateless(self.server_transform, trainable):
       server_transform_state = self.server_transform.init(trainable)
     client_states = None
     if self.model_state == "local":
       if not num_clients:
         raise ValueError('model_state="local" keeps a state per client: pass num_clients to init().')
-      client_states = jax.tree.map(lambda a: jnp.broadcast_to(a, (num_clients, *a.shape)).copy(), model_state)
+      client_states = store.population(model_state, num_clients)
     return ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
                        jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state,
-                       self.aggregator.init(trainable))
+                       self.aggregator.init(trainable), client_params)
 
   def communication_bits(self, state: ServerState) -> tuple[int, int]:
     """(bits down, bits up) per client per round, exact: the trainable params as encoded by ``downlink`` /
@@ -248,34 +270,32 @@ class FedAvg:
     return state._replace(params=params, model_state=model_state, opt_state=opt_state, round=state.round + 1,
                           server_transform_state=server_ts, aggregator_state=agg_state), agg_metrics
 
-  @staticmethod
-  def _gather(population: Any, rows: jax.Array, num_clients: int, what: str) -> Any:
-    if population is None:
-      return None
-    held = jax.tree.leaves(population)[0].shape[0]
-    if held != num_clients:
-      raise ValueError(f"Server state holds {held} {what} but the data has {num_clients} clients.")
-    return jax.tree.map(lambda a: a[rows], population)
-
-  @staticmethod
-  def _scatter(population: Any, ids: jax.Array, new: Any) -> Any:
-    return jax.tree.map(lambda all_, n: all_.at[ids].set(n[: ids.shape[0]]), population, new)
+  def _cohort_model_state(self, state: ServerState, rows: jax.Array, num_clients: int) -> Any:
+    """What the runner gets as model state: shared, or per client ([C, ...]: FedBN's own statistics and/or the
+    clients' own params under ``{"model", "personal"}``)."""
+    if self.model_state == "local":
+      ms = store.gather(state.client_states, rows, num_clients, "client states")
+    elif self.local_params is not None:
+      ms = jax.tree.map(lambda a: jnp.broadcast_to(a, (rows.shape[0], *a.shape)), state.model_state)
+    else:
+      return state.model_state
+    if self.local_params is None:
+      return ms
+    return {"model": ms, "personal": store.gather(state.client_params, rows, num_clients, "clients' own params")}
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[dict, ServerState]:
     """One round: returns (metrics, new_state). Metrics are device scalars plus per-client arrays."""
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
-      ms = state.client_states if self.model_state == "local" else state.model_state
+      ms = self._cohort_model_state(state, jnp.zeros((1,), jnp.int32), data.num_clients)
       runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, ms, data.x, data.y,
                                                              len(client_ids), self.memory_budget)
     n = len(client_ids)
     cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(n))
     rows, ids = jnp.maximum(cohort.client_ids, 0), jnp.asarray(client_ids)
-    model_state = state.model_state
-    if self.model_state == "local":
-      model_state = self._gather(state.client_states, rows, data.num_clients, "client states")
-    carry = self._gather(state.transform_states, rows, data.num_clients, "client transform states")
+    model_state = self._cohort_model_state(state, rows, data.num_clients)
+    carry = store.gather(state.transform_states, rows, data.num_clients, "client transform states")
     params = state.params
     if self.downlink is not None:  # what the clients receive and train from
       params = self._broadcast(state.params, keys.server(round_key, "downlink"))
@@ -283,6 +303,10 @@ class FedAvg:
     shared, host = agg.setup(state.aggregator_state, n, cohort.size, float(data.pad_size), round_key)
     sums = runner(params, state.frozen, model_state, data.x, data.y, cohort, round_key, carry,
                   (state.aggregator_state, shared))
+    own = None
+    if self.local_params is not None:  # the clients' own params came back with their model states
+      own = sums.client_states["personal"]
+      sums = sums._replace(state_sum=sums.state_sum["model"], client_states=sums.client_states["model"])
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
     info = dict(info)
     senders = info.pop("senders", n)
@@ -294,9 +318,11 @@ class FedAvg:
       new_state, agg_metrics = self._server_update(state, sums._replace(delta_sum=total, weight_sum=weight_sum),
                                                    round_key, real)
     if self.model_state == "local":
-      new_state = new_state._replace(client_states=self._scatter(state.client_states, ids, sums.client_states))
+      new_state = new_state._replace(client_states=store.scatter(state.client_states, ids, sums.client_states))
+    if own is not None:
+      new_state = new_state._replace(client_params=store.scatter(state.client_params, ids, own))
     if carry is not None:
-      new_state = new_state._replace(transform_states=self._scatter(state.transform_states, ids, sums.client_carry))
+      new_state = new_state._replace(transform_states=store.scatter(state.transform_states, ids, sums.client_carry))
     cm = sums.client_metrics
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
