@@ -33,7 +33,7 @@ SETTINGS = [
     ("DP eps=8", {"dp_clip": 0.5, "dp_epsilon": 8.0}),
     ("DP eps=1 PLD", {"dp_clip": 0.5, "dp_epsilon": 1.0, "dp_accountant": "pld"}),
     ("DP eps=8 PLD", {"dp_clip": 0.5, "dp_epsilon": 8.0, "dp_accountant": "pld"}),
-    ("adaptive DP eps=8", {"dp_clip": 0.5, "dp_epsilon": 8.0, "dp_adaptive": True, "dp_count_stddev": 1.0}),
+    ("adaptive DP eps=8", {"dp_clip": 0.5, "dp_epsilon": 8.0, "dp_adaptive": True, "dp_count_stddev": 1.5}),
 ]
 
 
@@ -48,6 +48,10 @@ def main() -> None:
   for name, overrides in SETTINGS:
     if prefixes and not any(name.startswith(p) for p in prefixes):
       continue
+    # A count-noise std given on the command line wins over the setting's (adaptive clipping needs
+    # 2 * count_stddev > the calibrated noise multiplier, which grows with the cohort and the rounds).
+    if any(a.startswith("--dp_count_stddev") for a in rest):
+      overrides = {k: v for k, v in overrides.items() if k != "dp_count_stddev"}
     cfg = dataclasses.replace(base, **overrides)
     lines = []
     s = digits.run(cfg, log=lines.append)
@@ -57,12 +61,12 @@ def main() -> None:
                  "mb_up_total": s["mb_up_total"],
                  "mb_down_total": s["mb_down_total"], "epsilon": eps, "seconds": s["seconds"]})
     print(f"{name}: {rows[-1]}", flush=True)
+    if args.out:  # after every setting, so a later failure loses nothing
+      os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+      with open(args.out, "w") as f:
+        json.dump({"config": dataclasses.asdict(base), "rows": rows}, f, indent=1)
   cols = ["setting", "pretrained_acc", "scratch_acc", "mb_up_total", "mb_down_total", "epsilon", "seconds"]
   print(format_table(cols, [[r[c] for c in cols] for r in rows]))
-  if args.out:
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump({"config": dataclasses.asdict(base), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

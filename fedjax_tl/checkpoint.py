@@ -9,13 +9,17 @@ ends with bit-identical parameters on the same machine (tests/test_checkpoint.py
 checks this).
 
 A save is atomic: orbax writes into a temporary directory and renames it when complete, so a run killed during
-a save leaves the previous checkpoint as the latest loadable one.
+a save leaves the previous checkpoint as the latest loadable one. A checkpoint damaged afterwards (truncated or
+deleted files, unreadable metadata or config) is moved to ``WORKDIR/checkpoints.damaged/`` with a warning, and
+the restore falls back to the newest intact one; a config or model that differs from the checkpoint's is a
+:class:`ConfigMismatchError` instead (no fallback: an older checkpoint of the same run would not fit either).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,14 +29,37 @@ import orbax.checkpoint as ocp
 
 from fedjax_tl.types import PyTree
 
-__all__ = ["Checkpointer", "ConfigMismatchError"]
+__all__ = ["Checkpointer", "CheckpointError", "ConfigMismatchError", "CheckpointCorruptError"]
 
 # Fields that may differ between the run that saved and the run that resumes.
 RESUMABLE_FIELDS = ("rounds", "workdir", "resume", "checkpoint_every", "keep_checkpoints", "quiet")
 
 
-class ConfigMismatchError(ValueError):
-  """The config of a resumed run does not match the one stored with the checkpoint."""
+class CheckpointError(Exception):
+  """A checkpoint cannot be resumed from; the message says why and what to do."""
+
+
+class ConfigMismatchError(CheckpointError, ValueError):
+  """The config (or model) of a resumed run does not match the one stored with the checkpoint."""
+
+
+class CheckpointCorruptError(CheckpointError):
+  """Every checkpoint in the directory is damaged (each one is named with the reason)."""
+
+
+class _Damaged(Exception):
+  """One checkpoint cannot be read (internal: restore() falls back to an older one)."""
+
+
+def _short(e: Exception, limit: int = 200) -> str:
+  text = " ".join(str(e).split())
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _path(keys) -> str:
+  """'a/b/0' for a tree path, whatever the key types (orbax's metadata has dicts where the state has
+  NamedTuples)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
 
 def _path_name(entry) -> str:
@@ -87,7 +114,9 @@ class Checkpointer:
     self.every = every
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False,
                                            cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
 
   def latest_round(self) -> int | None:
     """The round of the last complete checkpoint, or None."""
@@ -117,20 +146,69 @@ class Checkpointer:
           f"The config does not match the checkpoint in {self.directory}:\n  " + "\n  ".join(diffs)
           + "\nResume with the same settings, or use a new --workdir.")
 
-  def restore(self, template: PyTree, round_num: int | None = None) -> PyTree:
-    """The saved state (latest unless ``round_num``), shaped like ``template`` (a freshly initialised state
-    of the same run). Raises ConfigMismatchError if the stored config differs, FileNotFoundError if none."""
-    step = self.latest_round() if round_num is None else round_num
-    if step is None:
+  def restore(self, template: PyTree, round_num: int | None = None, log=None) -> PyTree:
+    """The saved state (the newest intact one unless ``round_num``), shaped like ``template`` (a freshly
+    initialised state of the same run).
+
+    A damaged checkpoint is moved to ``checkpoints.damaged/`` and reported through ``log`` (default:
+    ``warnings.warn``), and the next older one is tried. Raises ConfigMismatchError if the stored config or
+    model differs, CheckpointCorruptError if no checkpoint is intact, FileNotFoundError if there is none.
+    """
+    steps = sorted(self.all_rounds(), reverse=True) if round_num is None else [round_num]
+    if not steps:
       raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
-    saved_config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    warn = log or (lambda msg: warnings.warn(msg, stacklevel=3))
+    damaged = []
+    for step in steps:
+      try:
+        return self._restore_step(step, template)
+      except _Damaged as e:
+        damaged.append(f"round {step}: {e}")
+        moved = self._move_aside(step)
+        warn(f"warning: checkpoint of round {step} in {self.directory} is damaged ({e}); moved it to {moved}"
+             + (" and trying the previous one." if step != steps[-1] else "."))
+    raise CheckpointCorruptError(
+        f"No intact checkpoint in {self.directory} (damaged ones were moved to {self.directory}.damaged): "
+        + "; ".join(damaged) + ". Restart without --resume in a new --workdir (or delete the checkpoints).")
+
+  def _restore_step(self, step: int, template: PyTree) -> PyTree:
+    try:
+      saved_config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # JSONDecodeError, KeyError (item missing), OSError, ...
+      raise _Damaged(f"its config cannot be read: {type(e).__name__}: {_short(e)}") from e
+    if not isinstance(saved_config, dict):
+      raise _Damaged(f"its config is a {type(saved_config).__name__}, not a JSON object")
     self.check_config(saved_config)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_tree(template))
+    tree = _to_tree(template)
+    try:
+      metadata = self._manager.item_metadata(step)["state"]
+      saved = {_path(k): f"{tuple(m.shape)} {np.dtype(m.dtype)}"
+               for k, m in jax.tree_util.tree_leaves_with_path(getattr(metadata, "tree", metadata))}
+    except Exception as e:
+      raise _Damaged(f"its array metadata cannot be read: {type(e).__name__}: {_short(e)}") from e
+    wanted = {_path(k): f"{v.shape} {v.dtype}" for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    if saved != wanted:
+      diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs model {wanted.get(k, 'missing')}"
+               for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+      raise ConfigMismatchError(
+          f"Checkpoint {step} in {self.directory} does not fit this model ({len(diffs)} arrays differ: "
+          + "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
+          + "). Resume with the code and settings that wrote it, or use a new --workdir.")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    except ValueError as e:
-      raise ConfigMismatchError(f"Checkpoint {step} in {self.directory} does not fit this model: {e}") from e
+    except Exception as e:  # the arrays' structure matched: what fails now is the data (truncated, deleted)
+      raise _Damaged(f"its arrays cannot be read: {type(e).__name__}: {_short(e)}") from e
     return _from_tree(restored["state"], template)
+
+  def _move_aside(self, step: int) -> str:
+    target = os.path.join(self.directory + ".damaged", str(step))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.exists(target):
+      target += f".{len(os.listdir(os.path.dirname(target)))}"
+    os.replace(os.path.join(self.directory, str(step)), target)
+    self._manager.reload()
+    return target
 
   def close(self) -> None:
     self._manager.close()

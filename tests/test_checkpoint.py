@@ -141,3 +141,82 @@ def test_plot_adds_epsilon_when_a_run_reports_it(tmp_path):
   (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   paths = plot_runs([str(run)])
   assert "epsilon_vs_round.png" in [os.path.basename(p) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+  """A work directory with the checkpoints of rounds 1 and 2 (untrained states) and the run's template."""
+  import jax.numpy as jnp
+
+  d = str(tmp_path_factory.mktemp("two"))
+  cfg = resume_worker.Config(workdir=d)
+  _, template, _ = resume_worker.build(cfg)
+  ck = Checkpointer(d, cfg)
+  for r in (1, 2):
+    ck.maybe_save(template._replace(round=jnp.int32(r)))
+  ck.close()
+  return d, template
+
+
+def _damage(step_dir, how):
+  import glob
+  import shutil
+
+  state = os.path.join(step_dir, "state")
+  if how == "truncated data file":
+    data = max(glob.glob(os.path.join(state, "**", "d", "*"), recursive=True), key=os.path.getsize)
+    os.truncate(data, 100)
+  elif how == "bad _METADATA":
+    with open(os.path.join(state, "_METADATA"), "w") as f:
+      f.write("garbage{")
+  elif how == "deleted manifests":
+    for p in glob.glob(os.path.join(state, "**", "manifest.ocdbt"), recursive=True):
+      os.remove(p)
+  elif how == "garbage config":
+    with open(os.path.join(step_dir, "config", "metadata"), "w") as f:
+      f.write("garbage{")
+  elif how == "deleted state":
+    shutil.rmtree(state)
+
+
+DAMAGE = ["truncated data file", "bad _METADATA", "deleted manifests", "garbage config", "deleted state"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_damaged_checkpoint_falls_back_to_the_previous_one(two_checkpoints, tmp_path, how):
+  import shutil
+
+  src, template = two_checkpoints
+  d = str(tmp_path / "run")
+  shutil.copytree(src, d)
+  _damage(os.path.join(d, "checkpoints", "2"), how)
+  ck = Checkpointer(d, resume_worker.Config(workdir=d))
+  with pytest.warns(UserWarning, match="checkpoint of round 2 in .* is damaged") as warned:
+    restored = ck.restore(template)  # (the entry points pass their log instead of warnings.warn)
+  assert int(restored.round) == 1
+  assert len(warned) == 1 and "does not fit" not in str(warned[0].message)
+  assert ck.all_rounds() == [1]  # moved aside, so that round 2 is saved again when the run gets there
+  assert os.path.isdir(os.path.join(d, "checkpoints.damaged", "2"))
+  ck.close()
+
+
+def test_no_intact_checkpoint_and_a_different_model_are_named(two_checkpoints, tmp_path):
+  import shutil
+
+  import jax.numpy as jnp
+
+  from fedjax_tl.checkpoint import CheckpointCorruptError
+
+  src, template = two_checkpoints
+  d = str(tmp_path / "run")
+  shutil.copytree(src, d)
+  ck = Checkpointer(d, resume_worker.Config(workdir=d))
+  with pytest.raises(ConfigMismatchError, match=r"does not fit this model \(7 arrays differ: params/"):
+    ck.restore(template._replace(params={"w": jnp.zeros(3)}))  # not damage: nothing is moved
+  assert ck.all_rounds() == [1, 2]
+  for step in ("1", "2"):
+    _damage(os.path.join(d, "checkpoints", step), "garbage config")
+  with pytest.raises(CheckpointCorruptError, match="No intact checkpoint.*round 2: its config cannot be read.*"
+                     "round 1: its config cannot be read"):
+    ck.restore(template, log=lambda _: None)
+  ck.close()

@@ -126,6 +126,37 @@ def test_no_recompilation_between_rounds(spec, tiny_data, tiny_local, tiny_param
   assert runner.trace_count == after_warmup
 
 
+def test_host_loop_compiles_only_the_blocks_that_run(tiny_model, tiny_data, tiny_params):
+  """Blocks are compiled on first use: clients with fewer steps than ``unroll`` never compile the unrolled
+  block (sequential/host:8 then traces exactly what sequential/host:1 traces); a later round whose client
+  needs it compiles it then, once, and the results stay those of the plain per-client reference."""
+  params, state = tiny_params
+  local = LocalTraining(tiny_model, optax.sgd(0.1), batch_size=2, epochs=1)  # clients 0, 2 run 4, 2 steps
+  key = jax.random.PRNGKey(3)
+  traces, out = {}, {}
+  for spec in ("sequential/host:8", "sequential/host:1"):
+    algo = FedAvg(local, schedule=spec)
+    _, s = algo.apply(algo.init(params, state), tiny_data, np.array([0, 2]), key)
+    _, s = algo.apply(s, tiny_data, np.array([2, 0]), key)  # the accumulating finish traces in round 1 already
+    traces[spec], out[spec] = algo.runner(tiny_data.pad_size).trace_count, (algo, s)
+  assert traces["sequential/host:8"] == traces["sequential/host:1"]
+  algo, s = out["sequential/host:8"]
+  runner = algo.runner(tiny_data.pad_size)
+  algo.apply(s, tiny_data, np.array([1]), key)  # 12 examples: 6 steps < 8, still no block
+  assert runner.trace_count == traces["sequential/host:8"]
+  big = FedAvg(LocalTraining(tiny_model, optax.sgd(0.1), batch_size=1, epochs=1), schedule="sequential/host:8")
+  big_runner = big.runner(tiny_data.pad_size)
+  _, b1 = big.apply(big.init(params, state), tiny_data, np.array([2, 4]), key)  # 3 and 1 steps
+  before = big_runner.trace_count
+  _, b2 = big.apply(b1, tiny_data, np.array([1, 2]), key)  # 12 steps: one block of 8 + 4 single steps
+  assert big_runner.trace_count == before + 1
+  big.apply(b2, tiny_data, np.array([3, 0]), key)  # 9 and 7 steps: both executables exist
+  assert big_runner.trace_count == before + 1
+  expected, _ = reference_round(tiny_model, big.local, b1.params, tiny_data, [1, 2], key)
+  for a, e in zip(jax.tree.leaves(b2.params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6)
+
+
 def test_schedule_parsing():
   assert Schedule.parse("vmap") == Schedule(0, "scan", 1)
   assert Schedule.parse("sequential/host:8") == Schedule(1, "host", 8)

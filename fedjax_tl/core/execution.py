@@ -8,7 +8,8 @@ A schedule has two independent axes:
 * **steps** - ``loop="scan"`` runs the whole round (chunks and local steps) as one XLA program with
   ``lax.scan`` (steps unrolled ``unroll`` at a time); ``loop="host"`` calls a jitted block of ``unroll``
   unrolled steps from Python, then single steps up to the chunk's last active step, so a chunk of small
-  clients costs only its own steps.
+  clients costs only its own steps. Each of the two is compiled when a chunk first runs it, so a population
+  whose clients all have fewer than ``unroll`` steps never compiles the unrolled block.
 
 Measured on a 2-core x86 CPU, JAX 0.10.2, the workload-P CNN at batch 32 (see experiments/bench_schedules.py
 and the README's table): convolutions inside a rolled ``lax.scan`` are ~15x slower than the same steps
@@ -174,6 +175,9 @@ def _jit_method(fn: Callable, static_argnums: tuple[int, ...], donate_argnums: t
                  donate_argnums=tuple(i + 1 for i in donate_argnums))
 
 
+_COMPILED: dict = {}  # runner configuration -> its host loop's compiled blocks
+
+
 class _SharedJit:
   """A method of ``owner`` jitted with ``owner`` static, so equal owners hit the same compilation cache."""
 
@@ -219,7 +223,8 @@ def _weighted_sum(tree: PyTree, w: jax.Array) -> PyTree:
 class CohortRunner:
   """Runs a cohort's local training under a :class:`Schedule` and reduces it to :class:`RoundSums`.
 
-  Compiles once per (cohort size, padded client size); later rounds reuse the compiled programs.
+  Compiles once per (cohort size, padded client size) and, for the host loop, once per block length when a
+  chunk first needs it; later rounds reuse the compiled programs.
   ``trace_count`` counts how many times the traced functions were (re)traced, for tests.
   """
 
@@ -254,7 +259,8 @@ class CohortRunner:
     self._init_jit = _SharedJit(CohortRunner._init_chunk, self)
     self._block_jit = _SharedJit(CohortRunner._block, self, static_argnums=(6,), donate_argnums=(0,))
     self._finish_jit = _SharedJit(CohortRunner._finish_chunk, self)
-    self._compiled: dict[str, tuple] = {}
+    # The host loop's ahead-of-time compiled blocks, shared by equal runners like the jitted functions.
+    self._compiled: dict[tuple[str, int], Any] = _COMPILED.setdefault(self, {})
 
   def _config(self) -> tuple:
     return (self.local, self.schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh)
@@ -423,21 +429,17 @@ class CohortRunner:
       return self._round_jit(params, frozen, model_state, x, y, cohort, round_key, carry, shared)
     return self._round_host(params, frozen, model_state, x, y, cohort, round_key, carry, shared)
 
-  def _blocks(self, states, frozen, x, y, indices):
-    """Compiled (block of ``unroll`` steps, single step) executables for this chunk shape.
+  def _block_exe(self, sig: str, states, frozen, x, y, indices, n_steps: int):
+    """The compiled block of ``n_steps`` unrolled steps for this chunk shape, compiled on first use.
 
     A chunk runs ``steps // unroll`` full blocks, then the remaining steps one at a time, so no step past the
-    chunk's last active one is computed. Both are compiled ahead of time on first use, so a later round whose
-    clients need a different remainder never compiles again.
+    chunk's last active one is computed. Each executable is compiled only when a chunk first needs it: a
+    population whose clients all have fewer than ``unroll`` steps never compiles the unrolled block (a ResNet
+    block of 8 steps costs more to compile than a short round costs to run).
     """
-    sig = (jax.tree.map(lambda a: (a.shape, a.dtype), states), indices.shape, x.shape)
-    key = str(sig)
+    key = (sig, n_steps)
     if key not in self._compiled:
-      t = jnp.int32(0)
-      u = self.schedule.unroll
-      block = self._block_jit.lower(states, t, frozen, x, y, indices, u).compile()
-      single = block if u == 1 else self._block_jit.lower(states, t, frozen, x, y, indices, 1).compile()
-      self._compiled[key] = (block, single)
+      self._compiled[key] = self._block_jit.lower(states, jnp.int32(0), frozen, x, y, indices, n_steps).compile()
     return self._compiled[key]
 
   def _round_host(self, params, frozen, model_state, x, y, cohort, round_key, carry, shared):
@@ -455,10 +457,12 @@ class CohortRunner:
       states = self._init_jit(params, ms, keys[sl], cohort.num_examples[sl])
       chunk_steps = int(active[sl].max(initial=0))
       full, rest = divmod(chunk_steps, u)
-      block, single = self._blocks(states, frozen, x, y, indices)
+      sig = str((jax.tree.map(lambda a: (a.shape, a.dtype), states), indices.shape, x.shape))
       for b in range(full):
+        block = self._block_exe(sig, states, frozen, x, y, indices, u)
         states = block(states, jnp.int32(b * u), frozen, x, y, indices)
       for t in range(full * u, chunk_steps):
+        single = self._block_exe(sig, states, frozen, x, y, indices, 1)
         states = single(states, jnp.int32(t), frozen, x, y, indices)
       chunk_ctx = ClientContext(ctx.client_id[sl], ctx.position[sl], ctx.key[sl], shared)
       acc = self._finish_jit(states, params, acc, chunk_ctx, jax.tree.map(lambda a, sl=sl: a[sl], carry))

@@ -166,8 +166,10 @@ class FedAvg:
       object.__setattr__(self, "local", dataclasses.replace(self.local, norm_stats="frozen"))
     if self.local_params is not None:
       object.__setattr__(self, "local", dataclasses.replace(self.local, personal=self.local_params))
-    # Not a field: the runner per pad size. Their compiled programs are shared by equal configurations.
+    # Not fields: the runner per pad size (their compiled programs are shared by equal configurations) and the
+    # model's number of outputs (for the label check).
     object.__setattr__(self, "_runners", {})
+    object.__setattr__(self, "_num_outputs", None)
 
   # ---- client side ----
   def _client_postprocess(self, out: ClientOutput, carry, ctx: ClientContext):
@@ -225,6 +227,17 @@ class FedAvg:
     return ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
                        jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state,
                        self.aggregator.init(trainable), client_params)
+
+  def _check_labels(self, data: FederatedData) -> None:
+    """Raises if ``data`` has labels the model has no logit for (they would give NaN losses, reported later as
+    a diverged model). The data's own labels are checked against its ``num_classes`` when it is built."""
+    if self._num_outputs is None:
+      object.__setattr__(self, "_num_outputs", self.local.model.num_outputs())
+    k, top = self._num_outputs, data.label_range[1]
+    if top >= k:
+      raise ValueError(f"The data has labels up to {top} (num_classes={data.num_classes}) but the model has {k} "
+                       f"outputs: labels >= {k} have no logit and give NaN losses. Build the model with "
+                       f"num_classes={max(data.num_classes, top + 1)} outputs, or remap the labels to 0..{k - 1}.")
 
   def communication_bits(self, state: ServerState) -> tuple[int, int]:
     """(bits down, bits up) per client per round, exact: the trainable params as encoded by ``downlink`` /
@@ -286,6 +299,7 @@ class FedAvg:
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[dict, ServerState]:
     """One round: returns (metrics, new_state). Metrics are device scalars plus per-client arrays."""
+    self._check_labels(data)
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
       ms = self._cohort_model_state(state, jnp.zeros((1,), jnp.int32), data.num_clients)

@@ -6,6 +6,7 @@ import math
 import time
 from collections.abc import Callable
 
+import jax
 import numpy as np
 
 from fedjax_tl.core.fedavg import FedAvg, ServerState, sample_clients
@@ -13,7 +14,43 @@ from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.keys import round_keys
 from fedjax_tl.types import PRNGKey
 
-__all__ = ["run_rounds", "round_keys"]
+__all__ = ["run_rounds", "round_keys", "CompileTimer"]
+
+# jax.monitoring time spans of tracing, lowering to MLIR and XLA compilation (jax._src.dispatch).
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+
+
+class CompileTimer:
+  """Context manager: seconds JAX spent tracing, lowering and compiling inside it (``.seconds``).
+
+  Listens to jax.monitoring's time spans of those phases; nested spans (a jitted function traced inside
+  another's trace) are merged, so every second counts once.
+  """
+
+  def __init__(self):
+    self._spans: list[tuple[float, float]] = []
+
+  def _on_span(self, event: str, start: float, end: float, **kwargs) -> None:
+    del kwargs
+    if event in _COMPILE_EVENTS:
+      self._spans.append((start, end))
+
+  def __enter__(self) -> CompileTimer:
+    jax.monitoring.register_event_time_span_listener(self._on_span)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_time_span_listener(self._on_span)
+
+  @property
+  def seconds(self) -> float:
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(self._spans):
+      if end > reach:
+        total += end - max(start, reach)
+        reach = end
+    return total
 
 
 def _to_python(v):
@@ -37,8 +74,10 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
   Each record holds the round number, every metric the algorithm returned (device scalars as numbers, arrays as
   lists; the per-client metrics under ``client_metrics``, aligned with ``client_ids``, the round's cohort), the
   cumulative uplink/downlink megabytes of the run (``mb_up_total``/``mb_down_total``, starting from
-  ``bytes_so_far`` = (up, down) of the rounds before a resume), wall time, examples/s and, every ``eval_every``
-  rounds and at the end, the evaluation metrics prefixed ``test_``.
+  ``bytes_so_far`` = (up, down) of the rounds before a resume), ``compile_s`` (seconds the round spent
+  tracing and compiling: the first round, or one that first runs a new program), ``wall_s`` (the round's
+  time until the new server state is computed, excluding ``compile_s``), examples/s (over ``wall_s``) and,
+  every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
   The cohort of round r is ``sampler(key, r)`` (default: ``cohort_size`` clients uniformly without replacement,
   :func:`sample_clients`), with ``key`` derived from the seed and r (:func:`fedjax_tl.keys.sampling`).
   A non-finite training loss stops the run with an error naming the round. ``on_round(record, state)`` is
@@ -53,20 +92,24 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
   up_total, down_total = bytes_so_far
   start_round = int(state.round)
   for r in range(start_round, start_round + rounds):
-    t0 = time.perf_counter()
-    sample_key, train_key = round_keys(seed, r)
-    ids = np.asarray(sampler(sample_key, r))
-    metrics, state = algorithm.apply(state, data, ids, train_key)
-    loss = float(metrics["train_loss"])
-    wall = time.perf_counter() - t0
+    with CompileTimer() as compile_timer:
+      t0 = time.perf_counter()
+      sample_key, train_key = round_keys(seed, r)
+      ids = np.asarray(sampler(sample_key, r))
+      metrics, state = algorithm.apply(state, data, ids, train_key)
+      state = jax.block_until_ready(state)  # the server update is dispatched asynchronously: time it too
+      loss = float(metrics["train_loss"])
+      elapsed = time.perf_counter() - t0
+    compile_s = min(compile_timer.seconds, elapsed)
+    wall = elapsed - compile_s
     if not math.isfinite(loss):
       raise FloatingPointError(
           f"Client training loss is {loss} in round {r + 1}; the model diverged. Lower the client learning "
           "rate, clip gradients (optax.clip_by_global_norm) or check the inputs for NaNs.")
     rec = {"round": r + 1, **_to_python(metrics), "client_ids": ids.tolist()}
     rec.update(train_loss=loss, num_examples=int(metrics["num_examples"]), bytes_up=int(metrics["bytes_up"]),
-               bytes_down=int(metrics["bytes_down"]), wall_s=wall,
-               examples_per_s=float(metrics["num_examples"]) / wall)
+               bytes_down=int(metrics["bytes_down"]), wall_s=wall, compile_s=compile_s,
+               examples_per_s=float(metrics["num_examples"]) / max(wall, 1e-9))
     up_total += rec["bytes_up"]
     down_total += rec["bytes_down"]
     rec.update(mb_up_total=up_total / 1e6, mb_down_total=down_total / 1e6)

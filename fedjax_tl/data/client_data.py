@@ -19,7 +19,38 @@ import numpy as np
 
 from fedjax_tl.data.partition import Partition
 
-__all__ = ["FederatedData", "Cohort", "Dataset"]
+__all__ = ["FederatedData", "Cohort", "Dataset", "check_labels"]
+
+
+def check_labels(y, num_classes: int, what: str = "labels") -> tuple[int, int]:
+  """Checks that ``y`` holds integer class indices in [0, num_classes) and returns (min, max) (0, -1 if empty).
+
+  The models are trained with softmax cross-entropy on integer labels, where a float label would be truncated
+  (2.39 -> 2), -1 would select the last class and a label >= the number of logits gives NaN losses; each of
+  these raises a ValueError naming the values and the fix instead.
+  """
+  y = np.asarray(y)
+  if y.ndim != 1:
+    raise ValueError(f"{what} must be a 1-D array of class indices, got shape {y.shape}.")
+  if not (np.issubdtype(y.dtype, np.integer) and not np.issubdtype(y.dtype, np.bool_)):
+    frac = y[y != np.round(y)] if np.issubdtype(y.dtype, np.floating) else y[:0]
+    example = f" ({len(frac)} are not whole numbers, e.g. {frac[:3].tolist()})" if len(frac) else ""
+    raise ValueError(f"{what} must be integer class indices for the cross-entropy loss, got dtype {y.dtype}"
+                     f"{example}. Regression targets are not supported; if these are class ids, cast them "
+                     "explicitly: y.astype(np.int32).")
+  if not num_classes or num_classes < 1:
+    raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+  if not len(y):
+    return 0, -1
+  lo, hi = int(y.min()), int(y.max())
+  if lo < 0 or hi >= num_classes:
+    bad = (y < 0) | (y >= num_classes)
+    values = np.unique(y[bad])
+    raise ValueError(f"{int(bad.sum())} {what} are outside [0, {num_classes}) (values {values[:8].tolist()}"
+                     f"{' ...' if len(values) > 8 else ''}): -1 would be read as the last class and a label >= "
+                     f"{num_classes} as a NaN loss. Map the labels to 0..{num_classes - 1} (e.g. "
+                     "np.unique(y, return_inverse=True)[1]) or set num_classes to the number of classes.")
+  return lo, hi
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +64,7 @@ class Dataset:
   def __post_init__(self):
     if len(self.x) != len(self.y):
       raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}.")
+    check_labels(self.y, self.num_classes, "Dataset labels")
 
   def __len__(self) -> int:
     return len(self.y)
@@ -70,9 +102,10 @@ class FederatedData:
 
   Attributes:
     x: device array [N, ...] of examples (uint8 images stay uint8 until the model's preprocessing).
-    y: device array [N] int32 labels.
+    y: device array [N] int32 labels, integer class indices in [0, num_classes) (checked on construction).
     client_indices: one sorted index array per client (a partition of range(N), or any subset).
     num_classes: number of label classes.
+    label_range: (smallest, largest) label, set on construction.
     pad_size: length every client is padded to; defaults to the largest client, so it is fixed per
       population and rounds never recompile.
   """
@@ -89,10 +122,15 @@ class FederatedData:
     if not len(self.client_indices):
       raise ValueError("FederatedData needs at least one client.")
     n = len(self.y)
+    self.label_range = check_labels(self.y, self.num_classes, "FederatedData labels")
     self._sizes = np.array([len(c) for c in self.client_indices], dtype=np.int32)
     for i, c in enumerate(self.client_indices):
       if len(c) and (np.min(c) < 0 or np.max(c) >= n):
         raise ValueError(f"client {i} has indices outside [0, {n}).")
+    if not self._sizes.any():
+      raise ValueError(f"Every one of the {self.num_clients} clients has 0 examples: rounds would train on nothing "
+                       "and report a loss of 0.0. Check the partition (its index lists) and that the dataset is "
+                       "not empty.")
     largest = int(self._sizes.max())
     if self.pad_size == 0:
       self.pad_size = max(largest, 1)
@@ -106,9 +144,13 @@ class FederatedData:
   @classmethod
   def from_partition(cls, data: Dataset, partition: Partition, pad_size: int = 0,
                      device: jax.Device | None = None) -> FederatedData:
-    """Puts ``data`` on device once and records ``partition``'s index lists."""
+    """Puts ``data`` on device once and records ``partition``'s index lists.
+
+    Labels must be integer class indices in [0, num_classes) (checked; they are stored as int32).
+    """
+    check_labels(data.y, data.num_classes, "Dataset labels")
     x = jax.device_put(np.asarray(data.x), device)
-    y = jax.device_put(np.asarray(data.y, np.int32), device)
+    y = jax.device_put(np.asarray(data.y).astype(np.int32), device)
     return cls(x, y, list(partition), data.num_classes, pad_size)
 
   @property

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
+import os
 import sys
 import time
 
@@ -31,7 +33,7 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_tl.core.client import LocalTraining, client_optimizer
+from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
 from fedjax_tl.data import augment, partition
@@ -39,12 +41,18 @@ from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_tfds
 from fedjax_tl.experiments.common import (
   DTYPES,
+  ConfigError,
   TransformFlags,
+  check,
+  check_workdir,
+  cli_main,
   fedavg_kwargs,
   format_table,
-  parse_config,
+  parse_config,  # noqa: F401 (cifar10.parse_config: used by scripts and tests)
+  parse_ints,
   run_in_workdir,
   transform_setup,
+  validate_common,
   write_results,
 )
 from fedjax_tl.models import pretrained, resnet, transfer, weights
@@ -94,7 +102,7 @@ class Config(TransformFlags):  # + compress, downlink, dp_*, secure_agg, secagg_
   resume: bool = False  # continue from the latest checkpoint in workdir
   checkpoint_every: int = 1
   keep_checkpoints: int = 3
-  quiet: bool = False  # no progress bar
+  quiet: bool | None = None  # no progress bar; none = a bar when stderr is a terminal
 
 
 PRESETS = {
@@ -107,19 +115,45 @@ PRESETS = {
 }
 
 
+TFDS_HINT = 'pip install -e ".[tfds]"'
+
+
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # ValueError: a module blocked with sys.modules[name] = None
+    return False
+
+
 def validate(cfg: Config) -> None:
-  if cfg.model not in BACKBONES:
-    raise ValueError(f"Unknown model {cfg.model!r}; choose one of {sorted(BACKBONES)}.")
-  if cfg.weights not in ("imagenet", "timm", "none"):
-    raise ValueError(f"weights must be 'imagenet', 'timm' or 'none', got {cfg.weights!r}.")
-  if cfg.weights != "none" and (cfg.model != "resnet50" or cfg.norm != "batch"):
-    raise ValueError("ImageNet weights exist for model=resnet50 with norm=batch only; use --weights=none for "
-                     f"model={cfg.model!r}, norm={cfg.norm!r}.")
-  if cfg.dtype not in DTYPES:
-    raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}.")
-  if cfg.bn not in MODEL_STATE_MODES:
-    raise ValueError(f"bn must be one of {MODEL_STATE_MODES}, got {cfg.bn!r}.")
-  transfer.trainable_pattern(cfg.strategy)  # raises on an unknown strategy
+  """Every flag checked before weights or data are loaded; raises ConfigError naming the flag and the fix."""
+  check(cfg.model in BACKBONES, f"Unknown model {cfg.model!r}; choose one of {sorted(BACKBONES)}.")
+  check(cfg.weights in ("imagenet", "timm", "none"), f"weights must be 'imagenet', 'timm' or 'none', got "
+        f"{cfg.weights!r}.")
+  check(cfg.weights == "none" or (cfg.model == "resnet50" and cfg.norm == "batch"),
+        "ImageNet weights exist for model=resnet50 with norm=batch only; use --weights=none for "
+        f"model={cfg.model!r}, norm={cfg.norm!r}.")
+  check(cfg.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}.")
+  check(cfg.bn in MODEL_STATE_MODES, f"bn must be one of {MODEL_STATE_MODES}, got {cfg.bn!r}.")
+  try:
+    transfer.trainable_pattern(cfg.strategy)
+  except ValueError as e:
+    raise ConfigError(f"--strategy: {e}") from None
+  check(cfg.image_size >= 1, f"--image_size must be a positive number of pixels (e.g. 32 or 224), got "
+        f"{cfg.image_size}.")
+  hidden = parse_ints(cfg.head_hidden, "head_hidden")
+  check(all(h >= 1 for h in hidden), f"--head_hidden={cfg.head_hidden!r}: layer widths must be positive.")
+  for name in ("mock_examples", "eval_batch_size"):
+    check(getattr(cfg, name) >= 1, f"--{name} must be a positive integer, got {getattr(cfg, name)}.")
+  for name in ("max_train_examples", "max_test_examples"):
+    check(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (0 = all), got {getattr(cfg, name)}.")
+  check(not cfg.weights_path or os.path.isfile(cfg.weights_path),
+        f"--weights_path={cfg.weights_path} does not exist.")
+  validate_common(cfg, OPTIMIZERS)
+  check(_installed("tensorflow_datasets"),
+        f"the {cfg.dataset!r} data come from tensorflow-datasets, which is not installed: {TFDS_HINT} (the tfds "
+        "extra).")
+  check_workdir(cfg.workdir, cfg.resume)
 
 
 def make_model(cfg: Config, num_classes: int, sample_shape: tuple[int, ...]) -> Model:
@@ -149,8 +183,15 @@ def init_params(cfg: Config, model: Model, loaded):
   fresh); any other mismatch is an error naming the parameter."""
   params, state = model.init(jax.random.PRNGKey(cfg.seed))
   if loaded is not None:
-    params = pretrained.merge(params, loaded[0], dont_load=["^head"])
-    state = pretrained.merge(state, loaded[1])
+    try:
+      params = pretrained.merge(params, loaded[0], dont_load=["^head"])
+      state = pretrained.merge(state, loaded[1])
+    except pretrained.WeightMismatchError as e:
+      where = cfg.weights_path or "the downloaded file"
+      raise pretrained.WeightMismatchError(
+          f"The {cfg.weights} weights ({where}) do not fit model={cfg.model}: is it the right file "
+          f"(--weights=imagenet: Keras's {weights.KERAS_RESNET50_NOTOP.filename}; --weights=timm: timm's "
+          f"resnet50.a1_in1k safetensors)? Pass it with --weights_path, or use --weights=none. {e}") from None
   return params, state
 
 
@@ -160,9 +201,12 @@ def load_data(cfg: Config):
     import tensorflow_datasets as tfds
 
     ctx = tfds.testing.mock_data(num_examples=cfg.mock_examples)
-  with ctx:
-    train = load_tfds(cfg.dataset, "train", cfg.data_dir)
-    test = load_tfds(cfg.dataset, "test", cfg.data_dir)
+  try:
+    with ctx:
+      train = load_tfds(cfg.dataset, "train", cfg.data_dir)
+      test = load_tfds(cfg.dataset, "test", cfg.data_dir)
+  except ValueError as e:  # unknown dataset, or not an image classification one
+    raise ConfigError(f"--dataset={cfg.dataset}: {e}") from None
   if cfg.max_train_examples:
     train = train.subset(np.arange(min(cfg.max_train_examples, len(train))))
   if cfg.max_test_examples:
@@ -181,7 +225,10 @@ def run(cfg: Config, log=print) -> dict:
   log(f"{cfg.dataset}: {len(train)} train / {len(test)} test, {train.num_classes} classes, images "
       f"{train.x.shape[1:]} -> model input {cfg.image_size}; {cfg.num_clients} clients ({cfg.partition})")
 
-  parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha)
+  try:
+    parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha)
+  except ValueError as e:
+    raise ConfigError(f"--partition={cfg.partition}, --num_clients={cfg.num_clients}: {e}") from None
   data = FederatedData.from_partition(train, parts)
   local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)
@@ -218,8 +265,8 @@ def run(cfg: Config, log=print) -> dict:
 
 
 def main(argv=None) -> None:
-  cfg, _ = parse_config(Config, PRESETS, argv, description=__doc__.splitlines()[0])
-  run(cfg)
+  """The command line: bad flags end with a usage error (exit 2) before weights or data are loaded."""
+  cli_main(run, Config, PRESETS, argv, __doc__.splitlines()[0], validate)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import typing
 from collections.abc import Sequence
@@ -13,8 +14,8 @@ import jax.numpy as jnp
 
 from fedjax_tl.metrics import format_table  # noqa: F401 (re-exported for the entry points)
 
-__all__ = ["DTYPES", "parse_config", "write_results", "format_table", "run_in_workdir", "TransformFlags",
-           "transform_setup", "fedavg_kwargs"]
+__all__ = ["DTYPES", "ConfigError", "parse_config", "validate_common", "check_workdir", "cli_main", "write_results",
+           "format_table", "run_in_workdir", "TransformFlags", "transform_setup", "fedavg_kwargs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,13 @@ class TransformFlags:
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
+class ConfigError(ValueError):
+  """A flag value (or the work directory it names) is unusable; the message names the flag and the fix.
+
+  The entry points turn it into ``usage ... error: MESSAGE`` and exit code 2, before any data is loaded.
+  """
+
+
 def _parse_bool(v: str) -> bool:
   if v.lower() in ("1", "true", "yes", "on"):
     return True
@@ -59,26 +67,189 @@ def _field_type(tp):
   base = _parse_bool if inner is bool else inner if inner in (int, float, str) else str
   if not optional:
     return base
-  return lambda v: None if v.lower() == "none" else base(v)
+
+  def parse(v):
+    return None if v.lower() == "none" else base(v)
+
+  parse.__name__ = getattr(base, "__name__", "value")  # argparse names the type in "invalid int value"
+  return parse
 
 
-def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, description: str = ""):
-  """Builds ``config_cls`` from ``--preset NAME`` plus ``--field=value`` overrides for any of its fields."""
-  parser = argparse.ArgumentParser(description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--preset", default=next(iter(presets)), choices=list(presets),
-                      help="named configuration to start from")
+def _show(v) -> str:
+  return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def make_parser(config_cls, presets: dict, preset: str, description: str = "") -> argparse.ArgumentParser:
+  """The parser of ``--preset`` and every config field, with the values of ``preset`` as defaults (shown by
+  ``--help``, together with the other presets' values where they differ). No prefix abbreviations:
+  ``--round=1`` is an error, not ``--rounds=1``."""
+  parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                   epilog=f"The defaults shown are those of preset {preset}; --preset=NAME "
+                                   "--help shows another preset's.")
+  parser.add_argument("--preset", default=preset, choices=list(presets),
+                      help=f"named configuration to start from (default: {next(iter(presets))})")
+  base = presets[preset]
   hints = typing.get_type_hints(config_cls)
   for f in dataclasses.fields(config_cls):
-    parser.add_argument(f"--{f.name}", type=_field_type(hints[f.name]), default=None,
-                        help="override (preset value used when omitted)")
-  given = {a.split("=")[0][2:].replace("-", "_") for a in (argv or []) if a.startswith("--")}
+    value = getattr(base, f.name)
+    others = [f"{n}: {_show(getattr(p, f.name))}" for n, p in presets.items()
+              if n != preset and getattr(p, f.name) != value]
+    help_text = f"default: {_show(value)}" + (f" ({'; '.join(others)})" if others else "")
+    parser.add_argument(f"--{f.name}", type=_field_type(hints[f.name]), default=value,
+                        help=help_text.replace("%", "%%"))
+  return parser
+
+
+def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, description: str = "",
+                 validate=None):
+  """Builds ``config_cls`` from ``--preset NAME`` plus ``--field=value`` overrides for any of its fields.
+
+  ``validate(config)`` (optional) may raise :class:`ConfigError`; that and any unparsable value end the
+  program with a one-line usage error (exit code 2).
+  """
+  argv = list(argv) if argv is not None else None
+  pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+  pre.add_argument("--preset", default=next(iter(presets)))
+  known, _ = pre.parse_known_args(argv)
+  preset = known.preset if known.preset in presets else next(iter(presets))  # unknown: the full parser says so
+  parser = make_parser(config_cls, presets, preset, description)
   args = parser.parse_args(argv)
-  base = presets[args.preset]
-  # A field given on the command line overrides the preset even when its value is None (--trainable=none).
-  overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
-               if f.name in given or getattr(args, f.name) is not None}
-  return dataclasses.replace(base, **overrides), args.preset
+  cfg = dataclasses.replace(presets[args.preset],
+                            **{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+  if validate is not None:
+    try:
+      validate(cfg)
+    except ConfigError as e:
+      parser.error(str(e))
+  return cfg, args.preset
+
+
+def check(condition: bool, message: str) -> None:
+  """Raises :class:`ConfigError` with ``message`` unless ``condition``."""
+  if not condition:
+    raise ConfigError(message)
+
+
+def parse_ints(text: str, flag: str) -> list[int]:
+  """'1,2,3' -> [1, 2, 3]; anything else is a ConfigError naming ``flag``."""
+  try:
+    return [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    raise ConfigError(f"--{flag}={text!r}: expected comma-separated integers, e.g. --{flag}=1,2,3.") from None
+
+
+def validate_common(cfg, optimizers=None) -> None:
+  """Checks the fields both experiments share: federation sizes, rates, schedule and the update transforms
+  (:class:`TransformFlags`). Raises :class:`ConfigError`."""
+  from fedjax_tl.core.execution import Schedule
+  from fedjax_tl.data.partition import PARTITIONERS
+
+  check(cfg.seed >= 0, f"--seed must be >= 0 (numpy's generators take no negative seeds), got {cfg.seed}.")
+  for name in ("rounds", "num_clients", "clients_per_round", "local_epochs", "batch_size", "checkpoint_every",
+               "keep_checkpoints"):
+    v = getattr(cfg, name)
+    check(v >= 1, f"--{name} must be a positive integer, got {v}.")
+  check(cfg.clients_per_round <= cfg.num_clients,
+        f"--clients_per_round={cfg.clients_per_round} exceeds --num_clients={cfg.num_clients}; lower it or add "
+        "clients.")
+  for name in ("client_lr", "server_lr"):
+    v = getattr(cfg, name)
+    check(math.isfinite(v) and v > 0, f"--{name} must be a positive number, got {v}.")
+  check(cfg.partition in PARTITIONERS, f"--partition={cfg.partition!r} is unknown; choose one of {PARTITIONERS}.")
+  check(not (cfg.partition == "dirichlet" and not (math.isfinite(cfg.alpha) and cfg.alpha > 0)),
+        f"--alpha must be > 0 for the dirichlet partition, got {cfg.alpha}.")
+  if optimizers is not None:
+    check(cfg.client_optimizer in optimizers,
+          f"--client_optimizer={cfg.client_optimizer!r} is unknown; choose one of {sorted(optimizers)}.")
+  try:
+    if cfg.schedule.strip() != "auto":
+      Schedule.parse(cfg.schedule)
+  except ValueError as e:
+    raise ConfigError(f"--schedule: {e}") from None
+  validate_transforms(cfg)
+
+
+def validate_transforms(cfg) -> None:
+  """Checks the :class:`TransformFlags` fields; a value that would be ignored (negative epsilon, noise without a
+  clip norm) is an error, never a silent 'DP off'."""
+  from fedjax_tl.transforms import compression
+  from fedjax_tl.transforms.base import is_stateless
+
+  for name in ("dp_clip", "dp_noise_multiplier", "dp_epsilon", "dp_count_stddev"):
+    v = getattr(cfg, name)
+    check(math.isfinite(v) and v >= 0, f"--{name} must be >= 0 (0 = off), got {v}.")
+  check(not (cfg.dp_epsilon > 0 and cfg.dp_noise_multiplier > 0),
+        "Give --dp_epsilon (the noise is calibrated to it) or --dp_noise_multiplier, not both.")
+  if cfg.dp_clip <= 0:
+    for name in ("dp_epsilon", "dp_noise_multiplier"):
+      check(getattr(cfg, name) <= 0, f"--{name} needs a clipping norm: set --dp_clip > 0 (e.g. --dp_clip=0.5).")
+    check(not cfg.dp_adaptive, "--dp_adaptive=true needs the initial clipping norm: set --dp_clip > 0.")
+  check(0 < cfg.dp_delta < 1, f"--dp_delta must be in (0, 1), got {cfg.dp_delta}.")
+  check(cfg.dp_accountant in ("rdp", "pld"), f"--dp_accountant must be 'rdp' or 'pld', got {cfg.dp_accountant!r}.")
+  check(0 < cfg.dp_target_quantile < 1, f"--dp_target_quantile must be in (0, 1), got {cfg.dp_target_quantile}.")
+  check(math.isfinite(cfg.secagg_clip) and cfg.secagg_clip > 0,
+        f"--secagg_clip must be > 0, got {cfg.secagg_clip}.")
+  check(0 <= cfg.secagg_dropout < 1, f"--secagg_dropout must be in [0, 1), got {cfg.secagg_dropout}.")
+  for name in ("compress", "downlink"):
+    try:
+      compressor = compression.parse(getattr(cfg, name))
+    except ValueError as e:
+      raise ConfigError(f"--{name}: {e}") from None
+    if name == "downlink" and compressor is not None and not is_stateless(compressor, {"probe": jnp.zeros((4,))}):
+      raise ConfigError(f"--downlink={cfg.downlink} needs error feedback, which a broadcast cannot have; use "
+                        "int8, qsgd:B or a '/noef' compressor.")
+
+
+# What a run writes into its work directory (besides checkpoints/): another run's results are never overwritten.
+RUN_FILES = ("metrics.jsonl", "metrics.csv", "results.json")
+
+
+def check_workdir(workdir: str | None, resume: bool, subdirs: Sequence[str] = ("",)) -> None:
+  """Before anything runs: a work directory that holds an earlier run needs ``--resume=true`` (and
+  ``--resume=true`` needs a ``--workdir``). ``subdirs``: the per-run directories under the workdir (the digits
+  demo has one per initialisation)."""
+  if not workdir:
+    check(not resume, "--resume=true needs the --workdir of the run to continue.")
+    return
+  check(not os.path.isfile(workdir), f"--workdir={workdir} is a file; give a directory.")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  check(os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
+        f"--workdir={workdir}: cannot write under {existing} (not a writable directory); choose another.")
+  if resume:
+    return
+  for sub in subdirs:
+    d = os.path.join(workdir, sub)
+    ckpt = os.path.join(d, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
+    if steps:
+      raise ConfigError(f"{d} already holds checkpoints (latest round {steps[-1]}); pass --resume=true to continue "
+                        "that run, or choose a new --workdir.")
+    found = [n for n in RUN_FILES if os.path.exists(os.path.join(d, n))]
+    if found:
+      raise ConfigError(f"{d} already holds an earlier run's {', '.join(found)} (no checkpoint to resume from); "
+                        "choose a new --workdir, or delete those files to start over there.")
+
+
+def cli_main(run, config_cls, presets: dict, argv, description: str, validate) -> None:
+  """An entry point: parse and validate the flags (usage error, exit 2), then ``run(config)``; an error the user
+  can fix (bad checkpoint or weights, missing data or package, existing run) ends with its message and exit 1,
+  without a traceback."""
+  import sys
+
+  from fedjax_tl.checkpoint import CheckpointError
+  from fedjax_tl.metrics import MetricsFileError
+  from fedjax_tl.models.pretrained import WeightMismatchError
+  from fedjax_tl.models.weights import WeightFileError
+
+  cfg, _ = parse_config(config_cls, presets, argv, description=description, validate=validate)
+  try:
+    run(cfg)
+  except (ConfigError, CheckpointError, WeightFileError, WeightMismatchError, MetricsFileError,
+          FileExistsError, FileNotFoundError, FloatingPointError) as e:
+    print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)  # argparse's prog, as for usage errors
+    raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
 
 def write_results(workdir: str | None, config, history, summary: dict, log=print) -> str | None:
@@ -97,27 +268,44 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
                    log=print, on_round=None, round_metrics=None):
   """``run_rounds`` to a total of ``rounds``, with metrics files and checkpoints when ``workdir`` is set.
 
-  ``cfg`` must have ``seed``, ``resume``, ``checkpoint_every``, ``keep_checkpoints`` and ``quiet``. With
-  ``resume`` the latest checkpoint in ``workdir`` is restored (its config must match) and the run continues
-  to ``rounds``; without it, a workdir that already holds checkpoints is an error (nothing is overwritten).
+  ``cfg`` must have ``seed``, ``resume``, ``checkpoint_every``, ``keep_checkpoints`` and ``quiet`` (True: no
+  progress bar; None: one when stderr is a terminal). With
+  ``resume`` the latest intact checkpoint in ``workdir`` is restored (its config must match; a damaged newer
+  one is moved aside with a warning) and the run continues to ``rounds`` (with a warning, from round 0 if
+  there is none); without it, a workdir that already holds checkpoints or metrics is an error (nothing is
+  overwritten).
   Returns (final state, all rounds' records, including those before the resume).
   """
   from fedjax_tl.checkpoint import Checkpointer
   from fedjax_tl.core.train import run_rounds
-  from fedjax_tl.metrics import MetricsWriter
+  from fedjax_tl.metrics import MetricsWriter, progress_bar, update_bar
 
   if not workdir:
-    return run_rounds(algorithm, state, data, rounds=rounds, cohort_size=cohort_size, seed=cfg.seed,
-                      evaluate_fn=evaluate_fn, on_round=on_round, round_metrics=round_metrics)
+    bar = progress_bar(rounds, int(state.round), cfg.quiet)
+
+    def show(rec, s):
+      update_bar(bar, rec)
+      if on_round is not None:
+        on_round(rec, s)
+
+    try:
+      return run_rounds(algorithm, state, data, rounds=rounds, cohort_size=cohort_size, seed=cfg.seed,
+                        evaluate_fn=evaluate_fn, on_round=show, round_metrics=round_metrics)
+    finally:
+      if bar is not None:
+        bar.close()
+  check_workdir(workdir, cfg.resume)
   ckpt = Checkpointer(workdir, cfg, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
-  latest = ckpt.latest_round()
-  if latest is not None and not cfg.resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints (latest round {latest}); pass --resume=true to "
-                          "continue that run, or choose a new --workdir.")
-  if latest is not None:
-    state = ckpt.restore(state)
-    log(f"resumed from the checkpoint of round {int(state.round)} in {ckpt.directory}")
-  writer = MetricsWriter(workdir, rounds, resume_round=int(state.round), quiet=cfg.quiet)
+  try:
+    if cfg.resume and ckpt.latest_round() is None:
+      log(f"warning: --resume=true but {ckpt.directory} holds no checkpoint: starting this run from round 0.")
+    elif cfg.resume:
+      state = ckpt.restore(state, log=log)
+      log(f"resumed from the checkpoint of round {int(state.round)} in {ckpt.directory}")
+    writer = MetricsWriter(workdir, rounds, resume_round=int(state.round), quiet=cfg.quiet)
+  except BaseException:
+    ckpt.close()
+    raise
 
   def save(rec, s):
     writer.write(rec)
@@ -161,6 +349,9 @@ def dp_setup(cfg, population: int, log=print):
   if cfg.dp_epsilon > 0:
     z = accounting.calibrate_noise_multiplier(cfg.dp_epsilon, population, m, cfg.rounds, cfg.dp_delta,
                                               cfg.dp_accountant, sampling)
+  if z == 0:
+    log("warning: --dp_clip without --dp_noise_multiplier or --dp_epsilon clips the updates but adds no noise: "
+        "no privacy (epsilon is infinite).")
   log(f"DP-FedAvg: clip {cfg.dp_clip}, noise multiplier {z:.4f} (noise std on the mean {z * cfg.dp_clip / m:.4g}), "
       f"delta {cfg.dp_delta}, {cfg.dp_accountant} accountant, {sampling} sampling")
   eps = lambda r: {"epsilon": accounting.epsilon(z, population, m, r, cfg.dp_delta, cfg.dp_accountant, sampling),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 
@@ -31,12 +32,18 @@ from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import Dataset, FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
 from fedjax_tl.experiments.common import (
+  ConfigError,
   TransformFlags,
+  check,
+  check_workdir,
+  cli_main,
   fedavg_kwargs,
   format_table,
-  parse_config,
+  parse_config,  # noqa: F401 (digits.parse_config: used by scripts and tests)
+  parse_ints,
   run_in_workdir,
   transform_setup,
+  validate_common,
   write_results,
 )
 from fedjax_tl.models import pretrained
@@ -74,7 +81,7 @@ class Config(TransformFlags):  # + compress, downlink, dp_*, secure_agg, secagg_
   resume: bool = False  # continue from the latest checkpoint in workdir
   checkpoint_every: int = 1
   keep_checkpoints: int = 3
-  quiet: bool = True  # no progress bar (the per-round table is printed at the end)
+  quiet: bool | None = None  # no progress bar; none = a bar when stderr is a terminal
 
 
 PRESETS = {
@@ -82,8 +89,42 @@ PRESETS = {
     "smoke": Config(pretrain_epochs=2, rounds=2, num_clients=6, clients_per_round=3),
 }
 
+NUM_DIGITS = 10
+RUN_DIRS = ("", "pretrained", "scratch")  # what --workdir holds: results.json, one run directory per init
+
+
 def _ints(text: str) -> list[int]:
   return [int(v) for v in text.split(",") if v.strip()]
+
+
+def _labels(cfg: Config, flag: str) -> list[int]:
+  labels = parse_ints(getattr(cfg, flag), flag)
+  bad = [v for v in labels if not 0 <= v < NUM_DIGITS]
+  check(not bad, f"--{flag}={getattr(cfg, flag)}: {bad} not digits; labels are 0..{NUM_DIGITS - 1}.")
+  check(len(set(labels)) == len(labels), f"--{flag}={getattr(cfg, flag)} repeats a label.")
+  check(len(labels) >= 2, f"--{flag}={getattr(cfg, flag)!r}: a classification task needs at least 2 labels.")
+  return labels
+
+
+def validate(cfg: Config) -> None:
+  """Every flag checked before any data is loaded or trained on; raises ConfigError naming the flag."""
+  validate_common(cfg, OPTIMIZERS)
+  _labels(cfg, "source_labels")
+  _labels(cfg, "target_labels")
+  check(cfg.pretrain_epochs >= 1, f"--pretrain_epochs must be a positive integer, got {cfg.pretrain_epochs}.")
+  check(cfg.pretrain_lr > 0, f"--pretrain_lr must be > 0, got {cfg.pretrain_lr}.")
+  check(0 < cfg.test_fraction < 1, f"--test_fraction must be in (0, 1), got {cfg.test_fraction}.")
+  check(cfg.min_client_size >= 0, f"--min_client_size must be >= 0, got {cfg.min_client_size}.")
+  check(0 <= cfg.target_accuracy <= 1, f"--target_accuracy must be in [0, 1], got {cfg.target_accuracy}.")
+  features = parse_ints(cfg.features, "features")
+  check(bool(features) and min(features) >= 1, f"--features={cfg.features!r}: need positive channel counts.")
+  check(cfg.hidden >= 1, f"--hidden must be a positive integer, got {cfg.hidden}.")
+  if cfg.trainable is not None:
+    try:
+      re.compile(cfg.trainable)
+    except re.error as e:
+      raise ConfigError(f"--trainable={cfg.trainable!r} is not a regular expression ({e}).") from None
+  check_workdir(cfg.workdir, cfg.resume, RUN_DIRS)
 
 
 def make_model(cfg: Config, num_classes: int) -> Model:
@@ -103,6 +144,7 @@ def pretrain(cfg: Config, source: Dataset) -> dict:
 
 
 def run(cfg: Config, log=print) -> dict:
+  validate(cfg)
   t_start = time.perf_counter()
   digits = load_digits()
   source = split_by_labels(digits, _ints(cfg.source_labels))
@@ -111,12 +153,15 @@ def run(cfg: Config, log=print) -> dict:
   log(f"source task {cfg.source_labels}: {len(source)} examples; target task {cfg.target_labels}: "
       f"{len(train)} train / {len(test)} test over {cfg.num_clients} clients ({cfg.partition}, alpha={cfg.alpha})")
 
+  try:  # before the pretraining, so that a split that cannot be made fails in seconds
+    parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
+                                     min_size=cfg.min_client_size)
+  except ValueError as e:
+    raise ConfigError(f"--partition={cfg.partition}, --num_clients={cfg.num_clients}: {e}") from None
   pre = pretrain(cfg, source)
   log(f"pretrained on the source task: train accuracy {pre['train_accuracy']:.4f} "
       f"({time.perf_counter() - t_start:.1f}s)")
 
-  parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
-                                   min_size=cfg.min_client_size)
   data = FederatedData.from_partition(train, parts)
   model = make_model(cfg, target.num_classes)
   fresh, state = model.init(jax.random.PRNGKey(cfg.seed + 1))
@@ -161,8 +206,8 @@ def run(cfg: Config, log=print) -> dict:
 
 
 def main(argv=None) -> None:
-  cfg, _ = parse_config(Config, PRESETS, argv, description=__doc__.splitlines()[0])
-  run(cfg)
+  """The command line: bad flags end with a usage error (exit 2) before anything is loaded."""
+  cli_main(run, Config, PRESETS, argv, __doc__.splitlines()[0], validate)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,57 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from fedjax_tl.types import ModelState, Params, PRNGKey
 
-__all__ = ["Model", "scale_uint8"]
+__all__ = ["Model", "scale_uint8", "default_preprocess"]
 
 
 def scale_uint8(x: jax.Array) -> jax.Array:
-  """Default preprocessing: uint8 [0, 255] -> float32 [0, 1]."""
+  """uint8 [0, 255] -> float32 [0, 1]."""
   return x.astype(jnp.float32) / 255.0
+
+
+def default_preprocess(x: jax.Array) -> jax.Array:
+  """The default preprocessing, chosen by the stored dtype: uint8 images are scaled to float32 [0, 1] (by 1/255);
+  floating-point inputs are passed through unchanged (already-scaled features are not divided again); any other
+  dtype raises, asking for an explicit ``preprocess``."""
+  if x.dtype == jnp.uint8:
+    return scale_uint8(x)
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  raise TypeError(f"Model's default preprocessing scales uint8 images by 1/255 and passes floating-point inputs "
+                  f"through unchanged; the stored examples are {x.dtype}. Give Model(..., preprocess=fn) that maps "
+                  f"them to the module's inputs, e.g. lambda x: x.astype(jnp.float32) / 65535.0 for uint16 images.")
+
+
+@functools.cache
+def _call_arguments(cls: type) -> tuple[bool, bool, str]:
+  """(takes ``train``, takes ``mask``, signature text) of a module class's ``__call__``."""
+  sig = inspect.signature(cls.__call__)
+  params = sig.parameters
+  var_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+  return "train" in params or var_kw, "mask" in params or var_kw, f"{cls.__name__}.__call__{sig}"
+
+
+@functools.cache
+def _num_outputs(model: Model) -> int:
+  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
+  logits, _ = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
+  return int(logits.shape[-1])
+
+
+_NEEDED_SIGNATURE = "__call__(self, x, train: bool = False, mask=None)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,24 +65,63 @@ class Model:
   e.g. ``BatchNorm()(x, mask=mask[:, None, None, None])``). Non-``params`` collections
   (e.g. ``batch_stats``) are the model *state*, updated in training mode.
 
+  A plain module whose ``__call__(x)`` takes neither ``train`` nor ``mask`` works too: only the arguments its
+  signature names are passed. A module with state needs both (``train`` to switch between batch and running
+  statistics, ``mask`` to keep padded rows out of them), and one that draws random numbers (dropout) needs
+  ``train``; :meth:`init` raises saying so otherwise.
+
   Attributes:
     module: the flax linen module.
     sample_shape: shape of one stored example, e.g. (8, 8, 1) or (32, 32, 3).
-    preprocess: maps a batch of stored examples (uint8) to model inputs, inside the jitted step.
-    sample_dtype: dtype of stored examples.
+    preprocess: maps a batch of stored examples to model inputs, inside the jitted step. The default,
+      :func:`default_preprocess`, goes by dtype: uint8 images are scaled by 1/255 to [0, 1], floating-point
+      inputs are passed unchanged; other dtypes need an explicit function.
+    sample_dtype: dtype of stored examples (used to build the dummy input of :meth:`init`).
   """
 
   module: nn.Module
   sample_shape: tuple[int, ...]
-  preprocess: Callable[[jax.Array], jax.Array] = scale_uint8
+  preprocess: Callable[[jax.Array], jax.Array] = default_preprocess
   sample_dtype: Any = jnp.uint8
+
+  def _kwargs(self, train: bool, mask: jax.Array | None) -> dict:
+    takes_train, takes_mask, _ = _call_arguments(type(self.module))
+    kwargs = {"train": train} if takes_train else {}
+    if takes_mask:
+      kwargs["mask"] = mask
+    return kwargs
 
   def init(self, key: PRNGKey) -> tuple[Params, ModelState]:
     x = jnp.zeros((1, *self.sample_shape), self.sample_dtype)
-    variables = self.module.init(key, self.preprocess(x), train=False)
+    takes_train, takes_mask, sig = _call_arguments(type(self.module))
+    variables = self.module.init(key, self.preprocess(x), **self._kwargs(False, None))
+    try:
+      if not takes_train:  # evaluation runs without a dropout key: check abstractly that the module needs none
+        jax.eval_shape(lambda v: self.module.apply(v, self.preprocess(x), mutable=True), variables)
+    except flax.errors.InvalidRngError as e:
+      raise ValueError(f"{sig} draws random numbers (e.g. nn.Dropout) but takes no `train` argument, so it cannot "
+                       f"be made deterministic for evaluation. Define {_NEEDED_SIGNATURE} and pass "
+                       "deterministic=not train to its dropout layers.") from e
     variables = dict(variables)
     params = variables.pop("params")
+    if variables and not takes_train:
+      raise ValueError(f"{sig} has the variable collections {sorted(variables)} (e.g. BatchNorm statistics) but "
+                       "takes no `train` argument, so training (batch statistics, updated) and evaluation (running "
+                       f"statistics) cannot be told apart. Define {_NEEDED_SIGNATURE} and pass "
+                       "use_running_average=not train to its BatchNorm layers.")
+    if variables and not takes_mask:
+      raise ValueError(f"{sig} has the variable collections {sorted(variables)} (e.g. BatchNorm statistics) but "
+                       "takes no `mask` argument, so the padded rows of a client's partial last batch would enter "
+                       f"its batch statistics. Define {_NEEDED_SIGNATURE} and pass the mask to its BatchNorm "
+                       "layers, e.g. nn.BatchNorm(...)(x, mask=mask[:, None, None, None]).")
     return params, variables
+
+  def num_outputs(self) -> int:
+    """Size of the logits' last axis (the number of classes the model can predict), from an abstract trace."""
+    try:
+      return _num_outputs(self)
+    except TypeError:  # an unhashable module (e.g. a list field): not cached
+      return _num_outputs.__wrapped__(self)
 
   def apply(self, params: Params, state: ModelState, x: jax.Array, *, train: bool,
             mask: jax.Array | None = None, rng: PRNGKey | None = None) -> tuple[jax.Array, ModelState]:
@@ -54,8 +129,8 @@ class Model:
     variables = {"params": params, **state}
     rngs = {"dropout": rng} if rng is not None else None
     x = self.preprocess(x)
+    kwargs = self._kwargs(train, mask)
     if train and state:
-      logits, new_state = self.module.apply(variables, x, train=True, mask=mask, rngs=rngs,
-                                            mutable=list(state.keys()))
+      logits, new_state = self.module.apply(variables, x, rngs=rngs, mutable=list(state.keys()), **kwargs)
       return logits, dict(new_state)
-    return self.module.apply(variables, x, train=train, mask=mask, rngs=rngs), state
+    return self.module.apply(variables, x, rngs=rngs, **kwargs), state
