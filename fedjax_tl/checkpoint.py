@@ -1,9 +1,10 @@
 """Checkpoints of a federated run with orbax-checkpoint: save every N rounds, keep the last K, resume.
 
-What is saved: the whole :class:`~fedjax_tl.core.fedavg.ServerState` (trainable and frozen params, model
-state, server optimizer state, round number, every client's persistent state) and the run's config as JSON.
+What is saved: the whole algorithm state, any pytree (for FedAvg: trainable and frozen params, model state,
+server optimizer state, round number, every client's persistent state), keyed by its paths, and the run's
+config as JSON. Nothing lists the state's fields: a new algorithm's state is checkpointed as it is.
 The randomness needs nothing more: every key derives from the config's seed and the round number
-(:func:`fedjax_tl.core.train.round_keys`), so a resumed run draws exactly what the uninterrupted run drew and
+(:mod:`fedjax_tl.keys`), so a resumed run draws exactly what the uninterrupted run drew and
 ends with bit-identical parameters on the same machine (tests/test_checkpoint.py kills a run with SIGKILL and
 checks this).
 
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fedjax_tl.core.fedavg import ServerState
+from fedjax_tl.types import PyTree
 
 __all__ = ["Checkpointer", "CheckpointError", "ConfigMismatchError", "CheckpointCorruptError"]
 
@@ -61,30 +62,38 @@ def _path(keys) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
 
 
-def _to_tree(state: ServerState) -> dict:
-  # Orbax stores nested dicts of arrays; None (no per-client state) becomes an empty dict.
-  d = state._asdict()
-  for name in ("client_states", "transform_states", "server_transform_state", "clip_norm"):
-    d[name] = d[name] if d[name] is not None else {}
-  return jax.tree.map(np.asarray, d)
+def _path_name(entry) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
 
 
-def _from_tree(tree: dict, template: ServerState) -> ServerState:
-  """Rebuilds a ServerState field by field, restoring the template's container types (e.g. optax
-  NamedTuples) around the restored leaves."""
-  fields = {}
-  for name in ServerState._fields:
-    like = getattr(template, name)
-    if like is None:
-      fields[name] = None
-      continue
-    leaves = jax.tree.leaves(tree[name])
-    structure = jax.tree.structure(like)
-    if len(leaves) != structure.num_leaves:
-      raise ConfigMismatchError(
-          f"Checkpoint field {name!r} has {len(leaves)} arrays, the model {structure.num_leaves}.")
-    fields[name] = jax.tree.unflatten(structure, [jax.numpy.asarray(v) for v in leaves])
-  return ServerState(**fields)
+def _to_tree(state: PyTree) -> dict:
+  """Any state pytree as nested dicts of numpy arrays keyed by its paths (fields, dict keys, indices), which is
+  what orbax stores; containers without arrays (None, empty optimizer states) store nothing."""
+  tree: dict = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    node = tree
+    names = [_path_name(e) for e in path] or ["value"]
+    for name in names[:-1]:
+      node = node.setdefault(name, {})
+    node[names[-1]] = np.asarray(leaf)
+  return tree
+
+
+def _from_tree(tree: dict, template: PyTree) -> PyTree:
+  """The template's pytree (containers, e.g. NamedTuples and optax states) around the restored leaves."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  leaves = []
+  for path, _ in paths:
+    node = tree
+    for name in [_path_name(e) for e in path] or ["value"]:
+      if not isinstance(node, dict) or name not in node:
+        raise ConfigMismatchError(f"The checkpoint has no array at {jax.tree_util.keystr(path)}.")
+      node = node[name]
+    leaves.append(jax.numpy.asarray(node))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 class Checkpointer:
@@ -116,9 +125,10 @@ class Checkpointer:
   def all_rounds(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def maybe_save(self, state: ServerState, final: bool = False) -> bool:
-    """Saves ``state`` if its round is a multiple of ``every`` (or ``final``); returns whether it saved."""
-    r = int(state.round)
+  def maybe_save(self, state: PyTree, final: bool = False, round_num: int | None = None) -> bool:
+    """Saves ``state`` if its round (``round_num``, default ``state.round``) is a multiple of ``every`` (or
+    ``final``); returns whether it saved."""
+    r = int(state.round) if round_num is None else int(round_num)
     if not final and r % self.every:
       return False
     if r in self._manager.all_steps():
@@ -136,7 +146,7 @@ class Checkpointer:
           f"The config does not match the checkpoint in {self.directory}:\n  " + "\n  ".join(diffs)
           + "\nResume with the same settings, or use a new --workdir.")
 
-  def restore(self, template: ServerState, round_num: int | None = None, log=None) -> ServerState:
+  def restore(self, template: PyTree, round_num: int | None = None, log=None) -> PyTree:
     """The saved state (the newest intact one unless ``round_num``), shaped like ``template`` (a freshly
     initialised state of the same run).
 
@@ -161,7 +171,7 @@ class Checkpointer:
         f"No intact checkpoint in {self.directory} (damaged ones were moved to {self.directory}.damaged): "
         + "; ".join(damaged) + ". Restart without --resume in a new --workdir (or delete the checkpoints).")
 
-  def _restore_step(self, step: int, template: ServerState) -> ServerState:
+  def _restore_step(self, step: int, template: PyTree) -> PyTree:
     try:
       saved_config = self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:  # JSONDecodeError, KeyError (item missing), OSError, ...

@@ -18,10 +18,19 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["MetricsWriter", "MetricsFileError", "read_jsonl", "read_metrics"]
+__all__ = ["MetricsWriter", "MetricsFileError", "read_jsonl", "read_metrics", "format_table"]
 
 _FIRST_COLUMNS = ("round", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "bytes_up",
                   "bytes_down", "wall_s", "examples_per_s")
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+  """A right-aligned text table (floats with 4 decimals) with a rule under the header."""
+  cells = [[h for h in header]] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(lines)
 
 
 class MetricsFileError(ValueError):
@@ -117,18 +126,18 @@ class MetricsWriter:
     update_bar(self._bar, record)
 
   def _write_csv(self) -> None:
-    keys: list[str] = [k for k in _FIRST_COLUMNS if any(k in r for r in self.rows)]
-    keys += sorted({k for r in self.rows for k in r} - set(keys))
+    # Scalars only: per-client lists and nested dicts (e.g. client_metrics) are in metrics.jsonl.
+    rows = [{k: v for k, v in r.items() if not isinstance(v, list | dict)} for r in self.rows]
+    keys: list[str] = [k for k in _FIRST_COLUMNS if any(k in r for r in rows)]
+    keys += sorted({k for r in rows for k in r} - set(keys))
     tmp = self.csv_path + ".tmp"
     with open(tmp, "w", newline="") as f:
       w = csv.DictWriter(f, fieldnames=keys)
       w.writeheader()
-      w.writerows(self.rows)
+      w.writerows(rows)
     os.replace(tmp, self.csv_path)
 
   def summary(self, columns: Sequence[str] = ("round", "train_loss", "test_accuracy", "bytes_up", "wall_s")) -> str:
-    from fedjax_tl.experiments.common import format_table
-
     cols = [c for c in columns if any(c in r for r in self.rows)]
     return format_table(cols, [[r.get(c, "") for c in cols] for r in self.rows])
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fedjax_tl.aggregators import DPFedAvg, UniformMean
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
 
@@ -41,10 +42,10 @@ def test_client_clip_and_noise_split():
 def test_fedavg_with_adaptive_clip(tiny_data, tiny_local, tiny_params):
   ids = np.array([0, 1, 2, 3])
   key = jax.random.PRNGKey(2)
-  plain = FedAvg(tiny_local, weighting="uniform")
+  plain = FedAvg(tiny_local, aggregator=UniformMean())
   _, s_plain = plain.apply(plain.init(*tiny_params), tiny_data, ids, key)
   ac = AdaptiveClipping(0.0, 4, initial_clip=1e6, target_quantile=0.5, clip_lr=0.2)
-  algo = FedAvg(tiny_local, weighting="uniform", adaptive_clip=ac)
+  algo = FedAvg(tiny_local, aggregator=ac)
   state = algo.init(*tiny_params)
   m, s = algo.apply(state, tiny_data, ids, key)
   for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(s_plain.params)):
@@ -53,13 +54,13 @@ def test_fedavg_with_adaptive_clip(tiny_data, tiny_local, tiny_params):
   assert float(m["clip_fraction_within"]) == 1.0
   assert float(s.clip_norm) == pytest.approx(1e6 * math.exp(-0.1), rel=1e-5)
   with pytest.raises(ValueError, match="uniform"):
-    FedAvg(tiny_local, adaptive_clip=ac)
+    FedAvg(tiny_local, aggregator=DPFedAvg(weighting="num_examples"))
 
 
 def test_clip_norm_survives_a_checkpoint(tmp_path, tiny_data, tiny_local, tiny_params):
   from fedjax_tl.checkpoint import Checkpointer
 
-  algo = FedAvg(tiny_local, weighting="uniform", adaptive_clip=AdaptiveClipping(0.5, 3, count_stddev=1.0))
+  algo = FedAvg(tiny_local, aggregator=AdaptiveClipping(0.5, 3, count_stddev=1.0))
   _, state = algo.apply(algo.init(*tiny_params), tiny_data, np.array([0, 1, 3]), jax.random.PRNGKey(0))
   ck = Checkpointer(str(tmp_path), {"run": 1})
   assert ck.maybe_save(state, final=True)

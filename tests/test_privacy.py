@@ -8,6 +8,7 @@ import pytest
 from dp_accounting import rdp
 from scipy import integrate, optimize, stats
 
+from fedjax_tl.aggregators import UniformMean
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.privacy import accounting
 from fedjax_tl.transforms import EmptyState, chain, clip_l2, dp_fedavg, gaussian_noise, identity
@@ -21,10 +22,10 @@ def _close(a, b, **kw):
 def test_clip_inf_and_noise_zero_is_plain_fedavg(tiny_data, tiny_local, tiny_params):
   params, state = tiny_params
   ids, key = np.array([0, 1, 3]), jax.random.PRNGKey(0)
-  plain = FedAvg(tiny_local, schedule="vmap", weighting="uniform")
+  plain = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean())
   _, a = plain.apply(plain.init(params, state), tiny_data, ids, key)
   client, server = dp_fedavg(clip=float("inf"), noise_multiplier=0.0, cohort_size=3)
-  dp = FedAvg(tiny_local, schedule="vmap", weighting="uniform", client_transform=client, server_transform=server)
+  dp = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean(), client_transform=client, server_transform=server)
   _, b = dp.apply(dp.init(params, state), tiny_data, ids, key)
   _close(a.params, b.params, rtol=1e-6, atol=1e-7)
 
@@ -32,7 +33,7 @@ def test_clip_inf_and_noise_zero_is_plain_fedavg(tiny_data, tiny_local, tiny_par
 def test_uniform_weighting_is_the_plain_mean(tiny_data, tiny_local, tiny_params):
   params, state = tiny_params
   key = jax.random.PRNGKey(1)
-  uni = FedAvg(tiny_local, schedule="vmap", weighting="uniform")
+  uni = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean())
   _, both = uni.apply(uni.init(params, state), tiny_data, np.array([0, 1]), key)
   singles = []
   for c in (0, 1):
@@ -197,7 +198,7 @@ def test_uniform_mean_counts_a_client_without_examples(tiny_local, tiny_params):
   data = FederatedData.from_partition(ds, [np.arange(10), np.array([], np.int64)])
   params, state = tiny_params
   key = jax.random.PRNGKey(0)
-  uni = FedAvg(tiny_local, weighting="uniform")
+  uni = FedAvg(tiny_local, aggregator=UniformMean())
   _, both = uni.apply(uni.init(params, state), data, np.array([0, 1]), key)
   _, alone = uni.apply(uni.init(params, state), data, np.array([0]), key)
   # the empty client sends a zero update with weight 1: the mean over the cohort of 2 halves client 0's delta

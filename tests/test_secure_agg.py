@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from fedjax_tl.aggregators import Mean, UniformMean
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.transforms.secure_agg import SecureAggregation, shamir_reconstruct, shamir_share
 
@@ -55,10 +56,10 @@ def _max_abs_diff(a, b):
 def test_secure_fedavg_equals_plain_fedavg(weighting, schedule, tiny_data, tiny_local, tiny_params):
   ids = np.array([0, 1, 3, 4])
   key = jax.random.PRNGKey(4)
-  plain = FedAvg(tiny_local, weighting=weighting, schedule=schedule)
+  plain = FedAvg(tiny_local, aggregator=Mean(weighting), schedule=schedule)
   _, s_plain = plain.apply(plain.init(*tiny_params), tiny_data, ids, key)
-  secure = FedAvg(tiny_local, weighting=weighting, schedule=schedule,
-                  secure_aggregation=SecureAggregation(clip_value=4.0))
+  secure = FedAvg(tiny_local, schedule=schedule,
+                  aggregator=SecureAggregation(clip_value=4.0, weighting=weighting))
   state = secure.init(*tiny_params)
   m, s_sec = secure.apply(state, tiny_data, ids, key)
   assert _max_abs_diff(s_sec.params, s_plain.params) < 1e-5
@@ -77,7 +78,7 @@ def test_dropped_clients_masks_are_recovered(tiny_data, tiny_local, tiny_params)
     alive = sa.setup_round(5, 5, key, 12.0)[1]["alive"]
     if 2 <= alive.sum() < 5:
       break
-  secure = FedAvg(tiny_local, secure_aggregation=sa)
+  secure = FedAvg(tiny_local, aggregator=sa)
   m, s_sec = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
   assert m["secagg_dropped"] == 5 - alive.sum() and not m["secagg_aborted"]
   plain = FedAvg(tiny_local)
@@ -87,7 +88,7 @@ def test_dropped_clients_masks_are_recovered(tiny_data, tiny_local, tiny_params)
 
 def test_too_few_survivors_abort_the_round(tiny_data, tiny_local, tiny_params):
   sa = SecureAggregation(dropout=0.9, threshold=1.0)
-  secure = FedAvg(tiny_local, secure_aggregation=sa)
+  secure = FedAvg(tiny_local, aggregator=sa)
   state = secure.init(*tiny_params)
   m, s = secure.apply(state, tiny_data, np.arange(5), jax.random.PRNGKey(0))
   assert m["secagg_aborted"] and int(s.round) == 1
@@ -95,7 +96,7 @@ def test_too_few_survivors_abort_the_round(tiny_data, tiny_local, tiny_params):
 
 
 def test_clipping_is_reported_and_bad_settings_refused(tiny_data, tiny_local, tiny_params):
-  secure = FedAvg(tiny_local, secure_aggregation=SecureAggregation(clip_value=1e-4))
+  secure = FedAvg(tiny_local, aggregator=SecureAggregation(clip_value=1e-4))
   m, _ = secure.apply(secure.init(*tiny_params), tiny_data, np.arange(5), jax.random.PRNGKey(0))
   assert float(m["secagg_clipped_fraction"]) > 0.1
   with pytest.raises(ValueError, match="dropout"):
@@ -130,11 +131,11 @@ def test_a_round_where_every_coordinate_is_clipped(tiny_data, tiny_local, tiny_p
   params = tiny_params[0]
   singles = []
   for c in ids:
-    one = FedAvg(tiny_local, schedule="vmap", weighting="uniform")
+    one = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean())
     s = one.apply(one.init(*tiny_params), tiny_data, np.array([c]), key)[1]
     singles.append(jax.tree.map(lambda a, p: np.asarray(a, np.float64) - np.asarray(p, np.float64), s.params, params))
   want = jax.tree.map(lambda *d: np.mean([np.clip(x, -r, r) for x in d], axis=0), *singles)
-  secure = FedAvg(tiny_local, schedule="vmap", weighting="uniform", secure_aggregation=SecureAggregation(r))
+  secure = FedAvg(tiny_local, schedule="vmap", aggregator=SecureAggregation(r, weighting="uniform"))
   m, s_sec = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
   got = jax.tree.map(lambda a, p: np.asarray(a, np.float64) - np.asarray(p, np.float64), s_sec.params, params)
   assert float(m["secagg_clipped_fraction"]) > 0.5  # the rest are (near-)zero deltas: dead units, biases

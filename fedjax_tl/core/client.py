@@ -25,10 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedjax_tl import keys
+from fedjax_tl.core.params import split_params
 from fedjax_tl.models.base import Model
 from fedjax_tl.types import ModelState, Params, PRNGKey, Updates
 
-__all__ = ["LocalTraining", "ClientState", "ClientOutput", "merge_params", "masked_cross_entropy"]
+__all__ = ["LocalTraining", "client_optimizer", "OPTIMIZERS", "ClientState", "ClientOutput", "merge_params",
+           "masked_cross_entropy"]
 
 
 class ClientState(NamedTuple):
@@ -86,6 +89,9 @@ class LocalTraining:
     norm_stats: "batch": normalisation layers use batch statistics and update their running statistics
       (training mode); "frozen": they use the running statistics they were given and leave them unchanged
       (inference mode, as a Keras BatchNormalization with trainable=False).
+    personal: regex of params that are the client's own (set by ``FedAvg(local_params=...)``): ``init`` takes
+      them from ``model_state["personal"]`` (the client's stored copy) and trains them with the rest; ``finish``
+      returns them in ``model_state["personal"]`` and leaves them out of the delta, so they are never sent.
   """
 
   model: Model
@@ -95,6 +101,7 @@ class LocalTraining:
   steps: int | None = None
   augment: Callable[[PRNGKey, jax.Array], jax.Array] | None = None
   norm_stats: str = "batch"
+  personal: str | None = None
 
   def __post_init__(self):
     if self.norm_stats not in ("batch", "frozen"):
@@ -125,6 +132,8 @@ class LocalTraining:
   # ---- pure pieces (traced) ----
   def init(self, params: Params, model_state: ModelState, key: PRNGKey, num_examples: jax.Array) -> ClientState:
     z = jnp.zeros((), jnp.float32)
+    if self.personal is not None:  # the client's own params join the broadcast ones
+      params, model_state = merge_params(params, model_state["personal"]), model_state["model"]
     return ClientState(params, self.optimizer.init(params), model_state, key,
                        jnp.asarray(num_examples, jnp.int32), z, z, z)
 
@@ -141,7 +150,7 @@ class LocalTraining:
       active = (n > 0) & (t < self.epochs * steps_per_epoch)
     # A fresh permutation of the client's own examples every epoch: real slots sorted by a random key, padding
     # slots last.
-    noise = jax.random.uniform(jax.random.fold_in(state.key, epoch), (pad,))
+    noise = jax.random.uniform(keys.epoch(state.key, epoch), (pad,))
     perm = jnp.argsort(jnp.where(jnp.arange(pad) < n, noise, 2.0))
     pos = within * b + jnp.arange(b)
     mask = (pos < n) & active
@@ -152,7 +161,7 @@ class LocalTraining:
     """One local step ``t`` for one client; ``x``/``y`` are the whole dataset, ``indices`` the client's row."""
     idx, mask, active = self.batch(state, t, indices)
     xb, yb = x[idx], y[idx]
-    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1 << 20), t)
+    step_key = keys.step(state.key, t)
     aug_key, drop_key = jax.random.split(step_key)
     if self.augment is not None:
       xb = self.augment(aug_key, xb)
@@ -179,8 +188,23 @@ class LocalTraining:
     )
 
   def finish(self, state: ClientState, server_params: Params) -> ClientOutput:
-    delta = jax.tree.map(lambda c, s: (c - s).astype(s.dtype), state.params, server_params)
+    params, model_state = state.params, state.model_state
+    if self.personal is not None:  # kept by the client, never sent
+      personal, params = split_params(params, self.personal)
+      model_state = {"model": model_state, "personal": personal}
+    delta = jax.tree.map(lambda c, s: (c - s).astype(s.dtype), params, server_params)
     seen = jnp.maximum(state.seen, 1.0)
     n = state.num_examples.astype(jnp.float32)
     metrics = {"loss": state.loss_sum / seen, "accuracy": state.correct / seen, "num_examples": n}
-    return ClientOutput(delta, state.model_state, n, metrics)
+    return ClientOutput(delta, model_state, n, metrics)
+
+
+# Client optimizers by name (the experiments' --client_optimizer): name -> (learning rate -> optax optimizer).
+OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam, "momentum": lambda lr: optax.sgd(lr, momentum=0.9)}
+
+
+def client_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+  """The optax optimizer ``name`` (one of ``OPTIMIZERS``) with learning rate ``lr``."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"Unknown client optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
+  return OPTIMIZERS[name](lr)

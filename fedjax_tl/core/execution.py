@@ -24,6 +24,7 @@ and the cohort is padded with empty clients up to a multiple of ``chunk_size``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_tl import keys as prng
 from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
@@ -166,6 +168,31 @@ def default_memory_budget() -> int:
   return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+@functools.cache
+def _jit_method(fn: Callable, static_argnums: tuple[int, ...], donate_argnums: tuple[int, ...]):
+  """One ``jax.jit`` per method, with ``self`` (hashable by configuration) as static argument 0."""
+  return jax.jit(fn, static_argnums=(0, *(i + 1 for i in static_argnums)),
+                 donate_argnums=tuple(i + 1 for i in donate_argnums))
+
+
+_COMPILED: dict = {}  # runner configuration -> its host loop's compiled blocks
+
+
+class _SharedJit:
+  """A method of ``owner`` jitted with ``owner`` static, so equal owners hit the same compilation cache."""
+
+  def __init__(self, fn: Callable, owner: Any, static_argnums: tuple[int, ...] = (),
+               donate_argnums: tuple[int, ...] = ()):
+    self._jit = _jit_method(fn, static_argnums, donate_argnums)
+    self._owner = owner
+
+  def __call__(self, *args):
+    return self._jit(self._owner, *args)
+
+  def lower(self, *args):
+    return self._jit.lower(self._owner, *args)
+
+
 class RoundSums(NamedTuple):
   """What a cohort sends up, already reduced: weighted sums over clients, plus per-client metrics."""
 
@@ -226,15 +253,31 @@ class CohortRunner:
     self.num_steps = local.num_steps(pad_size)
     self.postprocess = postprocess
     self.trace_count = 0
-    self._round_jit = jax.jit(self._round_scan)
-    self._init_jit = jax.jit(self._init_chunk)
-    self._block_jit = jax.jit(self._block, static_argnums=(6,), donate_argnums=(0,))
-    self._finish_jit = jax.jit(self._finish_chunk)
-    self._compiled: dict[tuple[str, int], Any] = {}
+    # Jitted with the runner itself as a static argument: runners of equal configuration (equal local training,
+    # schedule, pad size, postprocessing, state handling and mesh) share the traced and compiled programs.
+    self._round_jit = _SharedJit(CohortRunner._round_scan, self)
+    self._init_jit = _SharedJit(CohortRunner._init_chunk, self)
+    self._block_jit = _SharedJit(CohortRunner._block, self, static_argnums=(6,), donate_argnums=(0,))
+    self._finish_jit = _SharedJit(CohortRunner._finish_chunk, self)
+    # The host loop's ahead-of-time compiled blocks, shared by equal runners like the jitted functions.
+    self._compiled: dict[tuple[str, int], Any] = _COMPILED.setdefault(self, {})
+
+  def _config(self) -> tuple:
+    return (self.local, self.schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh)
+
+  def __eq__(self, other) -> bool:
+    return type(other) is type(self) and self._config() == other._config()
+
+  def __hash__(self) -> int:
+    return hash(self._config())
+
+  def with_schedule(self, schedule: Schedule) -> CohortRunner:
+    """A runner like this one with another schedule (e.g. a resolved "chunked:auto")."""
+    return CohortRunner(self.local, schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh)
 
   # ---- helpers over one chunk (leading axis k) ----
   def _client_keys(self, round_key: PRNGKey, client_ids: jax.Array) -> jax.Array:
-    return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+    return jax.vmap(lambda c: prng.client(round_key, c))(client_ids)
 
   def _init_chunk(self, params, model_state, keys, num_examples):
     self.trace_count += 1
@@ -325,17 +368,19 @@ class CohortRunner:
 
   @staticmethod
   def _post_keys(keys: jax.Array) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.fold_in(k, 2 << 20))(keys)
+    return jax.vmap(prng.postprocess)(keys)
 
   # ---- public ----
-  def resolve_chunk_size(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array,
-                         y: jax.Array, cohort_size: int, budget_bytes: int | None = None) -> int:
-    """For "chunked:auto": the number of clients whose training fits ``budget_bytes`` (default: half the
-    device's free memory where the backend reports it, else a quarter of the host's RAM), from XLA's memory
-    analysis of one client's compiled step (temporaries + the client's training state, which a vmapped chunk
-    holds once per client). Capped at ``cohort_size``; fixes the schedule's chunk size from then on."""
+  def resolve(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
+              cohort_size: int, budget_bytes: int | None = None) -> CohortRunner:
+    """For "chunked:auto": a new runner whose chunk size is the number of clients whose training fits
+    ``budget_bytes`` (default: half the device's free memory where the backend reports it, else a quarter of
+    the host's RAM), from XLA's memory analysis of one client's compiled step (temporaries + the client's
+    training state, which a vmapped chunk holds once per client), capped at ``cohort_size``; its
+    ``chunk_memory`` says how it was sized. This runner is left unchanged (and returned when already resolved).
+    """
     if self.schedule.chunk_size != -1:
-      return self.schedule.chunk_size
+      return self
     if budget_bytes is None:
       budget_bytes = default_memory_budget()
     n1 = jnp.ones((1,), jnp.int32)
@@ -349,14 +394,14 @@ class CohortRunner:
     if self.mesh is not None:
       n_dev = self.mesh.shape["clients"]
       k = max(n_dev, k // n_dev * n_dev)
-    self.schedule = dataclasses.replace(self.schedule, chunk_size=k)
-    self.chunk_memory = {"per_client_bytes": per_client, "budget_bytes": int(budget_bytes), "chunk_size": k}
-    return k
+    resolved = self.with_schedule(dataclasses.replace(self.schedule, chunk_size=k))
+    resolved.chunk_memory = {"per_client_bytes": per_client, "budget_bytes": int(budget_bytes), "chunk_size": k}
+    return resolved
 
   def padded_cohort_size(self, cohort_size: int) -> int:
     k = self.schedule.chunk_size
     if k == -1:
-      raise ValueError('Schedule "chunked:auto" is resolved on the first round: call resolve_chunk_size first.')
+      raise ValueError('Schedule "chunked:auto" is resolved on the first round: use the runner from resolve().')
     if k == 0:
       k = self.mesh.shape["clients"] if self.mesh is not None else 1
     return math.ceil(cohort_size / k) * k

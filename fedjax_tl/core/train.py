@@ -7,9 +7,12 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 from fedjax_tl.core.fedavg import FedAvg, ServerState, sample_clients
 from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.keys import round_keys
+from fedjax_tl.types import PRNGKey
 
 __all__ = ["run_rounds", "round_keys", "CompileTimer"]
 
@@ -50,31 +53,41 @@ class CompileTimer:
     return total
 
 
-def round_keys(seed: int, round_idx: int) -> tuple[jax.Array, jax.Array]:
-  """(cohort sampling key, training key) of a round: derived from the seed and the round number only, so a
-  resumed run reproduces the same randomness."""
-  root = jax.random.PRNGKey(seed)
-  return (jax.random.fold_in(jax.random.fold_in(root, 0), round_idx),
-          jax.random.fold_in(jax.random.fold_in(root, 1), round_idx))
+def _to_python(v):
+  """A metric as JSON-able Python: scalars as bool/int/float, arrays as (nested) lists, dicts recursively."""
+  if isinstance(v, dict):
+    return {k: _to_python(u) for k, u in v.items()}
+  if isinstance(v, bool | int | float | str) or v is None:
+    return v
+  a = np.asarray(v)
+  return a.item() if a.ndim == 0 else a.tolist()
 
 
-def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int, cohort_size: int,
-               seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None, eval_every: int = 1,
-               on_round: Callable[[dict, ServerState], None] | None = None,
+def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int,
+               cohort_size: int | None = None, seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None,
+               eval_every: int = 1, on_round: Callable[[dict, ServerState], None] | None = None,
                round_metrics: Callable[[int], dict] | None = None,
-               bytes_so_far: tuple[float, float] = (0, 0)) -> tuple[ServerState, list[dict]]:
+               bytes_so_far: tuple[float, float] = (0, 0),
+               sampler: Callable[[PRNGKey, int], np.ndarray] | None = None) -> tuple[ServerState, list[dict]]:
   """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
 
-  Each record holds the round number, training loss/accuracy, examples, bytes up/down of the round, the
+  Each record holds the round number, every metric the algorithm returned (device scalars as numbers, arrays as
+  lists; the per-client metrics under ``client_metrics``, aligned with ``client_ids``, the round's cohort), the
   cumulative uplink/downlink megabytes of the run (``mb_up_total``/``mb_down_total``, starting from
   ``bytes_so_far`` = (up, down) of the rounds before a resume), ``compile_s`` (seconds the round spent
   tracing and compiling: the first round, or one that first runs a new program), ``wall_s`` (the round's
-  time until the new server state is computed, excluding ``compile_s``), examples/s (over ``wall_s``),
-  secure-aggregation counts when used and, every ``eval_every`` rounds and at the end, the evaluation metrics
-  prefixed ``test_``. A non-finite training loss stops the run with an error naming the round.
-  ``on_round(record, state)`` is called after every round (metrics files, checkpoints); ``round_metrics(round)``
-  adds entries to a round's record (e.g. the privacy spent so far).
+  time until the new server state is computed, excluding ``compile_s``), examples/s (over ``wall_s``) and,
+  every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
+  The cohort of round r is ``sampler(key, r)`` (default: ``cohort_size`` clients uniformly without replacement,
+  :func:`sample_clients`), with ``key`` derived from the seed and r (:func:`fedjax_tl.keys.sampling`).
+  A non-finite training loss stops the run with an error naming the round. ``on_round(record, state)`` is
+  called after every round (metrics files, checkpoints); ``round_metrics(round)`` adds entries to a round's
+  record (e.g. the privacy spent so far).
   """
+  if sampler is None:
+    if cohort_size is None:
+      raise ValueError("run_rounds needs cohort_size or a sampler.")
+    sampler = lambda key, r: sample_clients(key, data.num_clients, cohort_size)  # noqa: E731
   history = []
   up_total, down_total = bytes_so_far
   start_round = int(state.round)
@@ -82,7 +95,7 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
     with CompileTimer() as compile_timer:
       t0 = time.perf_counter()
       sample_key, train_key = round_keys(seed, r)
-      ids = sample_clients(sample_key, data.num_clients, cohort_size)
+      ids = np.asarray(sampler(sample_key, r))
       metrics, state = algorithm.apply(state, data, ids, train_key)
       state = jax.block_until_ready(state)  # the server update is dispatched asynchronously: time it too
       loss = float(metrics["train_loss"])
@@ -93,16 +106,13 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
       raise FloatingPointError(
           f"Client training loss is {loss} in round {r + 1}; the model diverged. Lower the client learning "
           "rate, clip gradients (optax.clip_by_global_norm) or check the inputs for NaNs.")
-    rec = {"round": r + 1, "train_loss": loss, "train_accuracy": float(metrics["train_accuracy"]),
-           "num_examples": int(metrics["num_examples"]), "bytes_up": int(metrics["bytes_up"]),
-           "bytes_down": int(metrics["bytes_down"]), "wall_s": wall,
-           "compile_s": compile_s, "examples_per_s": float(metrics["num_examples"]) / max(wall, 1e-9)}
+    rec = {"round": r + 1, **_to_python(metrics), "client_ids": ids.tolist()}
+    rec.update(train_loss=loss, num_examples=int(metrics["num_examples"]), bytes_up=int(metrics["bytes_up"]),
+               bytes_down=int(metrics["bytes_down"]), wall_s=wall, compile_s=compile_s,
+               examples_per_s=float(metrics["num_examples"]) / max(wall, 1e-9))
     up_total += rec["bytes_up"]
     down_total += rec["bytes_down"]
     rec.update(mb_up_total=up_total / 1e6, mb_down_total=down_total / 1e6)
-    for k, v in metrics.items():
-      if k.startswith("secagg_") or k.startswith("clip_"):
-        rec[k] = v if isinstance(v, bool | int) else float(v)
     if round_metrics is not None:
       rec.update(round_metrics(r + 1))
     last = r == start_round + rounds - 1

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
 from fedjax_tl.data import augment, partition
@@ -46,6 +46,7 @@ from fedjax_tl.experiments.common import (
   check,
   check_workdir,
   cli_main,
+  fedavg_kwargs,
   format_table,
   parse_config,  # noqa: F401 (cifar10.parse_config: used by scripts and tests)
   parse_ints,
@@ -54,7 +55,6 @@ from fedjax_tl.experiments.common import (
   validate_common,
   write_results,
 )
-from fedjax_tl.experiments.digits import OPTIMIZERS, client_optimizer
 from fedjax_tl.models import pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
 
@@ -234,7 +234,8 @@ def run(cfg: Config, log=print) -> dict:
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)
   transform_kwargs, round_metrics = transform_setup(cfg, data.num_clients, log)
   algo = FedAvg(local, server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
-                trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn, **transform_kwargs)
+                trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn,
+                **fedavg_kwargs(transform_kwargs))
   server = algo.init(params, state, num_clients=data.num_clients)
   down, up = algo.communication_bytes(server)
   log(f"strategy={cfg.strategy} bn={cfg.bn} schedule={algo.schedule}: {up / 1e6:.2f} MB up and "

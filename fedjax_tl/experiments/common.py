@@ -12,8 +12,10 @@ from collections.abc import Sequence
 
 import jax.numpy as jnp
 
+from fedjax_tl.metrics import format_table  # noqa: F401 (re-exported for the entry points)
+
 __all__ = ["DTYPES", "ConfigError", "parse_config", "validate_common", "check_workdir", "cli_main", "write_results",
-           "format_table", "run_in_workdir", "TransformFlags", "transform_setup"]
+           "format_table", "run_in_workdir", "TransformFlags", "transform_setup", "fedavg_kwargs"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,14 +264,6 @@ def write_results(workdir: str | None, config, history, summary: dict, log=print
   return path
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
-  cells = [[h for h in header]] + [[f"{v:.4f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-  lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-  lines.insert(1, "  ".join("-" * w for w in widths))
-  return "\n".join(lines)
-
-
 def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int, evaluate_fn, workdir: str | None,
                    log=print, on_round=None, round_metrics=None):
   """``run_rounds`` to a total of ``rounds``, with metrics files and checkpoints when ``workdir`` is set.
@@ -406,3 +400,25 @@ def transform_setup(cfg, population: int, log=print):
     log(f"secure aggregation: coordinate clip {cfg.secagg_clip}, dropout {cfg.secagg_dropout}")
   return kwargs, round_metrics
 
+
+
+def fedavg_kwargs(kwargs: dict) -> dict:
+  """FedAvg arguments from :func:`transform_setup`'s pieces: ``weighting``, ``secure_aggregation`` and
+  ``adaptive_clip`` become the one aggregator (:mod:`fedjax_tl.aggregators`); the transforms pass through."""
+  import dataclasses as dc
+
+  from fedjax_tl import aggregators
+
+  kw = dict(kwargs)
+  weighting = kw.pop("weighting", "num_examples")
+  secure, adaptive = kw.pop("secure_aggregation", None), kw.pop("adaptive_clip", None)
+  if adaptive is not None and secure is not None:
+    raise ValueError("Adaptive clipping under secure aggregation is not supported (the clip-count bits would be "
+                     "sent in the clear).")
+  if adaptive is not None:
+    kw["aggregator"] = adaptive
+  elif secure is not None:
+    kw["aggregator"] = dc.replace(secure, weighting=weighting)
+  elif weighting != "num_examples":
+    kw["aggregator"] = aggregators.Mean(weighting)
+  return kw

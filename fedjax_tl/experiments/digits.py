@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer  # noqa: F401 (re-exported)
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.core.train import run_rounds
@@ -37,6 +37,7 @@ from fedjax_tl.experiments.common import (
   check,
   check_workdir,
   cli_main,
+  fedavg_kwargs,
   format_table,
   parse_config,  # noqa: F401 (digits.parse_config: used by scripts and tests)
   parse_ints,
@@ -88,9 +89,6 @@ PRESETS = {
     "smoke": Config(pretrain_epochs=2, rounds=2, num_clients=6, clients_per_round=3),
 }
 
-OPTIMIZERS = {"sgd": optax.sgd, "adam": optax.adam, "momentum": lambda lr: optax.sgd(lr, momentum=0.9)}
-
-
 NUM_DIGITS = 10
 RUN_DIRS = ("", "pretrained", "scratch")  # what --workdir holds: results.json, one run directory per init
 
@@ -131,12 +129,6 @@ def validate(cfg: Config) -> None:
 
 def make_model(cfg: Config, num_classes: int) -> Model:
   return Model(CNN(num_classes=num_classes, features=tuple(_ints(cfg.features)), hidden=cfg.hidden), (8, 8, 1))
-
-
-def client_optimizer(name: str, lr: float) -> optax.GradientTransformation:
-  if name not in OPTIMIZERS:
-    raise ValueError(f"Unknown client optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
-  return OPTIMIZERS[name](lr)
 
 
 def pretrain(cfg: Config, source: Dataset) -> dict:
@@ -183,7 +175,7 @@ def run(cfg: Config, log=print) -> dict:
     algo = FedAvg(LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                                 epochs=cfg.local_epochs),
                   server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
-                  trainable=None if name.startswith("scratch") else cfg.trainable, **dp_kwargs)
+                  trainable=None if name.startswith("scratch") else cfg.trainable, **fedavg_kwargs(dp_kwargs))
     eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
     workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
     server, hist = run_in_workdir(cfg, algo, algo.init(params, state, data.num_clients), data, rounds=cfg.rounds,

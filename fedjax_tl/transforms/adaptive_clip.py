@@ -15,7 +15,7 @@ Splitting the privacy budget between the two releases: with the overall ``noise_
 z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) (Theorem 1 of the paper), so the pair costs what one Gaussian
 mechanism with multiplier z costs under either neighbouring relation, and the accountant
 (``fedjax_tl.privacy.accounting``, which applies the replace-one factor itself) is used with z unchanged.
-Use with ``FedAvg(adaptive_clip=..., weighting="uniform")``.
+Use as FedAvg's aggregator: ``FedAvg(local, aggregator=AdaptiveClipping(...))``.
 """
 
 from __future__ import annotations
@@ -75,8 +75,36 @@ class AdaptiveClipping:
       return 0.0
     return (z ** -2 - (2 * self.sigma_b) ** -2) ** -0.5
 
-  def init(self) -> jax.Array:
+  # ---- the aggregator protocol (fedjax_tl.aggregators): the state is the clip norm ----
+  covers_model_state = True
+
+  def init(self, template=None) -> jax.Array:
+    del template
     return jnp.float32(self.initial_clip)
+
+  def setup(self, state, num_clients, padded, max_examples, key):
+    del state, num_clients, padded, max_examples, key
+    return None, None
+
+  def encode(self, delta, num_examples, clip_norm, shared, ctx):
+    """Clips to the current norm, weighs every real client of the cohort 1 and reports the bit b_i."""
+    del num_examples, shared
+    clipped, below = self.clip(delta, clip_norm)
+    return clipped, (ctx.client_id >= 0).astype(jnp.float32), {"below_clip": below}
+
+  def aggregate(self, message_sum, weight_sum, shared, host):
+    del shared, host
+    return message_sum, weight_sum, {}
+
+  def decode(self, total, weight_sum, clip_norm, client_metrics, real, key):
+    w = jnp.maximum(weight_sum, 1e-12)
+    below = (client_metrics["below_clip"] * real).sum()  # real clients within the clip norm
+    noisy, new_clip = self.server_step(jax.tree.map(lambda d: d / w, total), below, clip_norm, key)
+    return noisy, new_clip, {"clip_norm": clip_norm, "clip_fraction_within": below / real.sum()}
+
+  def bits(self, template):
+    del template
+    return None
 
   @staticmethod
   def clip(delta: Updates, clip_norm: jax.Array) -> tuple[Updates, jax.Array]:

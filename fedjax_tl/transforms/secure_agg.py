@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_tl import keys
+
 __all__ = ["SecureAggregation", "SecAggShared", "shamir_share", "shamir_reconstruct", "fixed_point_scale", "FIELD_BITS"]
 
 FIELD_BITS = 32
@@ -135,11 +137,18 @@ class SecureAggregation:
     dropout: probability that a client drops out after masking (its update is lost; its masks are removed).
     threshold: Shamir threshold as a fraction of the cohort: t = max(2, ceil(threshold * n)) shares recover a
       dropped client's key; fewer survivors abort the round.
+    weighting: "num_examples" (FedAvg's weighted mean) or "uniform" (every client of the cohort weighs 1).
+
+  An aggregator (:mod:`fedjax_tl.aggregators`): ``setup`` runs the key agreement, ``encode`` masks a client's
+  weighted update, ``aggregate`` recovers dropped clients' masks and unmasks the sum, ``decode`` divides by the
+  survivors' weight. Only the sum is learnt; models with state need model_state "frozen" or "local" (averaged
+  BatchNorm statistics would be sent in the clear).
   """
 
   clip_value: float = 1.0
   dropout: float = 0.0
   threshold: float = 0.5
+  weighting: str = "num_examples"
 
   def __post_init__(self):
     if not self.clip_value > 0:
@@ -148,6 +157,41 @@ class SecureAggregation:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
     if not 0 < self.threshold <= 1:
       raise ValueError(f"threshold must be in (0, 1], got {self.threshold}.")
+    if self.weighting not in ("num_examples", "uniform"):
+      raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}.")
+
+  # ---- the aggregator protocol (fedjax_tl.aggregators) ----
+  covers_model_state = False  # averaged model state (BatchNorm statistics) would bypass the masking
+
+  def init(self, template):
+    del template
+    return None
+
+  def setup(self, state, num_clients: int, padded: int, max_examples: float, key):
+    del state
+    return self.setup_round(num_clients, padded, key, 1.0 if self.weighting == "uniform" else float(max_examples))
+
+  def encode(self, delta, num_examples, state, shared: SecAggShared, ctx):
+    del state
+    w = (ctx.client_id >= 0).astype(jnp.float32) if self.weighting == "uniform" else num_examples
+    masked, clipped = self.client_encode(delta, w, ctx.position, keys.secure_agg(ctx.key), shared)
+    return masked, jnp.where(shared.alive[ctx.position], w, 0.0), {"secagg_clipped": clipped}
+
+  def aggregate(self, message_sum, weight_sum, shared: SecAggShared, host):
+    recovery, info = self.recover(host)
+    info = {**info, "senders": info["secagg_survivors"]}
+    if recovery is None:  # too few survivors to unmask: the round is aborted
+      return None, weight_sum, info
+    return self.unmask(message_sum, recovery, shared.scale, shared.max_weight), weight_sum, info
+
+  def decode(self, total, weight_sum, state, client_metrics, real, key):
+    del key
+    w = jnp.maximum(weight_sum, 1e-12)
+    frac = (client_metrics["secagg_clipped"] * real).sum() / jnp.maximum(real.sum(), 1.0)
+    return jax.tree.map(lambda d: d / w, total), state, {"secagg_clipped_fraction": frac}
+
+  def bits(self, template) -> int:
+    return FIELD_BITS * sum(int(a.size) for a in jax.tree.leaves(template))
 
   def num_threshold(self, n: int) -> int:
     return min(n, max(2, math.ceil(self.threshold * n)))

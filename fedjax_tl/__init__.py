@@ -1,0 +1,116 @@
+"""fedjax_tl: federated (transfer) learning simulated in JAX/Flax.
+
+The flat public API (as optax's): everything a researcher composes an experiment from. Attributes load on
+first use, so ``import fedjax_tl`` stays cheap and importing one submodule does not pull in the others::
+
+  import fedjax_tl as ftl
+  algo = ftl.FedAvg(ftl.LocalTraining(model, optax.sgd(0.1), batch_size=16))
+  state = algo.init(params, model_state)
+  state, history = ftl.run_rounds(algo, state, data, rounds=10, cohort_size=5, seed=0)
+
+Layers, bottom to top (each imports only from below; nothing imports ``fedjax_tl.experiments``): types/keys,
+data, models, transforms, core (client, execution, aggregators, algorithms), privacy, run (train, checkpoint,
+metrics).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+
+
+def _version() -> str:
+  """The version in the source checkout's pyproject.toml, else the installed distribution's."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+  try:
+    with open(path) as f:
+      m = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.M)
+    if m:
+      return m.group(1)
+  except OSError:
+    pass
+  from importlib.metadata import PackageNotFoundError, version
+
+  try:
+    return version("fedjax_tl")
+  except PackageNotFoundError:
+    return "unknown"
+
+
+__version__ = _version()
+
+# public name -> module that defines it
+_EXPORTS = {
+    # randomness
+    "keys": "fedjax_tl.keys",
+    # data
+    "Dataset": "fedjax_tl.data.client_data",
+    "FederatedData": "fedjax_tl.data.client_data",
+    "Cohort": "fedjax_tl.data.client_data",
+    "partition": "fedjax_tl.data.partition",
+    "augment": "fedjax_tl.data.augment",
+    "load_digits": "fedjax_tl.data.sources",
+    "split_by_labels": "fedjax_tl.data.sources",
+    "train_test_split": "fedjax_tl.data.sources",
+    # models
+    "Model": "fedjax_tl.models.base",
+    "CNN": "fedjax_tl.models.cnn",
+    "ResNet": "fedjax_tl.models.resnet",
+    "ResNet18": "fedjax_tl.models.resnet",
+    "ResNet50": "fedjax_tl.models.resnet",
+    "ResNetTiny": "fedjax_tl.models.resnet",
+    "pretrained": "fedjax_tl.models.pretrained",
+    # update transforms
+    "transforms": "fedjax_tl.transforms",
+    "UpdateTransform": "fedjax_tl.transforms.base",
+    "chain": "fedjax_tl.transforms.base",
+    "compression": "fedjax_tl.transforms.compression",
+    "clip_l2": "fedjax_tl.transforms.privacy",
+    "gaussian_noise": "fedjax_tl.transforms.privacy",
+    "dp_fedavg": "fedjax_tl.transforms.privacy",
+    "AdaptiveClipping": "fedjax_tl.transforms.adaptive_clip",
+    "SecureAggregation": "fedjax_tl.transforms.secure_agg",
+    # aggregators
+    "aggregators": "fedjax_tl.aggregators",
+    "Mean": "fedjax_tl.aggregators",
+    "WeightedMean": "fedjax_tl.aggregators",
+    "UniformMean": "fedjax_tl.aggregators",
+    "DPFedAvg": "fedjax_tl.aggregators",
+    # core
+    "LocalTraining": "fedjax_tl.core.client",
+    "client_optimizer": "fedjax_tl.core.client",
+    "Schedule": "fedjax_tl.core.execution",
+    "store": "fedjax_tl.core.store",
+    "FedAvg": "fedjax_tl.core.fedavg",
+    "ServerState": "fedjax_tl.core.fedavg",
+    "sample_clients": "fedjax_tl.core.fedavg",
+    "client_mesh": "fedjax_tl.core.fedavg",
+    "split_params": "fedjax_tl.core.params",
+    "evaluate": "fedjax_tl.core.evaluate",
+    # privacy accounting
+    "privacy": "fedjax_tl.privacy",
+    "epsilon": "fedjax_tl.privacy.accounting",
+    "calibrate_noise_multiplier": "fedjax_tl.privacy.accounting",
+    # running
+    "run_rounds": "fedjax_tl.core.train",
+    "Checkpointer": "fedjax_tl.checkpoint",
+    "MetricsWriter": "fedjax_tl.metrics",
+    "format_table": "fedjax_tl.metrics",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+  module = _EXPORTS.get(name)
+  if module is None:
+    raise AttributeError(f"module 'fedjax_tl' has no attribute {name!r}")
+  mod = importlib.import_module(module)
+  value = mod if mod.__name__.rsplit(".", 1)[-1] == name and not hasattr(mod, name) else getattr(mod, name)
+  globals()[name] = value
+  return value
+
+
+def __dir__():
+  return sorted(__all__)
