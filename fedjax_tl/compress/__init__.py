@@ -1,0 +1,16 @@
+"""Smaller models for constrained clients: magnitude pruning and int8 quantization, after and during
+federated training (see README "Compressed models")."""
+
+from fedjax_tl.compress.pruning import (
+  apply_mask,
+  is_kernel,
+  keep_pruned,
+  magnitude_mask,
+  masked,
+  polynomial_sparsity,
+  sparsity,
+)
+from fedjax_tl.compress.report import latency_ms, size_report, sparse_bits
+
+__all__ = ["apply_mask", "is_kernel", "keep_pruned", "magnitude_mask", "masked", "polynomial_sparsity", "sparsity",
+           "latency_ms", "size_report", "sparse_bits"]
