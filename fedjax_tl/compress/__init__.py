@@ -10,7 +10,17 @@ from fedjax_tl.compress.pruning import (
   polynomial_sparsity,
   sparsity,
 )
+from fedjax_tl.compress.quantize import (
+  QuantizedModel,
+  load_quantized,
+  ptq,
+  qat,
+  quantizable,
+  quantized_bytes,
+  save_quantized,
+)
 from fedjax_tl.compress.report import latency_ms, size_report, sparse_bits
 
 __all__ = ["apply_mask", "is_kernel", "keep_pruned", "magnitude_mask", "masked", "polynomial_sparsity", "sparsity",
-           "latency_ms", "size_report", "sparse_bits"]
+           "latency_ms", "size_report", "sparse_bits", "QuantizedModel", "load_quantized", "ptq", "qat", "quantizable",
+           "quantized_bytes", "save_quantized"]
