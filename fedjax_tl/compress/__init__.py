@@ -1,6 +1,7 @@
 """Smaller models for constrained clients: magnitude pruning and int8 quantization, after and during
 federated training (see README "Compressed models")."""
 
+from fedjax_tl.compress.federated import FederatedPruning, PruningServerState, sparse_downlink, sparse_uplink
 from fedjax_tl.compress.pruning import (
   apply_mask,
   is_kernel,
@@ -21,6 +22,6 @@ from fedjax_tl.compress.quantize import (
 )
 from fedjax_tl.compress.report import latency_ms, size_report, sparse_bits
 
-__all__ = ["apply_mask", "is_kernel", "keep_pruned", "magnitude_mask", "masked", "polynomial_sparsity", "sparsity",
+__all__ = ["FederatedPruning", "PruningServerState", "sparse_downlink", "sparse_uplink", "apply_mask", "is_kernel", "keep_pruned", "magnitude_mask", "masked", "polynomial_sparsity", "sparsity",
            "latency_ms", "size_report", "sparse_bits", "QuantizedModel", "load_quantized", "ptq", "qat", "quantizable",
            "quantized_bytes", "save_quantized"]
