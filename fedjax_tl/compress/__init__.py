@@ -22,6 +22,13 @@ from fedjax_tl.compress.quantize import (
 )
 from fedjax_tl.compress.report import latency_ms, size_report, sparse_bits
 
-__all__ = ["FederatedPruning", "PruningServerState", "sparse_downlink", "sparse_uplink", "apply_mask", "is_kernel", "keep_pruned", "magnitude_mask", "masked", "polynomial_sparsity", "sparsity",
-           "latency_ms", "size_report", "sparse_bits", "QuantizedModel", "load_quantized", "ptq", "qat", "quantizable",
-           "quantized_bytes", "save_quantized"]
+__all__ = [
+  # pruning
+  "apply_mask", "is_kernel", "keep_pruned", "magnitude_mask", "masked", "polynomial_sparsity", "sparsity",
+  # int8 quantization (qwix)
+  "QuantizedModel", "load_quantized", "ptq", "qat", "quantizable", "quantized_bytes", "save_quantized",
+  # during federated training
+  "FederatedPruning", "PruningServerState", "sparse_downlink", "sparse_uplink",
+  # size and latency
+  "latency_ms", "size_report", "sparse_bits",
+]
