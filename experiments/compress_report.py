@@ -7,8 +7,8 @@ digits 5-9 over 20 Dirichlet(0.3) clients, 5 per round) trained once in float32 
 then: int8 PTQ (weight-only and dynamic-range, qwix) of that model; int8 QAT (clients train the fake-quantized
 model for the same 10 rounds, then dynamic PTQ); magnitude pruning of the float model to 50/80/90% (global,
 kernels only) without fine-tuning, with ``--finetune_rounds`` federated rounds of fine-tuning under the fixed
-mask, and gradually during the 10 rounds (Zhu & Gupta, rounds 0..5). Plus a ResNet50 (random weights,
-224x224, batch 1) size and latency row per format. Latency: median of jitted forward passes on this machine's
+mask (next to the float model trained for as many more rounds), and gradually during the 10 rounds (Zhu &
+Gupta, rounds 0..5). Plus a ResNet50 (random weights, 224x224, batch 1) size and latency row per format. Latency: median of jitted forward passes on this machine's
 default backend (digits: a batch of 256 test images). Any digits flag can be appended (e.g. --rounds=20).
 """
 
@@ -103,6 +103,9 @@ def digits_rows(cfg, finetune_rounds, log=print):
     add(row(f"int8 PTQ {mode}", model, params, st, test, batch, mb, q=quant.ptq(model, params, st, mode)))
   qp, qs, qmb = federated(dataclasses.replace(cfg, quantize="int8_qat"), model, init, state, data, test, cfg.rounds)
   add(row("int8 QAT (dynamic PTQ after)", model, qp, qs, test, batch, qmb, q=quant.ptq(model, qp, qs, "dynamic")))
+  fp_, fs_, fmb_ = federated(cfg, model, params, st, data, test, finetune_rounds)
+  add(row(f"float32 + {finetune_rounds} FL rounds (reference for fine-tuning)", model, fp_, fs_, test, batch,
+          mb + fmb_))
   for s in SPARSITIES:
     pruned = apply_mask(params, magnitude_mask(params, s))
     add(row(f"pruned {s:.0%}, no fine-tuning", model, pruned, st, test, batch, mb))
