@@ -8,8 +8,9 @@ then: int8 PTQ (weight-only and dynamic-range, qwix) of that model; int8 QAT (cl
 model for the same 10 rounds, then dynamic PTQ); magnitude pruning of the float model to 50/80/90% (global,
 kernels only) without fine-tuning, with ``--finetune_rounds`` federated rounds of fine-tuning under the fixed
 mask (next to the float model trained for as many more rounds), and gradually during the 10 rounds (Zhu &
-Gupta, rounds 0..5). Plus a ResNet50 (random weights, 224x224, batch 1) size and latency row per format. Latency: median of jitted forward passes on this machine's
-default backend (digits: a batch of 256 test images). Any digits flag can be appended (e.g. --rounds=20).
+Gupta, rounds 0..5). Plus a ResNet50 (random weights, 224x224, batch 1) size and latency row per format.
+Latency: median of jitted forward passes on this machine's default backend (digits: a batch of 256 test
+images). Any digits flag can be appended (e.g. --rounds=20).
 """
 
 from __future__ import annotations

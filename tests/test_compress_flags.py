@@ -48,3 +48,24 @@ def test_digits_run_with_pruning_and_int8_reports(tmp_path):
   assert summary["mb_up_total"] < 2 * 2 * 4 * dense / 1e6
   assert np.isclose(summary["mb_up_total"], 2 * (4 * (dense - kernels) + 4 * kernels) / 1e6 + 2 * (
       4 * (dense - kernels) + 4 * round(kernels / 2)) / 1e6, rtol=1e-3)
+
+
+def test_cifar10_has_the_flags_and_builds_the_pieces():
+  import optax
+
+  from fedjax_tl.compress.federated import PruningServerState
+  from fedjax_tl.core.client import LocalTraining
+  from fedjax_tl.experiments import cifar10
+  from fedjax_tl.models.base import Model
+  from fedjax_tl.models.cnn import CNN
+
+  cfg, _ = cifar10.parse_config(cifar10.Config, cifar10.PRESETS, ["--preset=smoke", "--prune=0.9",
+                                                                  "--prune_schedule=poly:1:3", "--quantize=int8_qat"])
+  assert (cfg.prune, cfg.prune_schedule, cfg.quantize) == (0.9, "poly:1:3", "int8_qat")
+  local = LocalTraining(Model(CNN(num_classes=3, features=(4,), hidden=8), (8, 8, 1)), optax.sgd(0.1), 4)
+  kw, fp = flags.compress_setup(cfg, {"local": local, "server_optimizer": optax.sgd(1.0)}, log=lambda *a: None)
+  assert (fp.begin_round, fp.end_round, fp.final_sparsity) == (1, 3, 0.9)
+  assert kw["local"].model.module.conv == "xla"  # the QAT model, with convolutions qwix can see
+  params = kw["local"].model.init(jax.random.PRNGKey(0))[0]
+  assert isinstance(kw["server_optimizer"].init(params), PruningServerState)
+  assert kw["client_transform"].encoded_bits is not None and kw["downlink"].encoded_bits is not None
