@@ -15,6 +15,7 @@ Presets (override any field with --field=value):
     python -m fedjax_tl.experiments.cifar10 --preset=noniid --compress=topk:0.01 --downlink=int8
     python -m fedjax_tl.experiments.cifar10 --preset=noniid --bn=frozen --dp_clip=1.0 --dp_epsilon=8
     python -m fedjax_tl.experiments.cifar10 --image_size=224 --dtype=bfloat16      # mixed precision on GPU/TPU
+    python -m fedjax_tl.experiments.cifar10 --preset=smoke --prune=0.5 --quantize=int8_qat   # smaller models
 
 Offline: pass the Keras weights file with --weights_path (or $FEDJAX_TL_RESNET50_WEIGHTS) and a prepared
 tfds directory with --data_dir; otherwise the run stops at the first download with a message saying so.
@@ -33,6 +34,7 @@ import jax
 import numpy as np
 import optax
 
+from fedjax_tl.compress.flags import CompressFlags, compress_report, compress_setup
 from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
@@ -63,7 +65,7 @@ BACKBONES = {"resnet18": resnet.ResNet18, "resnet34": resnet.ResNet34, "resnet50
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TransformFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*
+class Config(TransformFlags, CompressFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*; quantize, prune*
   seed: int = 0
   # data
   dataset: str = "cifar10"
@@ -233,8 +235,10 @@ def run(cfg: Config, log=print) -> dict:
   local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)
   transform_kwargs, round_metrics = transform_setup(cfg, data.num_clients, log)
-  algo = FedAvg(local, server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
-                trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn,
+  transform_kwargs, pruning = compress_setup(cfg, {"local": local, "server_optimizer": optax.sgd(cfg.server_lr),
+                                                   **transform_kwargs}, log)
+  params = pruning.prune(params) if pruning is not None else params
+  algo = FedAvg(schedule=cfg.schedule, trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn,
                 **fedavg_kwargs(transform_kwargs))
   server = algo.init(params, state, num_clients=data.num_clients)
   down, up = algo.communication_bytes(server)
@@ -260,6 +264,10 @@ def run(cfg: Config, log=print) -> dict:
              "mb_up_total": history[-1]["mb_up_total"], "mb_down_total": history[-1]["mb_down_total"],
              "mean_examples_per_s": float(np.mean([h["examples_per_s"] for h in history[1:] or history]))}
   log(f"final test accuracy {final:.4f} after {cfg.rounds} rounds ({summary['seconds']:.1f}s)")
+  if cfg.quantize != "none" or cfg.prune > 0:
+    rows = compress_report(cfg, model, server.full_params(), server.model_state, test_x, test_y)
+    log("compressed model:\n" + format_table(list(rows[0]), [list(r.values()) for r in rows]))
+    summary["compression"] = rows
   write_results(cfg.workdir, cfg, history, summary, log)
   return summary
 

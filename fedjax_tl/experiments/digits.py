@@ -10,6 +10,7 @@ scratch, with the same rounds, clients, keys and seed. Prints a per-round table 
     python -m fedjax_tl.experiments.digits --dp_clip=0.5 --dp_epsilon=8    # DP-FedAvg, noise calibrated
     python -m fedjax_tl.experiments.digits --compress=topk:0.01            # top-k 1% + error feedback uplink
     python -m fedjax_tl.experiments.digits --secure_agg=true --secagg_dropout=0.2
+    python -m fedjax_tl.experiments.digits --prune=0.9 --quantize=int8   # 90% sparse during FL, int8 at the end
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax
 import numpy as np
 import optax
 
+from fedjax_tl.compress.flags import CompressFlags, compress_report, compress_setup
 from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer  # noqa: F401 (re-exported)
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import FedAvg
@@ -52,7 +54,7 @@ from fedjax_tl.models.cnn import CNN
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TransformFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*
+class Config(TransformFlags, CompressFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*; quantize, prune*
   seed: int = 0
   # source task (central pretraining)
   source_labels: str = "0,1,2,3,4"
@@ -171,17 +173,23 @@ def run(cfg: Config, log=print) -> dict:
     inits["scratch (all trainable)"] = fresh
   histories, finals = {}, {}
   dp_kwargs, dp_metrics = transform_setup(cfg, data.num_clients, log)
+  compression = {}
   for name, params in inits.items():
-    algo = FedAvg(LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
-                                epochs=cfg.local_epochs),
-                  server_optimizer=optax.sgd(cfg.server_lr), schedule=cfg.schedule,
-                  trainable=None if name.startswith("scratch") else cfg.trainable, **fedavg_kwargs(dp_kwargs))
+    kwargs, pruning = compress_setup(cfg, {
+        "local": LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
+                               epochs=cfg.local_epochs),
+        "server_optimizer": optax.sgd(cfg.server_lr), **dp_kwargs}, log)
+    params = pruning.prune(params) if pruning is not None else params
+    algo = FedAvg(schedule=cfg.schedule, trainable=None if name.startswith("scratch") else cfg.trainable,
+                  **fedavg_kwargs(kwargs))
     eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
     workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
     server, hist = run_in_workdir(cfg, algo, algo.init(params, state, data.num_clients), data, rounds=cfg.rounds,
                                   cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=workdir, log=log,
                                   round_metrics=dp_metrics)
     histories[name], finals[name] = hist, hist[-1]["test_accuracy"]
+    if cfg.quantize != "none" or cfg.prune > 0:
+      compression[name] = compress_report(cfg, model, server.full_params(), server.model_state, test.x, test.y)
 
   names = list(histories)
   header = ["round"] + [f"{n} {m}" for n in names for m in ("train_loss", "test_acc")]
@@ -198,9 +206,14 @@ def run(cfg: Config, log=print) -> dict:
       f"{last['mb_down_total']:.4f} MB in all; {time.perf_counter() - t_start:.1f}s)")
   if dp_metrics is not None:
     log(f"privacy spent: epsilon {dp_metrics(cfg.rounds)['epsilon']:.3f} at delta {cfg.dp_delta}")
+  if compression:
+    rows = [{"run": n, **r} for n, rs in compression.items() for r in rs]
+    log("compressed models:\n" + format_table(list(rows[0]), [list(r.values()) for r in rows]))
   summary = {"final_test_accuracy": finals, "source_train_accuracy": pre["train_accuracy"],
              "rounds_to_target": reach, "mb_up_total": last["mb_up_total"], "mb_down_total": last["mb_down_total"],
              "seconds": time.perf_counter() - t_start}
+  if compression:
+    summary["compression"] = compression
   write_results(cfg.workdir, cfg, histories, summary, log)
   return summary
 

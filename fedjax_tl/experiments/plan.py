@@ -24,10 +24,9 @@ import os
 import sys
 
 from fedjax_tl import plan
-from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.client import LocalTraining, client_optimizer
 from fedjax_tl.experiments import cifar10
 from fedjax_tl.experiments.common import ConfigError, check, format_table, parse_config, parse_ints
-from fedjax_tl.experiments.digits import client_optimizer  # moves to core.client with the framework
 from fedjax_tl.models import transfer
 
 

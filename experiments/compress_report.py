@@ -1,0 +1,161 @@
+"""Smaller models for constrained clients, measured: accuracy, size and latency of compressed digits models.
+
+    python experiments/compress_report.py --out experiments/results/compress_report.json
+
+The digits demo's federated transfer task (default preset: CNN pretrained on digits 0-4, 10 FedAvg rounds on
+digits 5-9 over 20 Dirichlet(0.3) clients, 5 per round) trained once in float32 from the pretrained backbone,
+then: int8 PTQ (weight-only and dynamic-range, qwix) of that model; int8 QAT (clients train the fake-quantized
+model for the same 10 rounds, then dynamic PTQ); magnitude pruning of the float model to 50/80/90% (global,
+kernels only) without fine-tuning, with ``--finetune_rounds`` federated rounds of fine-tuning under the fixed
+mask (next to the float model trained for as many more rounds), and gradually during the 10 rounds (Zhu &
+Gupta, rounds 0..5). Plus a ResNet50 (random weights, 224x224, batch 1) size and latency row per format.
+Latency: median of jitted forward passes on this machine's default backend (digits: a batch of 256 test
+images). Any digits flag can be appended (e.g. --rounds=20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedjax_tl.compress import quantize as quant
+from fedjax_tl.compress.flags import accuracy, compress_setup
+from fedjax_tl.compress.pruning import apply_mask, magnitude_mask
+from fedjax_tl.compress.report import latency_ms, size_report
+from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.fedavg import FedAvg
+from fedjax_tl.core.params import tree_bytes
+from fedjax_tl.core.train import run_rounds
+from fedjax_tl.data import partition
+from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
+from fedjax_tl.experiments import digits
+from fedjax_tl.experiments.common import format_table, parse_config
+from fedjax_tl.models import pretrained
+from fedjax_tl.models.base import Model
+from fedjax_tl.models.resnet import ClassifierHead, ResNet50
+
+SPARSITIES = (0.5, 0.8, 0.9)
+
+
+def federated(cfg, model, params, state, data, test, rounds):
+  """FedAvg as the digits demo runs it, with ``cfg``'s --quantize/--prune; returns (params, state, uplink MB)."""
+  kwargs, fp = compress_setup(cfg, {
+      "local": LocalTraining(model, digits.client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
+                             epochs=cfg.local_epochs),
+      "server_optimizer": optax.sgd(cfg.server_lr)}, log=lambda *a: None)
+  params = fp.prune(params) if fp is not None else params
+  algo = FedAvg(schedule=cfg.schedule, **kwargs)
+  server, hist = run_rounds(algo, algo.init(params, state), data, rounds=rounds, cohort_size=cfg.clients_per_round,
+                            seed=cfg.seed)
+  return server.full_params(), server.model_state, hist[-1]["mb_up_total"]
+
+
+def row(name, model, params, state, test, batch, mb_up=None, q=None, runs=20):
+  sizes = size_report(params)
+  extra = tree_bytes(state)
+  if q is None:
+    fwd = jax.jit(lambda xb: model.apply(params, state, xb, train=False)[0])
+    acc = accuracy(fwd, test.x, test.y) if test is not None else None
+    dense, sparse = sizes["float32_bytes"] + extra, sizes["sparse_bytes"] + extra
+    fmt = "float32 sparse COO" if sparse < dense else "float32"
+  else:
+    fwd = q.apply
+    acc = accuracy(fwd, test.x, test.y) if test is not None else None
+    dense, sparse = quant.quantized_bytes(q), sizes["sparse_int8_bytes"] + extra
+    fmt = "int8 sparse COO" if sparse < dense else "int8 + f32 scales"
+  best = min(dense, sparse)
+  return {"model": name, "test_accuracy": acc, "sparsity": round(sizes["sparsity"], 4),
+          "bytes": best, "format": fmt, "vs_float32": best / (sizes["float32_bytes"] + extra),
+          "latency_ms": latency_ms(fwd, batch, runs=runs), "uplink_mb": mb_up}
+
+
+def digits_rows(cfg, finetune_rounds, log=print):
+  t0 = time.perf_counter()
+  all_digits = load_digits()
+  source = split_by_labels(all_digits, digits._ints(cfg.source_labels))
+  target = split_by_labels(all_digits, digits._ints(cfg.target_labels))
+  train, test = train_test_split(target, cfg.test_fraction, cfg.seed)
+  pre = digits.pretrain(cfg, source)
+  parts = partition.make_partition(cfg.partition, train.y, cfg.num_clients, seed=cfg.seed, alpha=cfg.alpha,
+                                   min_size=cfg.min_client_size)
+  data = FederatedData.from_partition(train, parts)
+  model = digits.make_model(cfg, target.num_classes)
+  fresh, state = model.init(jax.random.PRNGKey(cfg.seed + 1))
+  init = pretrained.merge(fresh, pre["params"], dont_load=["^head/"])
+  batch = jnp.asarray(test.x[:256])
+  rows = []
+
+  def add(r):
+    rows.append(r)
+    log(f"{r['model']}: accuracy {r['test_accuracy']:.4f}, {r['bytes']} bytes ({r['format']}), "
+        f"{r['latency_ms']:.2f} ms ({time.perf_counter() - t0:.0f}s)")
+
+  params, st, mb = federated(cfg, model, init, state, data, test, cfg.rounds)
+  add(row("float32", model, params, st, test, batch, mb))
+  for mode in quant.MODES:
+    add(row(f"int8 PTQ {mode}", model, params, st, test, batch, mb, q=quant.ptq(model, params, st, mode)))
+  qp, qs, qmb = federated(dataclasses.replace(cfg, quantize="int8_qat"), model, init, state, data, test, cfg.rounds)
+  add(row("int8 QAT (dynamic PTQ after)", model, qp, qs, test, batch, qmb, q=quant.ptq(model, qp, qs, "dynamic")))
+  fp_, fs_, fmb_ = federated(cfg, model, params, st, data, test, finetune_rounds)
+  add(row(f"float32 + {finetune_rounds} FL rounds (reference for fine-tuning)", model, fp_, fs_, test, batch,
+          mb + fmb_))
+  for s in SPARSITIES:
+    pruned = apply_mask(params, magnitude_mask(params, s))
+    add(row(f"pruned {s:.0%}, no fine-tuning", model, pruned, st, test, batch, mb))
+    ft = dataclasses.replace(cfg, prune=s, prune_schedule="start")
+    fp_params, fp_state, fmb = federated(ft, model, pruned, st, data, test, finetune_rounds)
+    add(row(f"pruned {s:.0%}, + {finetune_rounds} FL rounds fine-tuning", model, fp_params, fp_state, test, batch,
+            mb + fmb))
+    gp, gs, gmb = federated(dataclasses.replace(cfg, prune=s, prune_schedule="poly"), model, init, state, data,
+                            test, cfg.rounds)
+    add(row(f"pruned {s:.0%} gradually during FL", model, gp, gs, test, batch, gmb))
+    add(row(f"pruned {s:.0%} gradually during FL, int8", model, gp, gs, test, batch, gmb,
+            q=quant.ptq(model, gp, gs, "dynamic")))
+  return rows
+
+
+def resnet50_rows(runs: int, log=print):
+  model = Model(ClassifierHead(ResNet50(), num_classes=1000), (224, 224, 3))
+  params, state = model.init(jax.random.PRNGKey(0))
+  batch = jnp.zeros((1, 224, 224, 3), jnp.uint8) + 128
+  rows = [row("ResNet50 float32 (random weights)", model, params, state, None, batch, runs=runs)]
+  log(f"{rows[-1]}")
+  rows.append(row("ResNet50 int8 dynamic", model, params, state, None, batch, runs=runs,
+                  q=quant.ptq(model, params, state, "dynamic")))
+  log(f"{rows[-1]}")
+  pruned = apply_mask(params, magnitude_mask(params, 0.9))
+  rows.append(row("ResNet50 pruned 90%", model, pruned, state, None, batch, runs=runs))
+  log(f"{rows[-1]}")
+  return rows
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--out", default=None, help="write the rows as JSON here")
+  ap.add_argument("--finetune_rounds", type=int, default=5)
+  ap.add_argument("--resnet50_runs", type=int, default=5, help="timed ResNet50 calls (0: skip the ResNet50 rows)")
+  args, rest = ap.parse_known_args()
+  cfg, _ = parse_config(digits.Config, digits.PRESETS, rest)
+  rows = digits_rows(cfg, args.finetune_rounds)
+  if args.resnet50_runs:
+    rows += resnet50_rows(args.resnet50_runs)
+  cols = ["model", "test_accuracy", "sparsity", "bytes", "format", "vs_float32", "latency_ms", "uplink_mb"]
+  print(format_table(cols, [["-" if r[c] is None else r[c] for c in cols] for r in rows]))
+  if args.out:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump({"config": dataclasses.asdict(cfg), "finetune_rounds": args.finetune_rounds,
+                 "backend": jax.default_backend(), "rows": rows}, f, indent=1)
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+  main()
