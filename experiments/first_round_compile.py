@@ -6,11 +6,14 @@ the 8-step block never runs, and compiling it anyway made a ResNet18 first round
 run_rounds' ``compile_s`` and ``wall_s``) for ``auto`` and ``sequential/host:1`` on ResNetTiny, CIFAR-shaped
 uint8 inputs, 4 clients of 16 examples, batch 8 (2 steps per client):
 
-    python experiments/first_round_compile.py            # prints one line per schedule
+    PYTHONPATH=. python experiments/first_round_compile.py                 # both schedules, one line each
+    PYTHONPATH=. python experiments/first_round_compile.py auto            # one schedule (a fresh process each
+                                                                           # keeps the comparison fair)
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import jax
@@ -47,4 +50,4 @@ def main(schedules=("auto", "sequential/host:1"), clients: int = 4, per_client: 
 
 
 if __name__ == "__main__":
-  main()
+  main(tuple(sys.argv[1:]) or ("auto", "sequential/host:1"))
