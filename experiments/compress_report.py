@@ -23,6 +23,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fedjax_tl.compress import quantize as quant
@@ -30,6 +31,7 @@ from fedjax_tl.compress.flags import accuracy, compress_setup
 from fedjax_tl.compress.pruning import apply_mask, magnitude_mask
 from fedjax_tl.compress.report import latency_ms, size_report
 from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.core.params import tree_bytes
 from fedjax_tl.core.train import run_rounds
@@ -46,19 +48,23 @@ SPARSITIES = (0.5, 0.8, 0.9)
 
 
 def federated(cfg, model, params, state, data, test, rounds):
-  """FedAvg as the digits demo runs it, with ``cfg``'s --quantize/--prune; returns (params, state, uplink MB)."""
+  """FedAvg as the digits demo runs it, with ``cfg``'s --quantize/--prune; returns (params, state, (uplink MB,
+  mean test accuracy of the global model over the last 3 rounds: this non-IID task's round-to-round noise))."""
   kwargs, fp = compress_setup(cfg, {
       "local": LocalTraining(model, digits.client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                              epochs=cfg.local_epochs),
       "server_optimizer": optax.sgd(cfg.server_lr)}, log=lambda *a: None)
   params = fp.prune(params) if fp is not None else params
   algo = FedAvg(schedule=cfg.schedule, **kwargs)
+  eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
   server, hist = run_rounds(algo, algo.init(params, state), data, rounds=rounds, cohort_size=cfg.clients_per_round,
-                            seed=cfg.seed)
-  return server.full_params(), server.model_state, hist[-1]["mb_up_total"]
+                            seed=cfg.seed, evaluate_fn=eval_fn)
+  last3 = float(np.mean([h["test_accuracy"] for h in hist[-3:]]))
+  return server.full_params(), server.model_state, (hist[-1]["mb_up_total"], last3)
 
 
-def row(name, model, params, state, test, batch, mb_up=None, q=None, runs=20):
+def row(name, model, params, state, test, batch, fl=(None, None), q=None, runs=20):
+  mb_up, last3 = fl
   sizes = size_report(params)
   extra = tree_bytes(state)
   if q is None:
@@ -74,7 +80,8 @@ def row(name, model, params, state, test, batch, mb_up=None, q=None, runs=20):
   best = min(dense, sparse)
   return {"model": name, "test_accuracy": acc, "sparsity": round(sizes["sparsity"], 4),
           "bytes": best, "format": fmt, "vs_float32": best / (sizes["float32_bytes"] + extra),
-          "latency_ms": latency_ms(fwd, batch, runs=runs), "uplink_mb": mb_up}
+          "latency_ms": latency_ms(fwd, batch, runs=runs), "uplink_mb": mb_up,
+          "fl_last3_accuracy": last3}
 
 
 def digits_rows(cfg, finetune_rounds, log=print):
@@ -101,23 +108,23 @@ def digits_rows(cfg, finetune_rounds, log=print):
   params, st, mb = federated(cfg, model, init, state, data, test, cfg.rounds)
   add(row("float32", model, params, st, test, batch, mb))
   for mode in quant.MODES:
-    add(row(f"int8 PTQ {mode}", model, params, st, test, batch, mb, q=quant.ptq(model, params, st, mode)))
+    add(row(f"int8 PTQ {mode}", model, params, st, test, batch, (mb[0], None), q=quant.ptq(model, params, st, mode)))
   qp, qs, qmb = federated(dataclasses.replace(cfg, quantize="int8_qat"), model, init, state, data, test, cfg.rounds)
   add(row("int8 QAT (dynamic PTQ after)", model, qp, qs, test, batch, qmb, q=quant.ptq(model, qp, qs, "dynamic")))
   fp_, fs_, fmb_ = federated(cfg, model, params, st, data, test, finetune_rounds)
   add(row(f"float32 + {finetune_rounds} FL rounds (reference for fine-tuning)", model, fp_, fs_, test, batch,
-          mb + fmb_))
+          (mb[0] + fmb_[0], fmb_[1])))
   for s in SPARSITIES:
     pruned = apply_mask(params, magnitude_mask(params, s))
-    add(row(f"pruned {s:.0%}, no fine-tuning", model, pruned, st, test, batch, mb))
+    add(row(f"pruned {s:.0%}, no fine-tuning", model, pruned, st, test, batch, (mb[0], None)))
     ft = dataclasses.replace(cfg, prune=s, prune_schedule="start")
     fp_params, fp_state, fmb = federated(ft, model, pruned, st, data, test, finetune_rounds)
     add(row(f"pruned {s:.0%}, + {finetune_rounds} FL rounds fine-tuning", model, fp_params, fp_state, test, batch,
-            mb + fmb))
+            (mb[0] + fmb[0], fmb[1])))
     gp, gs, gmb = federated(dataclasses.replace(cfg, prune=s, prune_schedule="poly"), model, init, state, data,
                             test, cfg.rounds)
     add(row(f"pruned {s:.0%} gradually during FL", model, gp, gs, test, batch, gmb))
-    add(row(f"pruned {s:.0%} gradually during FL, int8", model, gp, gs, test, batch, gmb,
+    add(row(f"pruned {s:.0%} gradually during FL, int8", model, gp, gs, test, batch, (gmb[0], None),
             q=quant.ptq(model, gp, gs, "dynamic")))
   return rows
 
@@ -147,7 +154,8 @@ def main() -> None:
   rows = digits_rows(cfg, args.finetune_rounds)
   if args.resnet50_runs:
     rows += resnet50_rows(args.resnet50_runs)
-  cols = ["model", "test_accuracy", "sparsity", "bytes", "format", "vs_float32", "latency_ms", "uplink_mb"]
+  cols = ["model", "test_accuracy", "fl_last3_accuracy", "sparsity", "bytes", "format", "vs_float32", "latency_ms",
+          "uplink_mb"]
   print(format_table(cols, [["-" if r[c] is None else r[c] for c in cols] for r in rows]))
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

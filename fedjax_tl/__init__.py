@@ -88,6 +88,15 @@ _EXPORTS = {
     "client_mesh": "fedjax_tl.core.fedavg",
     "split_params": "fedjax_tl.core.params",
     "evaluate": "fedjax_tl.core.evaluate",
+    # smaller models: pruning and int8 quantization (qwix), after and during federated training
+    "compress": "fedjax_tl.compress",
+    "magnitude_mask": "fedjax_tl.compress.pruning",
+    "polynomial_sparsity": "fedjax_tl.compress.pruning",
+    "keep_pruned": "fedjax_tl.compress.pruning",
+    "FederatedPruning": "fedjax_tl.compress.federated",
+    "ptq": "fedjax_tl.compress.quantize",
+    "qat": "fedjax_tl.compress.quantize",
+    "size_report": "fedjax_tl.compress.report",
     # privacy accounting
     "privacy": "fedjax_tl.privacy",
     "epsilon": "fedjax_tl.privacy.accounting",

@@ -69,3 +69,12 @@ def test_cifar10_has_the_flags_and_builds_the_pieces():
   params = kw["local"].model.init(jax.random.PRNGKey(0))[0]
   assert isinstance(kw["server_optimizer"].init(params), PruningServerState)
   assert kw["client_transform"].encoded_bits is not None and kw["downlink"].encoded_bits is not None
+
+
+def test_public_api_reaches_compress():
+  import fedjax_tl
+  from fedjax_tl.compress import FederatedPruning, magnitude_mask, ptq, qat, size_report
+
+  assert fedjax_tl.compress.FederatedPruning is FederatedPruning is fedjax_tl.FederatedPruning
+  assert (fedjax_tl.magnitude_mask, fedjax_tl.ptq, fedjax_tl.qat, fedjax_tl.size_report) == (
+      magnitude_mask, ptq, qat, size_report)
