@@ -1,9 +1,11 @@
 """FedAvg with a server optimizer (Reddi et al. 2021, "Adaptive Federated Optimization"), as init + apply.
 
-``apply`` trains the cohort (any :class:`Schedule`), averages the client deltas weighted by their number of
-examples (McMahan et al. 2017) and feeds the negated average to an optax server optimizer; plain FedAvg is
-``optax.sgd(1.0)``. Only the trainable part of the params is trained and communicated; the frozen part is
-fixed for the whole run.
+``apply`` trains the cohort (any :class:`Schedule`), lets the aggregator (:mod:`fedjax_tl.core.aggregation`;
+default: the mean weighted by the clients' numbers of examples, McMahan et al. 2017) turn the client deltas
+into one mean update and feeds its negation to an optax server optimizer; plain FedAvg is ``optax.sgd(1.0)``.
+Only the trainable part of the params is trained and communicated; the frozen part is fixed for the whole run,
+and ``local_params`` stay with each client. Everything kept per client lives in the state as one stacked pytree
+(:mod:`fedjax_tl.core.store`), so a checkpoint holds it without naming it.
 """
 
 from __future__ import annotations
@@ -82,6 +84,28 @@ def sample_clients(key: PRNGKey, num_clients: int, cohort_size: int) -> np.ndarr
   if cohort_size == num_clients:
     return np.arange(num_clients)
   return np.sort(np.asarray(jax.random.choice(key, num_clients, (cohort_size,), replace=False)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ClientPostprocess:
+  """The client side of FedAvg's aggregation, for one client (vmapped): the update transform, then the
+  aggregator's encoding. A value of the client-side configuration only, so FedAvgs that differ elsewhere (e.g.
+  in the server optimizer) share the runner's compiled programs (a bound method would not: it compares its
+  ``__self__`` by identity)."""
+
+  transform: UpdateTransform | None
+  aggregator: Aggregator
+
+  def __call__(self, out: ClientOutput, carry, ctx: ClientContext):
+    if self.transform is not None:
+      t = self.transform
+      delta, new_carry = t.apply(out.delta, t.init(out.delta) if carry is None else carry, ctx.key)
+      out = out._replace(delta=delta)
+      if carry is not None:  # a client without examples sent nothing; its state must not move
+        carry = jax.tree.map(lambda new, old: jnp.where(out.num_examples > 0, new, old), new_carry, carry)
+    agg_state, agg_shared = (None, None) if ctx.shared is None else ctx.shared
+    message, weight, extra = self.aggregator.encode(out.delta, out.num_examples, agg_state, agg_shared, ctx)
+    return out._replace(delta=message, num_examples=weight, metrics={**out.metrics, **extra}), carry
 
 
 _PLAIN_SERVER = optax.sgd(1.0)  # one object, so that FedAvg(local) == FedAvg(local) (and they share programs)
@@ -171,22 +195,11 @@ class FedAvg:
     object.__setattr__(self, "_runners", {})
     object.__setattr__(self, "_num_outputs", None)
 
-  # ---- client side ----
-  def _client_postprocess(self, out: ClientOutput, carry, ctx: ClientContext):
-    """Update transform, then the aggregator's encoding, for one client (vmapped)."""
-    if self.client_transform is not None:
-      t = self.client_transform
-      delta, new_carry = t.apply(out.delta, t.init(out.delta) if carry is None else carry, ctx.key)
-      out = out._replace(delta=delta)
-      if carry is not None:  # a client without examples sent nothing; its state must not move
-        carry = jax.tree.map(lambda new, old: jnp.where(out.num_examples > 0, new, old), new_carry, carry)
-    agg_state, agg_shared = ctx.shared
-    message, weight, extra = self.aggregator.encode(out.delta, out.num_examples, agg_state, agg_shared, ctx)
-    return out._replace(delta=message, num_examples=weight, metrics={**out.metrics, **extra}), carry
-
   def runner(self, pad_size: int) -> CohortRunner:
     if pad_size not in self._runners:
-      post = self.postprocess if self.postprocess is not None else self._client_postprocess
+      post = self.postprocess
+      if post is None and (self.client_transform is not None or self.aggregator != Mean()):
+        post = _ClientPostprocess(self.client_transform, self.aggregator)  # (plain FedAvg's encoding is identity)
       per_client = self.model_state == "local" or self.local_params is not None
       self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post,
                                              per_client_state=per_client, mesh=self.mesh)
