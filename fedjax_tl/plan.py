@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -171,17 +172,23 @@ def compile_round(local: LocalTraining, devices: Sequence, *, cohort_size: int, 
 
 
 def _fits(result: dict | None, budget: int) -> bool:
-  return result is not None and result["bytes"] <= budget
+  return result is not None and not result.get("oom") and result["bytes"] <= budget
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def _try(fn: Callable[[], dict], log) -> dict | None:
+  """``fn()``; when the compiler refuses the program for lack of memory, None, or ``{"oom": True, "bytes": b}``
+  with the temporaries' size its message names (a lower bound on what the program needs, used to interpolate)."""
   try:
     return fn()
   except Exception as e:  # the compiler's out-of-memory error: does not fit
     msg = str(e)
     if "RESOURCE_EXHAUSTED" in msg or "memory" in msg.lower():
       log(f"    does not compile within the device memory: {msg.splitlines()[0][:160]}")
-      return None
+      m = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", msg)
+      return {"oom": True, "bytes": int(float(m.group(1)) * _UNITS[m.group(2)])} if m else None
     raise
 
 
@@ -238,7 +245,7 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
     # between the largest K known to fit and the smallest known not to, and verify every guess by compiling.
     lo, hi = n_dev, full
     if not _fits(probe(lo), budget):
-      result = probes[lo] if probes[lo] is not None else None
+      result = probes[lo] if probes[lo] is not None and not probes[lo].get("oom") else None
     else:
       for _ in range(max_compiles):
         if hi - lo <= n_dev:
@@ -258,9 +265,11 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
       k = math.ceil(math.ceil(cohort_size / chunks) / n_dev) * n_dev
       result = probe(k) if _fits(probe(k), budget) else probes[lo]
   tried = sorted(probes.items())
-  if result is None:
+  if result is None or result.get("oom"):
+    need = result["bytes"] if result else None
     return {"target": tgt.name, "devices": n_dev, "cohort": cohort_size, "schedule": str(base), "fits": False,
-            "bytes_per_device": None, "hbm_fraction": None, "note": "the compiler ran out of memory"}
+            "bytes_per_device": None, "hbm_fraction": None, "temporaries_needed_bytes": need,
+            "note": "the compiler ran out of device memory even for the smallest chunk"}
   k = result["chunk_size"]
   chunks = result["padded_cohort"] // k
   flops_round = result["flops"] * chunks * steps * n_dev
@@ -274,6 +283,7 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
       "min_round_ms": 1e3 * flops_round / (tgt.peak_flops * n_dev) if tgt.peak_flops == tgt.peak_flops else None,
       "compile_s": result["compile_s"], "temp_bytes": result["temp_bytes"],
       "argument_bytes": result["argument_bytes"],
-      "probes": [{"chunk_size": kk, "bytes": r["bytes"] if r else None} for kk, r in tried],
+      "probes": [{"chunk_size": kk, "bytes": r["bytes"] if r else None, "oom": bool(r and r.get("oom"))}
+                 for kk, r in tried],
   }
   return row

@@ -97,3 +97,14 @@ def test_v5e_default_schedule_compiles_resnet_tiny():
 @pytest.mark.skipif(not HAS_LIBTPU, reason='needs libtpu: pip install -e ".[tpu]"')
 def test_v5e_chunk_size_fits_its_budget():
   _chunked_plan_fits("v5e-1")
+
+
+def test_compiler_out_of_memory_is_a_probe_not_a_crash():
+  def oom():
+    raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+                       "(31.29G) exceeds available HBM (15.75G).")
+
+  r = plan._try(oom, log=lambda *_: None)
+  assert r["oom"] and r["bytes"] == int(31.29 * (1 << 30)) and not plan._fits(r, 1 << 50)
+  with pytest.raises(ValueError, match="unrelated"):
+    plan._try(lambda: (_ for _ in ()).throw(ValueError("unrelated")), log=lambda *_: None)
