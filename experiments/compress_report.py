@@ -11,6 +11,14 @@ mask (next to the float model trained for as many more rounds), and gradually du
 Gupta, rounds 0..5). Plus a ResNet50 (random weights, 224x224, batch 1) size and latency row per format.
 Latency: median of jitted forward passes on this machine's default backend (digits: a batch of 256 test
 images). Any digits flag can be appended (e.g. --rounds=20).
+
+The cifar_mock section: the same float32 / int8 PTQ / int8 QAT / pruned 50/80/90% (without and with
+``--cifar_finetune_rounds`` of fine-tuning) rows for the cifar10 experiment's ``smoke`` preset (tfds mock data,
+2 rounds) with ``--model`` in ``--cifar_models`` (ResNetTiny, ResNet18). Mock images and labels are random, so
+their accuracy means nothing; sizes and latency (a batch of 32 images) do. Only these rows:
+
+    python experiments/compress_report.py --sections=cifar_mock \
+        --out experiments/results/compress_report_cifar_mock.json
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
-from fedjax_tl.experiments import digits
+from fedjax_tl.experiments import cifar10, digits
 from fedjax_tl.experiments.common import format_table, parse_config
 from fedjax_tl.models import pretrained
 from fedjax_tl.models.base import Model
@@ -105,28 +113,58 @@ def digits_rows(cfg, finetune_rounds, log=print):
     log(f"{r['model']}: accuracy {r['test_accuracy']:.4f}, {r['bytes']} bytes ({r['format']}), "
         f"{r['latency_ms']:.2f} ms ({time.perf_counter() - t0:.0f}s)")
 
+  compressed_rows(cfg, model, init, state, data, test, batch, finetune_rounds, add)
+  return rows
+
+
+def compressed_rows(cfg, model, init, state, data, test, batch, finetune_rounds, add, prefix="", gradual=True,
+                    runs=20):
+  """The float32 / int8 PTQ / int8 QAT / pruned (with and without fine-tuning, and ``gradual``-ly during FL)
+  rows of one federated task, each passed to ``add``; names start with ``prefix``."""
+  r = lambda name, *a, **k: add(row(prefix + name, model, *a, test, batch, runs=runs, **k))
   params, st, mb = federated(cfg, model, init, state, data, test, cfg.rounds)
-  add(row("float32", model, params, st, test, batch, mb))
+  r("float32", params, st, fl=mb)
   for mode in quant.MODES:
-    add(row(f"int8 PTQ {mode}", model, params, st, test, batch, (mb[0], None), q=quant.ptq(model, params, st, mode)))
+    r(f"int8 PTQ {mode}", params, st, fl=(mb[0], None), q=quant.ptq(model, params, st, mode))
   qp, qs, qmb = federated(dataclasses.replace(cfg, quantize="int8_qat"), model, init, state, data, test, cfg.rounds)
-  add(row("int8 QAT (dynamic PTQ after)", model, qp, qs, test, batch, qmb, q=quant.ptq(model, qp, qs, "dynamic")))
+  r("int8 QAT (dynamic PTQ after)", qp, qs, fl=qmb, q=quant.ptq(model, qp, qs, "dynamic"))
   fp_, fs_, fmb_ = federated(cfg, model, params, st, data, test, finetune_rounds)
-  add(row(f"float32 + {finetune_rounds} FL rounds (reference for fine-tuning)", model, fp_, fs_, test, batch,
-          (mb[0] + fmb_[0], fmb_[1])))
+  r(f"float32 + {finetune_rounds} FL rounds (reference for fine-tuning)", fp_, fs_, fl=(mb[0] + fmb_[0], fmb_[1]))
   for s in SPARSITIES:
     pruned = apply_mask(params, magnitude_mask(params, s))
-    add(row(f"pruned {s:.0%}, no fine-tuning", model, pruned, st, test, batch, (mb[0], None)))
+    r(f"pruned {s:.0%}, no fine-tuning", pruned, st, fl=(mb[0], None))
     ft = dataclasses.replace(cfg, prune=s, prune_schedule="start")
     fp_params, fp_state, fmb = federated(ft, model, pruned, st, data, test, finetune_rounds)
-    add(row(f"pruned {s:.0%}, + {finetune_rounds} FL rounds fine-tuning", model, fp_params, fp_state, test, batch,
-            (mb[0] + fmb[0], fmb[1])))
-    gp, gs, gmb = federated(dataclasses.replace(cfg, prune=s, prune_schedule="poly"), model, init, state, data,
-                            test, cfg.rounds)
-    add(row(f"pruned {s:.0%} gradually during FL", model, gp, gs, test, batch, gmb))
-    add(row(f"pruned {s:.0%} gradually during FL, int8", model, gp, gs, test, batch, (gmb[0], None),
-            q=quant.ptq(model, gp, gs, "dynamic")))
-  return rows
+    r(f"pruned {s:.0%}, + {finetune_rounds} FL rounds fine-tuning", fp_params, fp_state,
+      fl=(mb[0] + fmb[0], fmb[1]))
+    if gradual:
+      gp, gs, gmb = federated(dataclasses.replace(cfg, prune=s, prune_schedule="poly"), model, init, state, data,
+                              test, cfg.rounds)
+      r(f"pruned {s:.0%} gradually during FL", gp, gs, fl=gmb)
+      r(f"pruned {s:.0%} gradually during FL, int8", gp, gs, fl=(gmb[0], None), q=quant.ptq(model, gp, gs, "dynamic"))
+
+
+def cifar_mock_rows(name, finetune_rounds, runs=20, log=print):
+  """``compressed_rows`` of the cifar10 experiment's ``smoke`` preset (tfds mock data: random images and labels,
+  so accuracy means nothing; sizes and latency do) with ``--model=name``; latency at batch 32."""
+  cfg = dataclasses.replace(cifar10.PRESETS["smoke"], model=name)
+  cifar10.validate(cfg)
+  t0 = time.perf_counter()
+  train, test = cifar10.load_data(cfg)
+  model = cifar10.make_model(cfg, train.num_classes, train.x.shape[1:])
+  init, state = cifar10.init_params(cfg, model, None)
+  data = FederatedData.from_partition(train, partition.make_partition(cfg.partition, train.y, cfg.num_clients,
+                                                                      seed=cfg.seed))
+  rows = []
+
+  def add(r):
+    rows.append({**r, "mock_data": True})
+    log(f"{r['model']}: {r['bytes']} bytes ({r['format']}), {r['latency_ms']:.2f} ms "
+        f"({time.perf_counter() - t0:.0f}s)")
+
+  compressed_rows(cfg, model, init, state, data, test, jnp.asarray(test.x[:32]), finetune_rounds, add,
+                  prefix=f"{name} (mock CIFAR) ", gradual=False, runs=runs)
+  return rows, cfg
 
 
 def resnet50_rows(runs: int, log=print):
@@ -149,19 +187,32 @@ def main() -> None:
   ap.add_argument("--out", default=None, help="write the rows as JSON here")
   ap.add_argument("--finetune_rounds", type=int, default=5)
   ap.add_argument("--resnet50_runs", type=int, default=5, help="timed ResNet50 calls (0: skip the ResNet50 rows)")
+  ap.add_argument("--sections", default="digits,resnet50,cifar_mock", help="which of digits,resnet50,cifar_mock")
+  ap.add_argument("--cifar_models", default="tiny,resnet18", help="cifar10 --model values for the cifar_mock rows")
+  ap.add_argument("--cifar_finetune_rounds", type=int, default=2)
   args, rest = ap.parse_known_args()
+  sections = set(args.sections.split(","))
   cfg, _ = parse_config(digits.Config, digits.PRESETS, rest)
-  rows = digits_rows(cfg, args.finetune_rounds)
-  if args.resnet50_runs:
+  rows, meta = [], {"backend": jax.default_backend()}
+  if "digits" in sections:
+    rows += digits_rows(cfg, args.finetune_rounds)
+    meta.update(config=dataclasses.asdict(cfg), finetune_rounds=args.finetune_rounds)
+  if "resnet50" in sections and args.resnet50_runs:
     rows += resnet50_rows(args.resnet50_runs)
+  if "cifar_mock" in sections:
+    meta["cifar_mock"] = {"note": "tfds mock data (random images and labels): accuracy is meaningless, sizes and "
+                                  "latency (batch 32) are not", "finetune_rounds": args.cifar_finetune_rounds}
+    for name in args.cifar_models.split(","):
+      r, ccfg = cifar_mock_rows(name, args.cifar_finetune_rounds)
+      rows += r
+      meta["cifar_mock"][f"config_{name}"] = dataclasses.asdict(ccfg)
   cols = ["model", "test_accuracy", "fl_last3_accuracy", "sparsity", "bytes", "format", "vs_float32", "latency_ms",
           "uplink_mb"]
   print(format_table(cols, [["-" if r[c] is None else r[c] for c in cols] for r in rows]))
   if args.out:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
-      json.dump({"config": dataclasses.asdict(cfg), "finetune_rounds": args.finetune_rounds,
-                 "backend": jax.default_backend(), "rows": rows}, f, indent=1)
+      json.dump({**meta, "rows": rows}, f, indent=1)
     print(f"written to {args.out}")
 
 
