@@ -77,12 +77,13 @@ class Target:
 
 # Public figures per device (Google Cloud TPU docs): v2 8 GiB and 22.5 TFLOP/s per TensorCore (a v2 chip has
 # two, each its own JAX device); v5e 16 GiB, 197 TFLOP/s per chip; v6e (Trillium) 32 GiB, 918 TFLOP/s per chip.
+# v5e's usable HBM is what its compiler reports when a program does not fit ("available HBM (15.75G)").
 TARGETS: dict[str, Target] = {
     t.name: t for t in [
         Target("v2-8", "v2:2x2", 8 * GiB, 22.5e12, "Colab's 'TPU v2' runtime: 4 chips, 8 TensorCores"),
-        Target("v5e-1", "v5e:1x1", 16 * GiB, 197e12, "Colab's 'v5e-1 TPU' runtime: one chip"),
-        Target("v5e-4", "v5e:2x2", 16 * GiB, 197e12, "Cloud v5litepod-4"),
-        Target("v5e-8", "v5e:2x4", 16 * GiB, 197e12, "Cloud v5litepod-8"),
+        Target("v5e-1", "v5e:1x1", int(15.75 * GiB), 197e12, "Colab's 'v5e-1 TPU' runtime: one chip"),
+        Target("v5e-4", "v5e:2x2", int(15.75 * GiB), 197e12, "Cloud v5litepod-4"),
+        Target("v5e-8", "v5e:2x4", int(15.75 * GiB), 197e12, "Cloud v5litepod-8"),
         Target("v6e-1", "v6e:1x1", 32 * GiB, 918e12, "Colab's 'v6e-1 TPU' runtime: one chip"),
         Target("v6e-4", "v6e:2x2", 32 * GiB, 918e12, "Cloud v6e-4"),
         Target("v6e-8", "v6e:2x4", 32 * GiB, 918e12, "Cloud v6e-8"),
