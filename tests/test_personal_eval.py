@@ -2,6 +2,7 @@
 after k fine-tuning steps), against plain Python loops over clients that evaluate each one with
 ``fedjax_tl.evaluate`` and fine-tune it with plain optax steps."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -156,3 +157,46 @@ def test_fedper_clients_are_evaluated_with_their_own_heads(tiny_local, tiny_data
   acc, loss, _ = _reference(model, state.client_full_params, model_state, test)
   _close_nan(out["accuracy"], acc, rtol=1e-6)
   _close_nan(out["loss"], loss, rtol=1e-5)
+
+
+def test_finetune_is_the_clients_own_local_training(tiny_model, tiny_data, tiny_params):
+  """Minibatch fine-tuning (batch 2, reshuffled epochs) of client c with key K is the local training client c
+  does in a FedAvg round with round key K (a one-client round with server sgd(1.0) returns the client's model),
+  also when the clients are evaluated two at a time."""
+  params, model_state = tiny_params
+  train, test = tiny_data.split_clients(0.3, seed=0)
+  key, k = jax.random.PRNGKey(3), 4
+  local = fedjax_tl.LocalTraining(tiny_model, optax.sgd(0.1), batch_size=2, steps=k)
+  out = fedjax_tl.evaluate_per_client(tiny_model, params, model_state, test, finetune=k, local=local, train=train,
+                                      key=key, chunk_size=2)
+  plain = fedjax_tl.FedAvg(local, schedule="vmap")
+  tuned = {c: plain.apply(plain.init(params, model_state), train, np.array([c]), key)[1].full_params()
+           for c in range(4)}  # client 4 has no test examples
+  acc, loss, _ = _reference(tiny_model, lambda c: tuned.get(c, params), model_state, test)
+  _close_nan(out["accuracy"], acc, atol=1e-5)
+  _close_nan(out["loss"], loss, atol=1e-5)
+
+
+class _BNNet(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False, mask=None):
+    x = x.reshape(x.shape[0], -1)
+    x = nn.BatchNorm(use_running_average=not train)(x, mask=None if mask is None else mask[:, None])
+    return nn.Dense(3, name="head")(x)
+
+
+def test_per_client_model_state(tiny_data):
+  """A stacked model state (FedBN's own statistics per client, ``model_state="local"``) gives each client its
+  own; the same as evaluating each client with its statistics."""
+  model = fedjax_tl.Model(_BNNet(), (8, 8, 1))
+  params, model_state = model.init(jax.random.PRNGKey(0))
+  train, test = tiny_data.split_clients(0.5, seed=0)
+  states = [jax.tree.map(lambda a, c=c: a + 0.2 * c, model_state) for c in range(test.num_clients)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
+  out = fedjax_tl.evaluate_per_client(model, params, stacked, test)
+  want = []
+  for c in range(test.num_clients):
+    x, y = _client_xy(test, c)
+    want.append(fedjax_tl.evaluate(model, params, states[c], x, y)["loss"] if len(y) else np.nan)
+  _close_nan(out["loss"], want, rtol=1e-5)
+  assert len(set(np.round(out["loss"][:4], 6))) == 4
