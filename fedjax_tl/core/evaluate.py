@@ -17,7 +17,7 @@ from fedjax_tl.data.client_data import FederatedData, check_labels
 from fedjax_tl.models.base import Model
 from fedjax_tl.types import ModelState, Params
 
-__all__ = ["evaluate", "eval_batch_size", "evaluate_per_client", "summarize"]
+__all__ = ["evaluate", "eval_batch_size", "evaluate_per_client", "client_summary"]
 
 _MIN_BUCKET = 8
 
@@ -125,7 +125,7 @@ def _per_client(params, model_state, x_train, y_train, train_idx, train_n, x_tes
   return out.reshape(c, 3)
 
 
-def summarize(values, num_examples) -> dict:
+def client_summary(values, num_examples) -> dict:
   """{"weighted_mean", "mean", "p10"} of per-client ``values`` over the clients with test examples: the mean
   weighted by their numbers of test examples (= the pooled metric over all their examples), the plain mean over
   clients, and the 10th percentile over clients (numpy's linear interpolation; for accuracy, the level the worst
@@ -162,7 +162,8 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
   Args:
     model: the model.
     params: one params tree for every client, or a tree stacked ``[test.num_clients, ...]`` (one per client).
-    model_state: the model state (e.g. batch_stats), shared or stacked likewise.
+    model_state: the model state (e.g. batch_stats), shared or stacked likewise (FedBN, ``model_state="local"``:
+      ``state.client_states``).
     test: the clients' held-out examples.
     finetune: number of local steps k before evaluating (0: evaluate ``params`` as given).
     local: the clients' local training (needed when ``finetune > 0``; its ``epochs``/``steps`` are replaced by
@@ -172,12 +173,14 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
     key: PRNG key of fine-tuning (client c's shuffling, augmentation and dropout use ``keys.client(key, c)``);
       default ``PRNGKey(0)``.
     batch_size: evaluation batch size (smaller test sets are padded to a power of two, as in :func:`evaluate`).
-    chunk_size: clients vmapped at once (bounds memory; default all).
+    chunk_size: clients vmapped at once (bounds memory; default all); 1 runs them one after another inside the
+      program, which XLA:CPU prefers for models with convolutions (ResNets), as the ``sequential`` schedule.
 
   Returns:
     ``{"accuracy", "loss", "num_examples"}``: numpy arrays ``[num_clients]`` (accuracy and loss are NaN for a
-    client without test examples), plus ``"summary"``: ``{"accuracy": summarize(...), "loss": summarize(...),
-    "num_clients": clients with test examples}`` (weighted mean, mean and 10th percentile over clients).
+    client without test examples), plus ``"summary"``: ``{"accuracy": client_summary(...), "loss":
+    client_summary(...), "num_clients": clients with test examples}`` (weighted mean, mean and 10th percentile
+    over clients).
   """
   num_clients = test.num_clients
   shapes_params, shapes_state = _init_shapes(model)
@@ -212,5 +215,5 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
     loss, accuracy = loss_sum / count, correct / count
   n = count.astype(np.int64)
   return {"accuracy": accuracy, "loss": loss, "num_examples": n,
-          "summary": {"accuracy": summarize(accuracy, n), "loss": summarize(loss, n),
+          "summary": {"accuracy": client_summary(accuracy, n), "loss": client_summary(loss, n),
                       "num_clients": int((n > 0).sum())}}
