@@ -88,6 +88,8 @@ _EXPORTS = {
     "client_mesh": "fedjax_tl.core.fedavg",
     "split_params": "fedjax_tl.core.params",
     "evaluate": "fedjax_tl.core.evaluate",
+    "evaluate_per_client": "fedjax_tl.core.evaluate",
+    "client_summary": "fedjax_tl.core.evaluate",
     # smaller models: pruning and int8 quantization (qwix), after and during federated training
     "compress": "fedjax_tl.compress",
     "magnitude_mask": "fedjax_tl.compress.pruning",

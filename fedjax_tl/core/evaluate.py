@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl.core.client import masked_cross_entropy
-from fedjax_tl.data.client_data import check_labels
+from fedjax_tl import keys
+from fedjax_tl.core.client import LocalTraining, masked_cross_entropy, merge_params
+from fedjax_tl.core.params import split_params
+from fedjax_tl.data.client_data import FederatedData, check_labels
 from fedjax_tl.models.base import Model
 from fedjax_tl.types import ModelState, Params
 
-__all__ = ["evaluate", "eval_batch_size"]
+__all__ = ["evaluate", "eval_batch_size", "evaluate_per_client", "client_summary"]
 
 _MIN_BUCKET = 8
 
@@ -56,3 +60,160 @@ def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_
     total = total + _eval_batch(model, params, model_state, x[idx], y[idx], mask)
   loss_sum, correct, count = (float(v) for v in total)
   return {"loss": loss_sum / count, "accuracy": correct / count, "num_examples": int(count)}
+
+
+# ---- per-client (personalized) evaluation ----
+
+
+@functools.cache
+def _init_shapes(model: Model):
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0))
+
+
+def _is_stacked(tree, ref, num_clients: int, what: str) -> bool:
+  """Whether ``tree`` is one model's ``ref``-shaped tree (False) or one per client, stacked (True)."""
+  shapes = [tuple(np.shape(a)) for a in jax.tree.leaves(tree)]
+  want = [tuple(r.shape) for r in jax.tree.leaves(ref)]
+  if shapes == want:
+    return False
+  if shapes == [(num_clients, *w) for w in want]:
+    return True
+  raise ValueError(f"{what} must be the model's {what} (leaf shapes {want[:3]}...) or one per client stacked on a "
+                   f"leading axis of {num_clients} clients; got leaf shapes {shapes[:3]}...")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "local", "trainable", "batch", "num_batches", "chunk",
+                                             "stacked_params", "stacked_state"))
+def _per_client(params, model_state, x_train, y_train, train_idx, train_n, x_test, y_test, test_idx, test_n, ids,
+                key, *, model, local, trainable, batch, num_batches, chunk, stacked_params, stacked_state):
+  """[C, 3] (loss sum, correct, count) of every client on its test rows, after ``local.steps`` local steps."""
+  rows = jnp.maximum(ids, 0)  # padding clients (id -1) read client 0's params and count nothing
+  if stacked_params:
+    params = jax.tree.map(lambda a: a[rows], params)
+  if stacked_state:
+    model_state = jax.tree.map(lambda a: a[rows], model_state)
+
+  def one(p, ms, tr_idx, tr_n, te_idx, te_n, cid):
+    if local is not None:  # fine-tune: ``local.steps`` steps of the client's own training (LocalTraining.step)
+      train, frozen = split_params(p, trainable)
+      st = local.init(train, ms, keys.client(key, cid), tr_n)
+      st = jax.lax.fori_loop(0, local.steps, lambda t, s: local.step(s, t, frozen, x_train, y_train, tr_idx), st)
+      p, ms = merge_params(st.params, frozen), st.model_state
+
+    def body(total, j):
+      idx = jax.lax.dynamic_slice(te_idx, (j * batch,), (batch,))
+      mask = j * batch + jnp.arange(batch) < te_n
+      logits, _ = model.apply(p, ms, x_test[idx], train=False)
+      _, loss_sum, correct, count = masked_cross_entropy(logits, y_test[idx], mask)
+      return total + jnp.stack([loss_sum, correct, count]), None
+
+    return jax.lax.scan(body, jnp.zeros(3), jnp.arange(num_batches))[0]
+
+  per_client = (params if stacked_params else None, model_state if stacked_state else None,
+                train_idx, train_n, test_idx, test_n, ids)
+  axes = tuple(None if a is None else 0 for a in per_client)
+  shared = {"p": None if stacked_params else params, "ms": None if stacked_state else model_state}
+
+  def chunk_fn(xs):
+    def f(p, ms, *rest):
+      return one(shared["p"] if p is None else p, shared["ms"] if ms is None else ms, *rest)
+    return jax.vmap(f, in_axes=axes)(*xs)
+
+  c = ids.shape[0]
+  split = lambda a: None if a is None else jax.tree.map(lambda v: v.reshape(c // chunk, chunk, *v.shape[1:]), a)
+  out = jax.lax.map(chunk_fn, tuple(split(a) for a in per_client))
+  return out.reshape(c, 3)
+
+
+def client_summary(values, num_examples) -> dict:
+  """{"weighted_mean", "mean", "p10"} of per-client ``values`` over the clients with test examples: the mean
+  weighted by their numbers of test examples (= the pooled metric over all their examples), the plain mean over
+  clients, and the 10th percentile over clients (numpy's linear interpolation; for accuracy, the level the worst
+  10% of clients fall below)."""
+  values, w = np.asarray(values, np.float64), np.asarray(num_examples, np.float64)
+  ok = w > 0
+  if not ok.any():
+    raise ValueError("No client has test examples.")
+  v, w = values[ok], w[ok]
+  return {"weighted_mean": float(np.average(v, weights=w)), "mean": float(np.mean(v)),
+          "p10": float(np.percentile(v, 10))}
+
+
+def evaluate_per_client(model: Model, params: Params, model_state: ModelState, test: FederatedData, *,
+                        finetune: int = 0, local: LocalTraining | None = None, train: FederatedData | None = None,
+                        trainable: str | None = None, key: jax.Array | None = None, batch_size: int = 256,
+                        chunk_size: int | None = None) -> dict:
+  """Accuracy and loss of every client on its own held-out examples, optionally after fine-tuning it locally.
+
+  Personalized evaluation for any algorithm (e.g. Wang et al. 2019, "Federated Evaluation of On-device
+  Personalization"): client ``c`` starts from ``params`` (the global model) or from ``params[c]`` (its own model,
+  e.g. FedPer's head with the shared body: ``state.all_client_params()``), optionally runs ``finetune`` steps of
+  ``local``'s training (its optimizer, freshly initialised; batch size, augmentation, normalisation mode) on
+  its examples in ``train``, then is evaluated on its examples in ``test``. Get ``train``/``test`` from
+  ``data.split_clients(test_fraction, seed)``.
+
+  All clients run in one compiled program, whatever their sizes: clients are vmapped ``chunk_size`` at a time
+  (default: all at once) inside one ``lax.map``; each client's test examples are padded to
+  ``eval_batch_size(test.pad_size, batch_size)``-row batches and its training examples to ``train.pad_size``,
+  with padding masked out of every sum, every gradient and every step (a client with no training examples is
+  not fine-tuned). A later call recompiles only if the populations' padded sizes, the model, ``local``,
+  ``finetune`` or the params' shapes change.
+
+  Args:
+    model: the model.
+    params: one params tree for every client, or a tree stacked ``[test.num_clients, ...]`` (one per client).
+    model_state: the model state (e.g. batch_stats), shared or stacked likewise (FedBN, ``model_state="local"``:
+      ``state.client_states``).
+    test: the clients' held-out examples.
+    finetune: number of local steps k before evaluating (0: evaluate ``params`` as given).
+    local: the clients' local training (needed when ``finetune > 0``; its ``epochs``/``steps`` are replaced by
+      ``finetune`` steps; a client cycles through reshuffled epochs of its training examples at its batch size).
+    train: the clients' training examples (needed when ``finetune > 0``; the same client ids as ``test``).
+    trainable: regex of the params that fine-tuning changes (e.g. "^head/"); None: all of them.
+    key: PRNG key of fine-tuning (client c's shuffling, augmentation and dropout use ``keys.client(key, c)``);
+      default ``PRNGKey(0)``.
+    batch_size: evaluation batch size (smaller test sets are padded to a power of two, as in :func:`evaluate`).
+    chunk_size: clients vmapped at once (bounds memory; default all); 1 runs them one after another inside the
+      program, which XLA:CPU prefers for models with convolutions (ResNets), as the ``sequential`` schedule.
+
+  Returns:
+    ``{"accuracy", "loss", "num_examples"}``: numpy arrays ``[num_clients]`` (accuracy and loss are NaN for a
+    client without test examples), plus ``"summary"``: ``{"accuracy": client_summary(...), "loss":
+    client_summary(...), "num_clients": clients with test examples}`` (weighted mean, mean and 10th percentile
+    over clients).
+  """
+  num_clients = test.num_clients
+  shapes_params, shapes_state = _init_shapes(model)
+  stacked_params = _is_stacked(params, shapes_params, num_clients, "params")
+  stacked_state = _is_stacked(model_state, shapes_state, num_clients, "model_state")
+  outputs = model.num_outputs()
+  if test.label_range[1] >= outputs:
+    check_labels(np.asarray(test.y), outputs, f"evaluation labels (the model has {outputs} outputs)")
+  if finetune < 0:
+    raise ValueError(f"finetune must be >= 0 steps, got {finetune}.")
+  if finetune:
+    if local is None or train is None:
+      raise ValueError("finetune > 0 needs local (the clients' LocalTraining) and train (their training data).")
+    if train.num_clients != num_clients:
+      raise ValueError(f"train has {train.num_clients} clients but test has {num_clients}.")
+    local = dataclasses.replace(local, epochs=None, steps=finetune, personal=None)
+  else:
+    local, train, trainable = None, test, None
+  key = jax.random.PRNGKey(0) if key is None else key
+  chunk = num_clients if chunk_size is None else max(1, min(chunk_size, num_clients))
+  padded = math.ceil(num_clients / chunk) * chunk
+  ids = np.arange(num_clients)
+  te, tr = test.cohort(ids, pad_clients_to=padded), train.cohort(ids, pad_clients_to=padded)
+  b = eval_batch_size(test.pad_size, batch_size)
+  nb = math.ceil(test.pad_size / b)
+  test_idx = jnp.pad(te.indices, ((0, 0), (0, nb * b - te.indices.shape[1])))
+  sums = _per_client(params, model_state, train.x, train.y, tr.indices, tr.num_examples, test.x, test.y, test_idx,
+                     te.num_examples, te.client_ids, key, model=model, local=local, trainable=trainable, batch=b,
+                     num_batches=nb, chunk=chunk, stacked_params=stacked_params, stacked_state=stacked_state)
+  loss_sum, correct, count = np.asarray(sums[:num_clients], np.float64).T
+  with np.errstate(invalid="ignore", divide="ignore"):
+    loss, accuracy = loss_sum / count, correct / count
+  n = count.astype(np.int64)
+  return {"accuracy": accuracy, "loss": loss, "num_examples": n,
+          "summary": {"accuracy": client_summary(accuracy, n), "loss": client_summary(loss, n),
+                      "num_clients": int((n > 0).sum())}}

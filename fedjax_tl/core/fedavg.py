@@ -64,6 +64,14 @@ class ServerState(NamedTuple):
     own = jax.tree.map(lambda a: a[client_id], self.client_params)
     return merge_params(merge_params(self.params, own), self.frozen)
 
+  def all_client_params(self) -> Params:
+    """Every client's model stacked ``[num_clients, ...]`` (``client_full_params`` of each client), for
+    :func:`~fedjax_tl.core.evaluate.evaluate_per_client`; without local_params, the one global model."""
+    if self.client_params is None:
+      return self.full_params()
+    n = jax.tree.leaves(self.client_params)[0].shape[0]
+    return jax.vmap(self.client_full_params)(jnp.arange(n))
+
   @property
   def clip_norm(self) -> jax.Array | None:
     """Adaptive clipping's clip norm for the next round (its aggregator state)."""

@@ -153,6 +153,32 @@ class FederatedData:
     y = jax.device_put(np.asarray(data.y).astype(np.int32), device)
     return cls(x, y, list(partition), data.num_classes, pad_size)
 
+  def split_clients(self, test_fraction: float = 0.2, seed: int = 0) -> tuple[FederatedData, FederatedData]:
+    """Each client's own held-out examples: ``(train, test)``, two populations with the same client ids.
+
+    Client ``c``'s ``n`` examples are shuffled with ``np.random.default_rng([seed, c])`` (so a client's split
+    depends on the seed and its id only, not on the other clients) and ``round(test_fraction * n)`` of them,
+    clipped to [1, n - 1] when ``n >= 2``, go to ``test``; the rest to ``train``. Every client with at least 2
+    examples thus keeps at least one in each; a client with 1 example keeps it for training (0 test examples:
+    :func:`~fedjax_tl.core.evaluate.evaluate_per_client` gives it weight 0 and leaves it out of the unweighted
+    statistics). The two parts are disjoint, together are the client's examples, and are sorted. Both share
+    this population's on-device ``x`` and ``y`` (nothing is copied); each is padded to its own largest client.
+    """
+    if not 0.0 < test_fraction < 1.0:
+      raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    train, test = [], []
+    for c, idx in enumerate(self.client_indices):
+      idx = np.asarray(idx)
+      n = len(idx)
+      k = min(max(int(round(test_fraction * n)), 1), n - 1) if n >= 2 else 0
+      perm = np.random.default_rng([seed, c]).permutation(n)
+      test.append(np.sort(idx[perm[:k]]))
+      train.append(np.sort(idx[perm[k:]]))
+    if not any(len(t) for t in test):
+      raise ValueError("No client has 2 or more examples, so none can hold any out for testing.")
+    return (FederatedData(self.x, self.y, train, self.num_classes),
+            FederatedData(self.x, self.y, test, self.num_classes))
+
   @property
   def num_clients(self) -> int:
     return len(self._sizes)
