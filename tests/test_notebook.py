@@ -51,6 +51,10 @@ def test_notebook_runs_in_smoke_mode_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("FEDJAX_TL_SMOKE", "1")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))  # this checkout
   monkeypatch.setenv("HOME", str(tmp_path))  # caches (tfds, weights) in a fresh place: nothing may be downloaded
+  # Compiling dominates the smoke run (one training program per section); unoptimised CPU code compiles about a
+  # third faster, and the tiny model's rounds do not notice.
+  fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {fast_compile}".strip())
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nb.cells.insert(0, nbformat.v4.new_code_cell(NO_NETWORK))
   nb.cells.append(nbformat.v4.new_code_cell(CHECK))
