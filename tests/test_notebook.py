@@ -50,7 +50,6 @@ def test_notebook_runs_in_smoke_mode_offline(tmp_path, monkeypatch):
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
   monkeypatch.setenv("FEDJAX_TL_SMOKE", "1")
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))  # this checkout
-  monkeypatch.setenv("HOME", str(tmp_path))  # caches (tfds, weights) in a fresh place: nothing may be downloaded
   # Compiling dominates the smoke run (one training program per section); unoptimised CPU code compiles about a
   # third faster, and the tiny model's rounds do not notice.
   fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
