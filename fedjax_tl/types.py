@@ -15,6 +15,7 @@ PRNGKey = jax.Array
 Params = Any  # a pytree of arrays (flax ``params`` collection, possibly only the trainable part)
 ModelState = Any  # non-trainable collections, e.g. {"batch_stats": ...}; {} when the model has none
 Updates = Any  # a pytree shaped like Params
+OptState = Any  # an optax optimizer's state (optax.OptState, whose recursive alias pdoc cannot resolve)
 PyTree = Any
 
 

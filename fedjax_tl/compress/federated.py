@@ -43,13 +43,13 @@ from fedjax_tl.compress.pruning import (
 )
 from fedjax_tl.compress.report import sparse_bits
 from fedjax_tl.transforms.base import EmptyState, UpdateTransform
-from fedjax_tl.types import Params
+from fedjax_tl.types import OptState, Params
 
 __all__ = ["FederatedPruning", "PruningServerState", "sparse_uplink", "sparse_downlink"]
 
 
 class PruningServerState(NamedTuple):
-  inner: optax.OptState
+  inner: OptState
   mask: Params  # bool pytree like the trainable params: the current server mask (True = kept)
   count: jax.Array  # int32: server updates (rounds) done
 

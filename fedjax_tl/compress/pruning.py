@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_tl.types import Params
+from fedjax_tl.types import OptState, Params
 
 __all__ = ["is_kernel", "prunable_leaves", "magnitude_mask", "apply_mask", "polynomial_sparsity", "masked",
            "keep_pruned", "sparsity", "MaskedState", "KeepPrunedState"]
@@ -137,11 +137,11 @@ def polynomial_sparsity(step, final_sparsity: float, *, begin_step: int = 0, end
 
 
 class MaskedState(NamedTuple):
-  inner: optax.OptState
+  inner: OptState
 
 
 class KeepPrunedState(NamedTuple):
-  inner: optax.OptState
+  inner: OptState
   mask: Params  # bool pytree: the support of the params the optimizer was initialised with
 
 

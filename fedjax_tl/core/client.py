@@ -28,7 +28,7 @@ import optax
 from fedjax_tl import keys
 from fedjax_tl.core.params import split_params
 from fedjax_tl.models.base import Model
-from fedjax_tl.types import ModelState, Params, PRNGKey, Updates
+from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, Updates
 
 __all__ = ["LocalTraining", "client_optimizer", "OPTIMIZERS", "ClientState", "ClientOutput", "merge_params",
            "masked_cross_entropy"]
@@ -36,7 +36,7 @@ __all__ = ["LocalTraining", "client_optimizer", "OPTIMIZERS", "ClientState", "Cl
 
 class ClientState(NamedTuple):
   params: Params  # trainable params only
-  opt_state: optax.OptState
+  opt_state: OptState
   model_state: ModelState
   key: PRNGKey
   num_examples: jax.Array  # int32 scalar

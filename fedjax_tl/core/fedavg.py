@@ -34,7 +34,7 @@ from fedjax_tl.core.execution import (
 from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
-from fedjax_tl.types import ModelState, Params, PRNGKey, pseudo_gradient
+from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, pseudo_gradient
 
 __all__ = ["FedAvg", "ServerState", "sample_clients", "client_mesh", "MODEL_STATE_MODES"]
 
@@ -45,7 +45,7 @@ class ServerState(NamedTuple):
   params: Params  # trainable part of the global model
   frozen: Params  # frozen part (never trained, never sent)
   model_state: ModelState  # e.g. batch_stats
-  opt_state: optax.OptState  # server optimizer state
+  opt_state: OptState  # server optimizer state
   round: jax.Array  # int32 scalar: rounds completed
   client_states: ModelState = None  # model_state="local": every client's own state, [num_clients, ...]
   transform_states: Any = None  # stateful client_transform: every client's own state, [num_clients, ...]
