@@ -9,8 +9,8 @@ first use, so ``import fedjax_tl`` stays cheap and importing one submodule does 
   state, history = ftl.run_rounds(algo, state, data, rounds=10, cohort_size=5, seed=0)
 
 Layers, bottom to top (each imports only from below; nothing imports ``fedjax_tl.experiments``): types/keys,
-data, models, transforms, core (client, execution, aggregators, algorithms), privacy, run (train, checkpoint,
-metrics).
+data, models, transforms, core (client, execution, aggregators, fedavg), algorithms, privacy, run (train,
+checkpoint, metrics).
 """
 
 from __future__ import annotations
@@ -90,6 +90,16 @@ _EXPORTS = {
     "evaluate": "fedjax_tl.core.evaluate",
     "evaluate_per_client": "fedjax_tl.core.evaluate",
     "client_summary": "fedjax_tl.core.evaluate",
+    # named algorithms: adaptive server optimizers (Reddi et al. 2021) and FedProx (Li et al. 2020)
+    "algorithms": "fedjax_tl.algorithms",
+    "fed_adagrad": "fedjax_tl.algorithms.fedopt",
+    "fed_adam": "fedjax_tl.algorithms.fedopt",
+    "fed_yogi": "fedjax_tl.algorithms.fedopt",
+    "fed_avgm": "fedjax_tl.algorithms.fedopt",
+    "server_optimizer": "fedjax_tl.algorithms.fedopt",
+    "fedopt": "fedjax_tl.algorithms.fedopt",
+    "fedprox": "fedjax_tl.algorithms.fedprox",
+    "proximal_term": "fedjax_tl.algorithms.fedprox",
     # smaller models: pruning and int8 quantization (qwix), after and during federated training
     "compress": "fedjax_tl.compress",
     "magnitude_mask": "fedjax_tl.compress.pruning",

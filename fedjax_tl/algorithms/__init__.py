@@ -1,0 +1,21 @@
+"""Named federated algorithms built from FedAvg's pieces.
+
+Server side (:mod:`~fedjax_tl.algorithms.fedopt`): FedAvgM, FedAdagrad, FedAdam, FedYogi (Reddi et al. 2021),
+optax transforms of the pseudo-gradient. Client side (:mod:`~fedjax_tl.algorithms.fedprox`): FedProx's proximal
+term (Li et al. 2020), an optax transform chained before the client optimizer.
+"""
+
+from fedjax_tl.algorithms.fedopt import (
+  SERVER_OPTIMIZERS,
+  AdaptiveState,
+  fed_adagrad,
+  fed_adam,
+  fed_avgm,
+  fed_yogi,
+  fedopt,
+  server_optimizer,
+)
+from fedjax_tl.algorithms.fedprox import ProxState, fedprox, proximal_term
+
+__all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
+           "server_optimizer", "ProxState", "fedprox", "proximal_term"]
