@@ -1,6 +1,8 @@
 """Named algorithms against the papers' equations: FedAvgM/FedAdagrad/FedAdam/FedYogi (Reddi et al. 2021,
 Algorithm 2, written out in numpy) and FedProx (Li et al. 2020, a hand-written loop of proximal SGD steps)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -129,3 +131,25 @@ def test_fedprox_matches_proximal_sgd_loop(tiny_data, tiny_model, tiny_params):
   assert not np.allclose(jax.tree.leaves(w)[0], jax.tree.leaves(plain)[0])  # the proximal term mattered
   with pytest.raises(ValueError, match="mu"):
     ftl.fedprox(local, -1.0)
+
+
+def test_digits_algorithm_flags(tiny_local):
+  from fedjax_tl.experiments import digits
+  from fedjax_tl.experiments.common import ConfigError
+
+  cfg, _ = digits.parse_config(digits.Config, digits.PRESETS, ["--preset=smoke", "--algorithm=fedprox",
+                                                                 "--prox_mu=0.5", "--server_lr=0.5"])
+  digits.validate(cfg)
+  kw = digits.algorithm_kwargs(cfg, tiny_local)
+  assert isinstance(kw["local"].optimizer.init({"w": np.zeros(2)})[0], ftl.algorithms.ProxState)
+  adam = dataclasses.replace(cfg, algorithm="fedadam", prox_mu=digits.Config.prox_mu)
+  digits.validate(adam)
+  kw = digits.algorithm_kwargs(adam, tiny_local)
+  assert kw["local"] is tiny_local and isinstance(kw["server_optimizer"].init({"w": np.zeros(2)}),
+                                                   ftl.algorithms.AdaptiveState)
+  for bad, flag in ((dict(algorithm="fedsgd"), "--algorithm"), (dict(prox_mu=-1.0), "--prox_mu"),
+                    (dict(algorithm="fedyogi"), "--prox_mu")):
+    with pytest.raises(ConfigError, match=flag):
+      digits.validate(dataclasses.replace(cfg, **bad))
+  summary = digits.run(dataclasses.replace(adam, rounds=1, pretrain_epochs=1), log=lambda *_: None)
+  assert all(0.0 <= a <= 1.0 for a in summary["final_test_accuracy"].values())

@@ -11,6 +11,8 @@ scratch, with the same rounds, clients, keys and seed. Prints a per-round table 
     python -m fedjax_tl.experiments.digits --compress=topk:0.01            # top-k 1% + error feedback uplink
     python -m fedjax_tl.experiments.digits --secure_agg=true --secagg_dropout=0.2
     python -m fedjax_tl.experiments.digits --prune=0.9 --quantize=int8   # 90% sparse during FL, int8 at the end
+    python -m fedjax_tl.experiments.digits --algorithm=fedadam --server_lr=0.01  # Reddi et al. 2021
+    python -m fedjax_tl.experiments.digits --algorithm=fedprox --prox_mu=0.1     # Li et al. 2020
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import jax
 import numpy as np
 import optax
 
+from fedjax_tl.algorithms.fedopt import SERVER_OPTIMIZERS, server_optimizer
+from fedjax_tl.algorithms.fedprox import fedprox
 from fedjax_tl.compress.flags import CompressFlags, compress_report, compress_setup
 from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer  # noqa: F401 (re-exported)
 from fedjax_tl.core.evaluate import evaluate
@@ -73,7 +77,9 @@ class Config(TransformFlags, CompressFlags):  # + compress, downlink, dp_*, secu
   batch_size: int = 16
   client_lr: float = 0.05
   client_optimizer: str = "sgd"
-  server_lr: float = 1.0
+  server_lr: float = 1.0  # e.g. 0.01 for the adaptive algorithms
+  algorithm: str = "fedavg"  # one of ALGORITHMS: the server optimizer, or FedProx's client side
+  prox_mu: float = 0.01  # FedProx's proximal strength (--algorithm=fedprox only)
   trainable: str | None = None  # regex of trainable params, e.g. "head" (linear probe); None = all
   schedule: str = "auto"
   target_accuracy: float = 0.7  # reported: the first round each run reaches this test accuracy
@@ -92,6 +98,7 @@ PRESETS = {
 }
 
 NUM_DIGITS = 10
+ALGORITHMS = (*SERVER_OPTIMIZERS, "fedprox")  # fedprox: FedProx clients, plain FedAvg server (SGD at server_lr)
 RUN_DIRS = ("", "pretrained", "scratch")  # what --workdir holds: results.json, one run directory per init
 
 
@@ -113,6 +120,10 @@ def validate(cfg: Config) -> None:
   validate_common(cfg, OPTIMIZERS)
   _labels(cfg, "source_labels")
   _labels(cfg, "target_labels")
+  check(cfg.algorithm in ALGORITHMS, f"--algorithm={cfg.algorithm!r} is unknown; choose one of {ALGORITHMS}.")
+  check(cfg.prox_mu >= 0, f"--prox_mu must be >= 0, got {cfg.prox_mu}.")
+  check(cfg.algorithm == "fedprox" or cfg.prox_mu == Config.prox_mu,
+        f"--prox_mu={cfg.prox_mu} is for --algorithm=fedprox (got --algorithm={cfg.algorithm}).")
   check(cfg.pretrain_epochs >= 1, f"--pretrain_epochs must be a positive integer, got {cfg.pretrain_epochs}.")
   check(cfg.pretrain_lr > 0, f"--pretrain_lr must be > 0, got {cfg.pretrain_lr}.")
   check(0 < cfg.test_fraction < 1, f"--test_fraction must be in (0, 1), got {cfg.test_fraction}.")
@@ -131,6 +142,15 @@ def validate(cfg: Config) -> None:
 
 def make_model(cfg: Config, num_classes: int) -> Model:
   return Model(CNN(num_classes=num_classes, features=tuple(_ints(cfg.features)), hidden=cfg.hidden), (8, 8, 1))
+
+
+def algorithm_kwargs(cfg: Config, local: LocalTraining) -> dict:
+  """FedAvg's ``local`` and ``server_optimizer`` for ``--algorithm`` (with ``--server_lr``, ``--prox_mu``)."""
+  if cfg.algorithm == "fedprox":
+    return {"local": fedprox(local, cfg.prox_mu), "server_optimizer": optax.sgd(cfg.server_lr)}
+  if cfg.algorithm == "fedavg":
+    return {"local": local, "server_optimizer": optax.sgd(cfg.server_lr)}
+  return {"local": local, "server_optimizer": server_optimizer(cfg.algorithm, cfg.server_lr)}
 
 
 def pretrain(cfg: Config, source: Dataset) -> dict:
@@ -175,10 +195,9 @@ def run(cfg: Config, log=print) -> dict:
   dp_kwargs, dp_metrics = transform_setup(cfg, data.num_clients, log)
   compression = {}
   for name, params in inits.items():
-    kwargs, pruning = compress_setup(cfg, {
-        "local": LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
-                               epochs=cfg.local_epochs),
-        "server_optimizer": optax.sgd(cfg.server_lr), **dp_kwargs}, log)
+    local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
+                          epochs=cfg.local_epochs)
+    kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local), **dp_kwargs}, log)
     params = pruning.prune(params) if pruning is not None else params
     algo = FedAvg(schedule=cfg.schedule, trainable=None if name.startswith("scratch") else cfg.trainable,
                   **fedavg_kwargs(kwargs))
