@@ -133,6 +133,14 @@ def test_fedprox_matches_proximal_sgd_loop(tiny_data, tiny_model, tiny_params):
     ftl.fedprox(local, -1.0)
 
 
+def test_equal_configurations_are_equal(tiny_local):
+  """Equal hyper-parameters give equal FedAvgs, which share their compiled programs."""
+  make = lambda: ftl.FedAvg(ftl.fedprox(tiny_local, 0.1), server_optimizer=ftl.fed_yogi(0.01, tau=1e-3))
+  assert make() == make() and hash(make()) == hash(make())
+  assert ftl.fedopt("fedadam", tiny_local, 0.01) == ftl.fedopt("fedadam", tiny_local, 0.01)
+  assert ftl.fedopt("fedadam", tiny_local, 0.01) != ftl.fedopt("fedadam", tiny_local, 0.02)
+
+
 def test_digits_algorithm_flags(tiny_local):
   from fedjax_tl.experiments import digits
   from fedjax_tl.experiments.common import ConfigError

@@ -14,10 +14,14 @@ with ``m_{-1} = 0`` and ``v_{-1} = tau^2`` (the paper asks for ``v_{-1} >= tau^2
 overrides it). Unlike ``optax.adam`` there is NO bias correction of ``m`` or ``v``, and ``tau`` (the degree of
 adaptivity) is added outside the square root. ``fed_adam(..., bias_correction=True)`` is ``optax.adam`` instead
 (bias-corrected moments, ``v_{-1} = 0``, ``eps = tau``).
+
+The factories are cached: equal hyper-parameters give the same optimizer object, so equal FedAvg configurations
+compare equal and share their compiled programs.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -55,6 +59,7 @@ def _adaptive(second_moment, eta: float, beta1: float, beta2: float, tau: float,
   return optax.GradientTransformation(init, update)
 
 
+@functools.cache
 def fed_adagrad(eta: float, beta1: float = 0.0, tau: float = 1e-3,
                 initial_accumulator: float | None = None) -> optax.GradientTransformation:
   """FedAdagrad (Reddi et al. 2021, Alg. 2): ``v_t = v_{t-1} + Delta_t^2``; no bias correction.
@@ -68,6 +73,7 @@ def fed_adagrad(eta: float, beta1: float = 0.0, tau: float = 1e-3,
   return _adaptive(lambda v, d2, b2: v + d2, eta, beta1, 0.0, tau, initial_accumulator)
 
 
+@functools.cache
 def fed_adam(eta: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
              initial_accumulator: float | None = None, bias_correction: bool = False) -> optax.GradientTransformation:
   """FedAdam (Reddi et al. 2021, Alg. 2): ``v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2``.
@@ -83,6 +89,7 @@ def fed_adam(eta: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1
   return _adaptive(lambda v, d2, b2: b2 * v + (1 - b2) * d2, eta, beta1, beta2, tau, initial_accumulator)
 
 
+@functools.cache
 def fed_yogi(eta: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
              initial_accumulator: float | None = None) -> optax.GradientTransformation:
   """FedYogi (Reddi et al. 2021, Alg. 2; Yogi of Zaheer et al. 2018):
@@ -91,15 +98,21 @@ def fed_yogi(eta: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1
                    initial_accumulator)
 
 
+@functools.cache
 def fed_avgm(eta: float, momentum: float = 0.9) -> optax.GradientTransformation:
   """FedAvgM (Hsu et al. 2019): server SGD with heavy-ball momentum on the pseudo-gradient,
   ``optax.sgd(eta, momentum)``."""
   return optax.sgd(eta, momentum=momentum)
 
 
+@functools.cache
+def _fedavg(eta: float = 1.0) -> optax.GradientTransformation:
+  return optax.sgd(eta)
+
+
 # Server optimizers by name: name -> (server learning rate, **hyper-parameters) -> optax optimizer.
 SERVER_OPTIMIZERS = {
-    "fedavg": lambda eta=1.0: optax.sgd(eta),
+    "fedavg": _fedavg,
     "fedavgm": fed_avgm,
     "fedadagrad": fed_adagrad,
     "fedadam": fed_adam,

@@ -11,6 +11,7 @@ model per client trained at once). The server side is FedAvg's (any server optim
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -26,6 +27,7 @@ class ProxState(NamedTuple):
   anchor: Params  # w_global: the params at the start of local training
 
 
+@functools.cache
 def proximal_term(mu: float) -> optax.GradientTransformation:
   """Adds ``mu * (params - anchor)`` to the gradient; the anchor is the params ``init`` was given."""
 
@@ -41,10 +43,12 @@ def proximal_term(mu: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(init, update)
 
 
+@functools.cache
 def fedprox(local: LocalTraining, mu: float) -> LocalTraining:
   """``local`` with its optimizer chained after FedProx's proximal term of strength ``mu`` (>= 0).
 
-  ``mu=0`` adds exactly zero and gives FedAvg's local training, bit for bit.
+  ``mu=0`` adds exactly zero and gives FedAvg's local training, bit for bit. Cached: equal arguments give the
+  same LocalTraining, so equal FedAvgs share their compiled programs.
   """
   if mu < 0:
     raise ValueError(f"FedProx's mu must be >= 0, got {mu}.")
