@@ -65,11 +65,19 @@ def read_metrics(path: str) -> list[dict]:
   return rows
 
 
+def _in_notebook() -> bool:
+  """Whether this runs in a Jupyter/Colab kernel (an IPython shell over ZMQ), not merely in a process that
+  imported ipykernel or IPython (some libraries do)."""
+  ipython = sys.modules.get("IPython")
+  shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
+  return shell is not None and type(shell).__name__ in ("ZMQInteractiveShell", "Shell")  # Shell: Colab's
+
+
 def progress_bar(total_rounds: int, initial: int = 0, quiet: bool | None = None, desc: str = "rounds"):
   """A tqdm bar over rounds (on stderr), or None when ``quiet`` (None: quiet unless stderr is a terminal or this
   is a notebook, where tqdm.auto draws a widget)."""
   if quiet is None:
-    quiet = not (sys.stderr.isatty() or "ipykernel" in sys.modules)
+    quiet = not (sys.stderr.isatty() or _in_notebook())
   if quiet:
     return None
   from tqdm.auto import tqdm

@@ -249,3 +249,19 @@ def test_a_split_that_cannot_be_made_fails_before_the_pretraining(monkeypatch, c
     digits.main(["--preset=smoke", "--num_clients=2000"])
   assert e.value.code == 2
   assert "error: --partition=dirichlet, --num_clients=2000: Cannot give 2000 clients" in capsys.readouterr().err
+
+
+def test_a_process_that_merely_imported_ipykernel_is_not_a_notebook(monkeypatch):
+  import types
+
+  from fedjax_tl import metrics
+
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))  # imported by some library
+  assert metrics.progress_bar(3) is None
+  fake_ipython = types.ModuleType("IPython")
+  fake_ipython.get_ipython = lambda: type("ZMQInteractiveShell", (), {})()  # a Jupyter kernel
+  monkeypatch.setitem(sys.modules, "IPython", fake_ipython)
+  bar = metrics.progress_bar(3)
+  assert bar is not None
+  bar.close()
