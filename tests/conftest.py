@@ -33,3 +33,15 @@ def tiny_local(tiny_model):
 @pytest.fixture
 def tiny_params(tiny_model):
   return tiny_model.init(jax.random.PRNGKey(0))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+  """Each test module starts without the compiled programs of the previous ones: equal configurations share
+  programs for the life of the process (fedjax_tl.core.execution), which across ~300 tests only grows memory."""
+  yield
+  from fedjax_tl.core import execution
+
+  execution._COMPILED.clear()  # noqa: SLF001
+  execution._jit_method.cache_clear()  # noqa: SLF001
+  jax.clear_caches()
