@@ -42,7 +42,7 @@ from fedjax_tl.compress.pruning import (
   prunable_leaves,
 )
 from fedjax_tl.compress.report import sparse_bits
-from fedjax_tl.transforms.base import EmptyState, UpdateTransform
+from fedjax_tl.transforms.base import UpdateTransform, identity
 from fedjax_tl.types import OptState, Params
 
 __all__ = ["FederatedPruning", "PruningServerState", "sparse_uplink", "sparse_downlink"]
@@ -55,15 +55,8 @@ class PruningServerState(NamedTuple):
 
 
 def _lossless(bits_fn) -> UpdateTransform:
-  def init(updates):
-    del updates
-    return EmptyState()
-
-  def apply(updates, state, key):
-    del key
-    return updates, state
-
-  return UpdateTransform(init, apply, bits_fn)
+  """The identity transform, counted as ``bits_fn`` bits (the values are sent as they are, only sparsely)."""
+  return identity()._replace(encoded_bits=bits_fn)
 
 
 def sparse_uplink(prunable: Prunable = is_kernel) -> UpdateTransform:
