@@ -55,12 +55,12 @@ def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int,
   s = algo.init(params, state)
   ids = np.arange(data.num_clients)
   t0 = time.perf_counter()
-  m, s = algo.apply(s, data, ids, jax.random.PRNGKey(0))
+  s, m = algo.apply(s, data, ids, jax.random.PRNGKey(0))
   jax.block_until_ready(s.params)
   first = time.perf_counter() - t0
   t0 = time.perf_counter()
   for r in range(rounds):
-    m, s = algo.apply(s, data, ids, jax.random.PRNGKey(r + 1))
+    s, m = algo.apply(s, data, ids, jax.random.PRNGKey(r + 1))
   jax.block_until_ready(s.params)
   dt = (time.perf_counter() - t0) / rounds
   n = float(m["num_examples"])

@@ -187,7 +187,7 @@ def scale_one(args) -> dict:
   for r in range(args.rounds + 1):
     ids = np.sort(np.random.default_rng(r).choice(args.population, args.cohort, replace=False))
     t0 = time.perf_counter()
-    m, s = algo.apply(s, data, ids, jax.random.PRNGKey(r))
+    s, m = algo.apply(s, data, ids, jax.random.PRNGKey(r))
     jax.block_until_ready(s.params)
     walls.append(time.perf_counter() - t0)
     if r == 0:

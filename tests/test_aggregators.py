@@ -13,7 +13,8 @@ from fedjax_tl import aggregators
 
 
 def _round(algo, tiny_data, tiny_params, ids=(0, 1, 3)):
-  return algo.apply(algo.init(*tiny_params, num_clients=5), tiny_data, np.array(ids), jax.random.PRNGKey(0))
+  s, m = algo.apply(algo.init(*tiny_params, num_clients=5), tiny_data, np.array(ids), jax.random.PRNGKey(0))
+  return m, s
 
 
 def test_dp_fedavg_without_clip_or_noise_is_uniform_fedavg_bit_for_bit(tiny_local, tiny_data, tiny_params):

@@ -82,7 +82,7 @@ def test_fedadam_round_matches_numpy_on_the_mean_delta(tiny_data, tiny_model, ti
   ids, key = np.array([0, 1, 3]), jax.random.PRNGKey(3)
   local = ftl.LocalTraining(tiny_model, optax.sgd(0.1), batch_size=12, steps=2)  # full batch for every client
   plain = ftl.FedAvg(local, schedule="vmap")
-  _, s1 = plain.apply(plain.init(params, state), tiny_data, ids, key)
+  s1, _ = plain.apply(plain.init(params, state), tiny_data, ids, key)
   mean_delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64), s1.params, params)
   # FedAvg's own piece, against a plain loop over the clients: two full-batch SGD steps each, weighted mean.
   deltas, weights = [], []
@@ -99,7 +99,7 @@ def test_fedadam_round_matches_numpy_on_the_mean_delta(tiny_data, tiny_model, ti
   _close(mean_delta, loop, rtol=1e-4, atol=1e-6)
   # One FedAdam round = the paper's update on that mean delta (first step: m = (1-b1) D, v = b2 tau^2 + (1-b2) D^2).
   adam = ftl.fedopt("fedadam", local, ETA, {"beta1": B1, "beta2": B2, "tau": TAU}, schedule="vmap")
-  _, s2 = adam.apply(adam.init(params, state), tiny_data, ids, key)
+  s2, _ = adam.apply(adam.init(params, state), tiny_data, ids, key)
   expected = jax.tree.map(lambda p, d: np.asarray(p, np.float64) + _reference("fedadam", [d])[0], params, mean_delta)
   _close(s2.params, expected, rtol=1e-5, atol=1e-6)
 
@@ -110,7 +110,7 @@ def test_fedprox_mu_zero_is_fedavg_bit_for_bit(tiny_data, tiny_local, tiny_param
   results = []
   for local in (tiny_local, ftl.fedprox(tiny_local, 0.0)):
     algo = ftl.FedAvg(local, schedule="vmap")
-    _, s = algo.apply(algo.init(params, state), tiny_data, ids, key)
+    s, _ = algo.apply(algo.init(params, state), tiny_data, ids, key)
     results.append(s.params)
   _close(results[0], results[1], rtol=0, atol=0)
 
@@ -120,7 +120,7 @@ def test_fedprox_matches_proximal_sgd_loop(tiny_data, tiny_model, tiny_params):
   mu, lr, steps, c = 0.5, 0.1, 3, 1
   local = ftl.fedprox(ftl.LocalTraining(tiny_model, optax.sgd(lr), batch_size=12, steps=steps), mu)
   algo = ftl.FedAvg(local, schedule="sequential")
-  _, s = algo.apply(algo.init(params, state), tiny_data, np.array([c]), jax.random.PRNGKey(0))
+  s, _ = algo.apply(algo.init(params, state), tiny_data, np.array([c]), jax.random.PRNGKey(0))
   idx = tiny_data.client_indices[c]  # 12 examples: one full batch
   grad = _loss_grad(tiny_model, state, np.asarray(tiny_data.x)[idx], np.asarray(tiny_data.y)[idx])
   w, plain = params, params

@@ -29,10 +29,10 @@ def test_equal_instances_trace_once(spec, tiny_model, tiny_data, tiny_params):
   a, b = fedjax_tl.FedAvg(local, schedule=spec), fedjax_tl.FedAvg(local, schedule=spec)
   assert a == b and hash(a) == hash(b) and a is not b
   ids, key = np.array([0, 1]), jax.random.PRNGKey(0)
-  _, sa = a.apply(a.init(*tiny_params), tiny_data, ids, key)
+  sa, _ = a.apply(a.init(*tiny_params), tiny_data, ids, key)
   first = traces[0]
   assert first >= 1
-  _, sb = b.apply(b.init(*tiny_params), tiny_data, ids, key)
+  sb, _ = b.apply(b.init(*tiny_params), tiny_data, ids, key)
   assert traces[0] == first  # b reused a's programs
   assert b.runner(tiny_data.pad_size).trace_count == 0
   for u, v in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):

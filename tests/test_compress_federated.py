@@ -45,7 +45,7 @@ def test_masked_weights_stay_zero_and_are_not_sent(tiny_data, tiny_local, tiny_p
     assert zeros.sum() == math.floor(float(fp.sparsity(r)) * n + 0.5)  # the schedule, exactly
     if prev is not None:
       assert zeros[prev].all()  # pruned weights stay pruned
-    m, s = algo.apply(s, tiny_data, ids, jax.random.PRNGKey(r))
+    s, m = algo.apply(s, tiny_data, ids, jax.random.PRNGKey(r))
     mean_delta = s.opt_state.inner[1]
     got = np.concatenate([a.ravel() for a in _kernels(mean_delta)])
     assert (got[zeros] == 0).all() and (got[~zeros] != 0).mean() > 0.5  # clients moved only kept weights
@@ -67,7 +67,7 @@ def test_each_client_delta_is_zero_off_the_mask(tiny_data, tiny_local, tiny_para
   algo = FedAvg(**fp.fedavg_kwargs(tiny_local, _recording(optax.sgd(1.0))), schedule="sequential")
   pruned = fp.prune(params)
   for c in (0, 1, 3):  # a one-client round: the server's pseudo-gradient is minus that client's delta
-    _, s = algo.apply(algo.init(pruned, state), tiny_data, np.array([c]), jax.random.PRNGKey(c))
+    s, _ = algo.apply(algo.init(pruned, state), tiny_data, np.array([c]), jax.random.PRNGKey(c))
     for d, p in zip(_kernels(s.opt_state.inner[1]), _kernels(pruned)):
       assert (d[p == 0] == 0).all() and (d[p != 0] != 0).any()
 
@@ -76,7 +76,7 @@ def test_mask_is_checkpointed(tiny_data, tiny_local, tiny_params, tmp_path):
   params, state = tiny_params
   fp = FederatedPruning(0.5, end_round=1)
   algo = FedAvg(**fp.fedavg_kwargs(tiny_local), schedule="vmap")
-  _, s = algo.apply(algo.init(params, state), tiny_data, np.array([0, 1]), jax.random.PRNGKey(0))
+  s, _ = algo.apply(algo.init(params, state), tiny_data, np.array([0, 1]), jax.random.PRNGKey(0))
   ck = Checkpointer(str(tmp_path), {"run": "prune"})
   ck.maybe_save(s, final=True)
   restored = ck.restore(algo.init(params, state))
@@ -95,7 +95,7 @@ def test_qat_off_equals_float_fedavg_and_int8_differs(tiny_data, tiny_model, tin
 
   def one_round(model):
     algo = FedAvg(LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=2), schedule="vmap")
-    return algo.apply(algo.init(params, state), tiny_data, ids, key)[1].params
+    return algo.apply(algo.init(params, state), tiny_data, ids, key)[0].params
 
   ref = one_round(quantize.quantizable(tiny_model))
   off = one_round(quantize.qat(tiny_model, weight_qtype=None, act_qtype=None))

@@ -112,7 +112,8 @@ def test_parse():
 
 
 def _round(algo, state, data, ids, key=5):
-  return algo.apply(state, data, np.asarray(ids), jax.random.PRNGKey(key))
+  s, m = algo.apply(state, data, np.asarray(ids), jax.random.PRNGKey(key))
+  return m, s
 
 
 @pytest.mark.parametrize("schedule", ["vmap", "sequential/host:2"])

@@ -66,7 +66,7 @@ def test_schedules_match_plain_python_reference(spec, tiny_model, tiny_data, tin
   ids = np.array([0, 1, 2, 4])  # sizes 7, 12, 3, 1: partial batches, and a client smaller than a batch
   key = jax.random.PRNGKey(7)
   algo = FedAvg(tiny_local, schedule=spec)
-  metrics, new_state = algo.apply(algo.init(params, state), tiny_data, ids, key)
+  new_state, metrics = algo.apply(algo.init(params, state), tiny_data, ids, key)
   expected, losses = reference_round(tiny_model, tiny_local, params, tiny_data, ids, key)
   for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
@@ -81,7 +81,7 @@ def test_fixed_steps_mode_cycles_epochs(tiny_model, tiny_data, tiny_params):
   key = jax.random.PRNGKey(1)
   for spec in ("vmap", "sequential/host:2"):
     algo = FedAvg(local, schedule=spec)
-    _, new_state = algo.apply(algo.init(params, state), tiny_data, ids, key)
+    new_state, _ = algo.apply(algo.init(params, state), tiny_data, ids, key)
     expected, _ = reference_round(tiny_model, local, params, tiny_data, ids, key)
     for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(expected)):
       np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
@@ -95,7 +95,7 @@ def test_padding_never_touches_training(tiny_model, tiny_data, tiny_params):
   ids = np.array([0, 2])
   key = jax.random.PRNGKey(3)
   algo = FedAvg(LocalTraining(tiny_model, optax.sgd(0.1), 4, epochs=2), schedule="vmap")
-  _, ref = algo.apply(algo.init(params, state), tiny_data, ids, key)
+  ref, _ = algo.apply(algo.init(params, state), tiny_data, ids, key)
   used = np.concatenate([tiny_data.client_indices[i] for i in ids])
   x = np.asarray(tiny_data.x).copy()
   y = np.asarray(tiny_data.y).copy()
@@ -103,7 +103,7 @@ def test_padding_never_touches_training(tiny_model, tiny_data, tiny_params):
   x[others] = 255
   y[others] = 2
   big = FederatedData(jnp.asarray(x), jnp.asarray(y), tiny_data.client_indices, 3, pad_size=30)
-  m, out = algo.apply(algo.init(params, state), big, ids, key)
+  out, m = algo.apply(algo.init(params, state), big, ids, key)
   # pad_size changes the shuffle draws (uniform over pad slots), so compare against the reference instead
   expected, losses = reference_round(tiny_model, algo.local, params, big, ids, key)
   for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(expected)):
@@ -118,11 +118,11 @@ def test_no_recompilation_between_rounds(spec, tiny_data, tiny_local, tiny_param
   algo = FedAvg(tiny_local, schedule=spec)
   s = algo.init(params, state)
   runner = algo.runner(tiny_data.pad_size)
-  _, s = algo.apply(s, tiny_data, np.array([0, 1, 2]), jax.random.PRNGKey(0))
-  _, s = algo.apply(s, tiny_data, np.array([0, 1, 2]), jax.random.PRNGKey(0))  # acc=None vs acc traces
+  s, _ = algo.apply(s, tiny_data, np.array([0, 1, 2]), jax.random.PRNGKey(0))
+  s, _ = algo.apply(s, tiny_data, np.array([0, 1, 2]), jax.random.PRNGKey(0))  # acc=None vs acc traces
   after_warmup = runner.trace_count
   for r, ids in enumerate([[3, 4, 1], [4, 2, 0], [1, 3, 4]]):  # different client sizes every round
-    _, s = algo.apply(s, tiny_data, np.array(ids), jax.random.PRNGKey(r))
+    s, _ = algo.apply(s, tiny_data, np.array(ids), jax.random.PRNGKey(r))
   assert runner.trace_count == after_warmup
 
 
@@ -136,8 +136,8 @@ def test_host_loop_compiles_only_the_blocks_that_run(tiny_model, tiny_data, tiny
   traces, out = {}, {}
   for spec in ("sequential/host:8", "sequential/host:1"):
     algo = FedAvg(local, schedule=spec)
-    _, s = algo.apply(algo.init(params, state), tiny_data, np.array([0, 2]), key)
-    _, s = algo.apply(s, tiny_data, np.array([2, 0]), key)  # the accumulating finish traces in round 1 already
+    s, _ = algo.apply(algo.init(params, state), tiny_data, np.array([0, 2]), key)
+    s, _ = algo.apply(s, tiny_data, np.array([2, 0]), key)  # the accumulating finish traces in round 1 already
     traces[spec], out[spec] = algo.runner(tiny_data.pad_size).trace_count, (algo, s)
   assert traces["sequential/host:8"] == traces["sequential/host:1"]
   algo, s = out["sequential/host:8"]
@@ -146,9 +146,9 @@ def test_host_loop_compiles_only_the_blocks_that_run(tiny_model, tiny_data, tiny
   assert runner.trace_count == traces["sequential/host:8"]
   big = FedAvg(LocalTraining(tiny_model, optax.sgd(0.1), batch_size=1, epochs=1), schedule="sequential/host:8")
   big_runner = big.runner(tiny_data.pad_size)
-  _, b1 = big.apply(big.init(params, state), tiny_data, np.array([2, 4]), key)  # 3 and 1 steps
+  b1, _ = big.apply(big.init(params, state), tiny_data, np.array([2, 4]), key)  # 3 and 1 steps
   before = big_runner.trace_count
-  _, b2 = big.apply(b1, tiny_data, np.array([1, 2]), key)  # 12 steps: one block of 8 + 4 single steps
+  b2, _ = big.apply(b1, tiny_data, np.array([1, 2]), key)  # 12 steps: one block of 8 + 4 single steps
   assert big_runner.trace_count == before + 1
   big.apply(b2, tiny_data, np.array([3, 0]), key)  # 9 and 7 steps: both executables exist
   assert big_runner.trace_count == before + 1
@@ -199,7 +199,7 @@ def test_memory_sized_chunks(budget, expected_chunk, tiny_model, tiny_data, tiny
   ids = np.array([0, 1, 2, 4])
   key = jax.random.PRNGKey(7)
   algo = FedAvg(tiny_local, schedule="chunked:auto/host:2", memory_budget=budget)
-  _, new_state = algo.apply(algo.init(params, state), tiny_data, ids, key)
+  new_state, _ = algo.apply(algo.init(params, state), tiny_data, ids, key)
   runner = algo.runner(tiny_data.pad_size)
   assert runner.schedule.chunk_size == expected_chunk  # 1 byte: one client at a time; plenty: the whole cohort
   assert runner.chunk_memory["per_client_bytes"] > sum(a.nbytes for a in jax.tree.leaves(params))

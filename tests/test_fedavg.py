@@ -22,7 +22,7 @@ def test_one_client_makes_aggregation_the_identity(tiny_data, tiny_local, tiny_p
   params, state = tiny_params
   key = jax.random.PRNGKey(0)
   algo = FedAvg(tiny_local, schedule="sequential")
-  _, s = algo.apply(algo.init(params, state), tiny_data, np.array([1]), key)
+  s, _ = algo.apply(algo.init(params, state), tiny_data, np.array([1]), key)
   # The client's own result: run it as a one-client round with the server learning rate 0 to read the delta.
   runner = algo.runner(tiny_data.pad_size)
   sums = runner(params, {}, state, tiny_data.x, tiny_data.y, tiny_data.cohort([1]), key)
@@ -36,9 +36,9 @@ def test_server_optimizer_acts_on_pseudo_gradient(tiny_data, tiny_local, tiny_pa
   key = jax.random.PRNGKey(1)
   ids = np.array([0, 3])
   plain = FedAvg(tiny_local, schedule="vmap")
-  _, s1 = plain.apply(plain.init(params, state), tiny_data, ids, key)
+  s1, _ = plain.apply(plain.init(params, state), tiny_data, ids, key)
   half = FedAvg(tiny_local, server_optimizer=optax.sgd(0.5), schedule="vmap")
-  _, s2 = half.apply(half.init(params, state), tiny_data, ids, key)
+  s2, _ = half.apply(half.init(params, state), tiny_data, ids, key)
   # server lr 0.5 moves exactly half as far as plain FedAvg (lr 1)
   _close(jax.tree.map(lambda a, b: a - b, s2.params, params),
          jax.tree.map(lambda a, b: 0.5 * (a - b), s1.params, params), rtol=1e-5, atol=1e-7)
@@ -50,7 +50,7 @@ def test_frozen_params_are_neither_trained_nor_sent(tiny_data, tiny_local, tiny_
   algo = FedAvg(tiny_local, schedule="sequential/host:2", trainable="^head/")
   s0 = algo.init(params, state)
   assert set(s0.params) == {"head"} and "conv0" in s0.frozen
-  m, s = algo.apply(s0, tiny_data, np.array([0, 1]), jax.random.PRNGKey(0))
+  s, m = algo.apply(s0, tiny_data, np.array([0, 1]), jax.random.PRNGKey(0))
   _close(s.frozen, s0.frozen, rtol=0, atol=0)
   assert not np.allclose(s.params["head"]["kernel"], s0.params["head"]["kernel"])
   assert int(m["bytes_up"]) == 2 * tree_bytes(params["head"]) < 2 * tree_bytes(params)
@@ -80,14 +80,14 @@ def test_batch_stats_average_or_frozen(mode, tiny_data, bn_model):
   local = LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=1)
   key = jax.random.PRNGKey(2)
   algo = FedAvg(local, schedule="vmap", model_state=mode)
-  _, s = algo.apply(algo.init(params, state), tiny_data, np.array([0, 3]), key)
+  s, _ = algo.apply(algo.init(params, state), tiny_data, np.array([0, 3]), key)
   if mode == "frozen":
     _close(s.model_state, state, rtol=0, atol=0)
     return
   singles = []
   for c in (0, 3):
     one = FedAvg(local, schedule="vmap", model_state=mode)
-    _, sc = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
+    sc, _ = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
     singles.append(sc.model_state)
   w = np.array([7.0, 9.0]) / 16
   _close(s.model_state, jax.tree.map(lambda a, b: w[0] * a + w[1] * b, *singles), rtol=1e-5, atol=1e-6)
@@ -148,7 +148,7 @@ def test_frozen_statistics_train_in_inference_mode(tiny_data, bn_model):
   results = {}
   for mode in ("frozen", "average"):
     algo = FedAvg(LocalTraining(model, optax.sgd(0.0), batch_size=4, steps=1), schedule="vmap", model_state=mode)
-    m, s = algo.apply(algo.init(params, state), tiny_data, np.array([2]), jax.random.PRNGKey(0))
+    s, m = algo.apply(algo.init(params, state), tiny_data, np.array([2]), jax.random.PRNGKey(0))
     results[mode] = float(m["train_loss"])
     if mode == "frozen":
       _close(s.model_state, state, rtol=0, atol=0)
@@ -165,19 +165,19 @@ def test_local_statistics_persist_per_client(spec, tiny_data, bn_model):
   with pytest.raises(ValueError, match="num_clients"):
     algo.init(params, state)
   s0 = algo.init(params, state, num_clients=tiny_data.num_clients)
-  m, s1 = algo.apply(s0, tiny_data, np.array([0, 3, 4]), key)
+  s1, m = algo.apply(s0, tiny_data, np.array([0, 3, 4]), key)
   assert m["bytes_up"] == 3 * tree_bytes(params)  # statistics are not sent
   # The cohort's rows hold each client's own final statistics (= a one-client "average" round) ...
   for c in (0, 3):
     one = FedAvg(local, schedule="vmap", model_state="average")
-    _, sc = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
+    sc, _ = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
     _close(jax.tree.map(lambda a, c=c: a[c], s1.client_states), sc.model_state, rtol=1e-5, atol=1e-6)
   # ... and the others are untouched.
   for c in (1, 2):
     _close(jax.tree.map(lambda a, c=c: a[c], s1.client_states), state, rtol=0, atol=0)
   # Round 2: client 0 starts from its own statistics, not the server's.
-  _, s2 = algo.apply(s1, tiny_data, np.array([0]), key)
+  s2, _ = algo.apply(s1, tiny_data, np.array([0]), key)
   restart = FedAvg(local, schedule="vmap", model_state="local")
   r0 = restart.init(s1.full_params(), state, num_clients=tiny_data.num_clients)
-  _, r2 = restart.apply(r0, tiny_data, np.array([0]), key)
+  r2, _ = restart.apply(r0, tiny_data, np.array([0]), key)
   assert not np.allclose(jax.tree.leaves(s2.client_states)[0][0], jax.tree.leaves(r2.client_states)[0][0])

@@ -45,7 +45,7 @@ def test_dp_noise_key_is_no_clients_key(tiny_data, tiny_local, tiny_params):
                            lambda u, s, k: (u, jax.random.key_data(k) if k.dtype != np.uint32 else k))
   algo = fedjax_tl.FedAvg(tiny_local, schedule="sequential", server_transform=record)
   round_key = jax.random.PRNGKey(0)
-  _, state = algo.apply(algo.init(*tiny_params), tiny_data, np.array([0, 1]), round_key)
+  state, _ = algo.apply(algo.init(*tiny_params), tiny_data, np.array([0, 1]), round_key)
   used = tuple(np.asarray(state.server_transform_state))
   for c in CLIENT_IDS:  # how the execution layer keys client c (tests/test_execution.py's reference)
     assert used != _bits(jax.random.fold_in(round_key, c)), c

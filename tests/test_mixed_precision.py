@@ -67,7 +67,7 @@ def test_bfloat16_federated_round_keeps_float32_server_state(tiny_data):
   params, state = jax.jit(model.init)(jax.random.PRNGKey(0))
   algo = FedAvg(LocalTraining(model, optax.sgd(0.05), 4), schedule="vmap")
   s = algo.init(params, state)
-  m, s2 = algo.apply(s, tiny_data, np.arange(tiny_data.num_clients), jax.random.PRNGKey(1))
+  s2, m = algo.apply(s, tiny_data, np.arange(tiny_data.num_clients), jax.random.PRNGKey(1))
   assert np.isfinite(float(m["train_loss"]))
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves((s2.params, s2.model_state)))
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(s2.params)))

@@ -61,7 +61,7 @@ def test_plain_module_trains_through_fedavg(tiny_data):
     algo = FedAvg(LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=1), schedule="auto")
     s = algo.init(params, state)
     for r in range(2):
-      m, s = algo.apply(s, tiny_data, np.array([0, 1, 3]), jax.random.PRNGKey(r))
+      s, m = algo.apply(s, tiny_data, np.array([0, 1, 3]), jax.random.PRNGKey(r))
     out[name] = (float(m["train_loss"]), s.params)
   assert out["plain"][0] == pytest.approx(out["full"][0], rel=1e-6)
   _close(out["plain"][1], out["full"][1], rtol=1e-6, atol=1e-7)

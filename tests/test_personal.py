@@ -18,11 +18,11 @@ def test_fedper_keeps_every_clients_head(tiny_local, tiny_data, tiny_params):
   fedper = fedjax_tl.FedAvg(tiny_local, schedule="vmap", local_params="^head/")
   s0 = fedper.init(params, model_state, num_clients=tiny_data.num_clients)
   assert "head" not in s0.params and s0.client_params["head"]["kernel"].shape[0] == 5
-  m, s1 = fedper.apply(s0, tiny_data, np.array(ids), key)
+  s1, m = fedper.apply(s0, tiny_data, np.array(ids), key)
   # Reference: client c alone, trained from the global body with its own head (a one-client FedAvg round is
   # that client's own training; its keys depend on the round key and its id only).
   plain = fedjax_tl.FedAvg(tiny_local, schedule="vmap")
-  alone = {c: plain.apply(plain.init(s0.client_full_params(c), model_state), tiny_data, np.array([c]), key)[1]
+  alone = {c: plain.apply(plain.init(s0.client_full_params(c), model_state), tiny_data, np.array([c]), key)[0]
            for c in ids}
   for c in ids:  # each head is the client's own, never averaged
     _close(jax.tree.map(lambda a, c=c: a[c], s1.client_params), {"head": alone[c].params["head"]})

@@ -150,7 +150,7 @@ def test_fedper_clients_are_evaluated_with_their_own_heads(tiny_local, tiny_data
   train, test = tiny_data.split_clients(0.5, seed=0)
   fedper = fedjax_tl.FedAvg(tiny_local, schedule="vmap", local_params="^head/")
   state = fedper.init(params, model_state, num_clients=train.num_clients)
-  _, state = fedper.apply(state, train, np.array([0, 1, 3]), jax.random.PRNGKey(0))
+  state, _ = fedper.apply(state, train, np.array([0, 1, 3]), jax.random.PRNGKey(0))
   stacked = state.all_client_params()
   model = tiny_local.model
   out = fedjax_tl.evaluate_per_client(model, stacked, model_state, test)
@@ -170,7 +170,7 @@ def test_finetune_is_the_clients_own_local_training(tiny_model, tiny_data, tiny_
   out = fedjax_tl.evaluate_per_client(tiny_model, params, model_state, test, finetune=k, local=local, train=train,
                                       key=key, chunk_size=2)
   plain = fedjax_tl.FedAvg(local, schedule="vmap")
-  tuned = {c: plain.apply(plain.init(params, model_state), train, np.array([c]), key)[1].full_params()
+  tuned = {c: plain.apply(plain.init(params, model_state), train, np.array([c]), key)[0].full_params()
            for c in range(4)}  # client 4 has no test examples
   acc, loss, _ = _reference(tiny_model, lambda c: tuned.get(c, params), model_state, test)
   _close_nan(out["accuracy"], acc, atol=1e-5)

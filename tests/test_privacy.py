@@ -23,10 +23,10 @@ def test_clip_inf_and_noise_zero_is_plain_fedavg(tiny_data, tiny_local, tiny_par
   params, state = tiny_params
   ids, key = np.array([0, 1, 3]), jax.random.PRNGKey(0)
   plain = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean())
-  _, a = plain.apply(plain.init(params, state), tiny_data, ids, key)
+  a, _ = plain.apply(plain.init(params, state), tiny_data, ids, key)
   client, server = dp_fedavg(clip=float("inf"), noise_multiplier=0.0, cohort_size=3)
   dp = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean(), client_transform=client, server_transform=server)
-  _, b = dp.apply(dp.init(params, state), tiny_data, ids, key)
+  b, _ = dp.apply(dp.init(params, state), tiny_data, ids, key)
   _close(a.params, b.params, rtol=1e-6, atol=1e-7)
 
 
@@ -34,11 +34,11 @@ def test_uniform_weighting_is_the_plain_mean(tiny_data, tiny_local, tiny_params)
   params, state = tiny_params
   key = jax.random.PRNGKey(1)
   uni = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean())
-  _, both = uni.apply(uni.init(params, state), tiny_data, np.array([0, 1]), key)
+  both, _ = uni.apply(uni.init(params, state), tiny_data, np.array([0, 1]), key)
   singles = []
   for c in (0, 1):
     one = FedAvg(tiny_local, schedule="vmap")
-    _, s = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
+    s, _ = one.apply(one.init(params, state), tiny_data, np.array([c]), key)
     singles.append(s.params)
   _close(both.params, jax.tree.map(lambda a, b: (a + b) / 2, *singles), rtol=1e-5, atol=1e-6)
 
@@ -199,8 +199,8 @@ def test_uniform_mean_counts_a_client_without_examples(tiny_local, tiny_params):
   params, state = tiny_params
   key = jax.random.PRNGKey(0)
   uni = FedAvg(tiny_local, aggregator=UniformMean())
-  _, both = uni.apply(uni.init(params, state), data, np.array([0, 1]), key)
-  _, alone = uni.apply(uni.init(params, state), data, np.array([0]), key)
+  both, _ = uni.apply(uni.init(params, state), data, np.array([0, 1]), key)
+  alone, _ = uni.apply(uni.init(params, state), data, np.array([0]), key)
   # the empty client sends a zero update with weight 1: the mean over the cohort of 2 halves client 0's delta
   _close(jax.tree.map(lambda b, p: b - p, both.params, params), jax.tree.map(lambda a, p: (a - p) / 2, alone.params,
                                                                                params), rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ def test_run_rounds_keeps_all_metrics_and_uses_the_sampler(tiny_local, tiny_data
   # the same rounds by hand: every metric the algorithm returned is in the record, per-client ones as lists
   s = algo.init(*tiny_params)
   for r, rec in enumerate(hist):
-    m, s = algo.apply(s, tiny_data, np.array(cohorts[r]), fedjax_tl.keys.round_key(0, r))
+    s, m = algo.apply(s, tiny_data, np.array(cohorts[r]), fedjax_tl.keys.round_key(0, r))
     assert set(m) <= set(rec)
     assert rec["client_metrics"]["num_examples"] == np.asarray(m["client_metrics"]["num_examples"]).tolist()
     np.testing.assert_allclose(rec["client_metrics"]["loss"], m["client_metrics"]["loss"], rtol=0)

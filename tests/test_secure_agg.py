@@ -57,11 +57,11 @@ def test_secure_fedavg_equals_plain_fedavg(weighting, schedule, tiny_data, tiny_
   ids = np.array([0, 1, 3, 4])
   key = jax.random.PRNGKey(4)
   plain = FedAvg(tiny_local, aggregator=Mean(weighting), schedule=schedule)
-  _, s_plain = plain.apply(plain.init(*tiny_params), tiny_data, ids, key)
+  s_plain, _ = plain.apply(plain.init(*tiny_params), tiny_data, ids, key)
   secure = FedAvg(tiny_local, schedule=schedule,
                   aggregator=SecureAggregation(clip_value=4.0, weighting=weighting))
   state = secure.init(*tiny_params)
-  m, s_sec = secure.apply(state, tiny_data, ids, key)
+  s_sec, m = secure.apply(state, tiny_data, ids, key)
   assert _max_abs_diff(s_sec.params, s_plain.params) < 1e-5
   assert _max_abs_diff(s_sec.params, state.params) > 1e-3  # and the round did something
   assert m["secagg_survivors"] == 4 and float(m["secagg_clipped_fraction"]) == 0.0
@@ -79,10 +79,10 @@ def test_dropped_clients_masks_are_recovered(tiny_data, tiny_local, tiny_params)
     if 2 <= alive.sum() < 5:
       break
   secure = FedAvg(tiny_local, aggregator=sa)
-  m, s_sec = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
+  s_sec, m = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
   assert m["secagg_dropped"] == 5 - alive.sum() and not m["secagg_aborted"]
   plain = FedAvg(tiny_local)
-  _, s_plain = plain.apply(plain.init(*tiny_params), tiny_data, ids[alive], key)  # the survivors only
+  s_plain, _ = plain.apply(plain.init(*tiny_params), tiny_data, ids[alive], key)  # the survivors only
   assert _max_abs_diff(s_sec.params, s_plain.params) < 1e-5
 
 
@@ -90,14 +90,14 @@ def test_too_few_survivors_abort_the_round(tiny_data, tiny_local, tiny_params):
   sa = SecureAggregation(dropout=0.9, threshold=1.0)
   secure = FedAvg(tiny_local, aggregator=sa)
   state = secure.init(*tiny_params)
-  m, s = secure.apply(state, tiny_data, np.arange(5), jax.random.PRNGKey(0))
+  s, m = secure.apply(state, tiny_data, np.arange(5), jax.random.PRNGKey(0))
   assert m["secagg_aborted"] and int(s.round) == 1
   assert _max_abs_diff(s.params, state.params) == 0.0
 
 
 def test_clipping_is_reported_and_bad_settings_refused(tiny_data, tiny_local, tiny_params):
   secure = FedAvg(tiny_local, aggregator=SecureAggregation(clip_value=1e-4))
-  m, _ = secure.apply(secure.init(*tiny_params), tiny_data, np.arange(5), jax.random.PRNGKey(0))
+  _, m = secure.apply(secure.init(*tiny_params), tiny_data, np.arange(5), jax.random.PRNGKey(0))
   assert float(m["secagg_clipped_fraction"]) > 0.1
   with pytest.raises(ValueError, match="dropout"):
     SecureAggregation(dropout=1.0)
@@ -132,11 +132,11 @@ def test_a_round_where_every_coordinate_is_clipped(tiny_data, tiny_local, tiny_p
   singles = []
   for c in ids:
     one = FedAvg(tiny_local, schedule="vmap", aggregator=UniformMean())
-    s = one.apply(one.init(*tiny_params), tiny_data, np.array([c]), key)[1]
+    s = one.apply(one.init(*tiny_params), tiny_data, np.array([c]), key)[0]
     singles.append(jax.tree.map(lambda a, p: np.asarray(a, np.float64) - np.asarray(p, np.float64), s.params, params))
   want = jax.tree.map(lambda *d: np.mean([np.clip(x, -r, r) for x in d], axis=0), *singles)
   secure = FedAvg(tiny_local, schedule="vmap", aggregator=SecureAggregation(r, weighting="uniform"))
-  m, s_sec = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
+  s_sec, m = secure.apply(secure.init(*tiny_params), tiny_data, ids, key)
   got = jax.tree.map(lambda a, p: np.asarray(a, np.float64) - np.asarray(p, np.float64), s_sec.params, params)
   assert float(m["secagg_clipped_fraction"]) > 0.5  # the rest are (near-)zero deltas: dead units, biases
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):

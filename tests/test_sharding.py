@@ -26,11 +26,11 @@ local = LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=1)
 ids = np.array([0, 2, 3, 5, 9])  # 5 clients: padded to 8 for 8 devices
 key = jax.random.PRNGKey(4)
 ref_algo = FedAvg(local, schedule="vmap")
-_, ref = ref_algo.apply(ref_algo.init(params, state), data, ids, key)
+ref, _ = ref_algo.apply(ref_algo.init(params, state), data, ids, key)
 mesh = client_mesh()
 for spec in ("vmap", "chunked:8"):
   algo = FedAvg(local, schedule=spec, mesh=mesh)
-  m, out = algo.apply(algo.init(params, state), data, ids, key)
+  out, m = algo.apply(algo.init(params, state), data, ids, key)
   for a, b in zip(jax.tree.leaves(out.params), jax.tree.leaves(ref.params)):
     np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
   assert m["client_metrics"]["num_examples"].shape == (5,)

@@ -40,5 +40,5 @@ def test_local_model_state_with_a_stateless_model(tiny_local, tiny_data, tiny_pa
   # indexing the empty store).
   algo = fedjax_tl.FedAvg(tiny_local, schedule="vmap", model_state="local")
   state = algo.init(*tiny_params, num_clients=tiny_data.num_clients)
-  _, state = algo.apply(state, tiny_data, np.array([0, 2]), jax.random.PRNGKey(0))
+  state, _ = algo.apply(state, tiny_data, np.array([0, 2]), jax.random.PRNGKey(0))
   assert int(state.round) == 1

@@ -318,8 +318,8 @@ class FedAvg:
     return {"model": ms, "personal": store.gather(state.client_params, rows, num_clients, "clients' own params")}
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
-            round_key: PRNGKey) -> tuple[dict, ServerState]:
-    """One round: returns (metrics, new_state). Metrics are device scalars plus per-client arrays."""
+            round_key: PRNGKey) -> tuple[ServerState, dict]:
+    """One round: returns (new_state, metrics). Metrics are device scalars plus per-client arrays."""
     self._check_labels(data)
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
@@ -371,4 +371,4 @@ class FedAvg:
         "bytes_up": up * senders,
         "client_metrics": {k: v[:n] for k, v in cm.items()},
     }
-    return metrics, new_state
+    return new_state, metrics

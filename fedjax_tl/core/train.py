@@ -96,7 +96,7 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
       t0 = time.perf_counter()
       sample_key, train_key = round_keys(seed, r)
       ids = np.asarray(sampler(sample_key, r))
-      metrics, state = algorithm.apply(state, data, ids, train_key)
+      state, metrics = algorithm.apply(state, data, ids, train_key)
       state = jax.block_until_ready(state)  # the server update is dispatched asynchronously: time it too
       loss = float(metrics["train_loss"])
       elapsed = time.perf_counter() - t0
