@@ -83,6 +83,8 @@ _EXPORTS = {
     "Schedule": "fedjax_tl.core.execution",
     "store": "fedjax_tl.core.store",
     "FedAvg": "fedjax_tl.core.fedavg",
+    "Hooks": "fedjax_tl.core.hooks",
+    "TrainContext": "fedjax_tl.core.hooks",
     "ServerState": "fedjax_tl.core.fedavg",
     "sample_clients": "fedjax_tl.core.fedavg",
     "client_mesh": "fedjax_tl.core.fedavg",
@@ -100,6 +102,8 @@ _EXPORTS = {
     "fedopt": "fedjax_tl.algorithms.fedopt",
     "fedprox": "fedjax_tl.algorithms.fedprox",
     "proximal_term": "fedjax_tl.algorithms.fedprox",
+    "Scaffold": "fedjax_tl.algorithms.scaffold",
+    "Ditto": "fedjax_tl.algorithms.ditto",
     # smaller models: pruning and int8 quantization (qwix), after and during federated training
     "compress": "fedjax_tl.compress",
     "magnitude_mask": "fedjax_tl.compress.pruning",

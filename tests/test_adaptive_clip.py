@@ -43,11 +43,11 @@ def test_fedavg_with_adaptive_clip(tiny_data, tiny_local, tiny_params):
   ids = np.array([0, 1, 2, 3])
   key = jax.random.PRNGKey(2)
   plain = FedAvg(tiny_local, aggregator=UniformMean())
-  _, s_plain = plain.apply(plain.init(*tiny_params), tiny_data, ids, key)
+  s_plain, _ = plain.apply(plain.init(*tiny_params), tiny_data, ids, key)
   ac = AdaptiveClipping(0.0, 4, initial_clip=1e6, target_quantile=0.5, clip_lr=0.2)
   algo = FedAvg(tiny_local, aggregator=ac)
   state = algo.init(*tiny_params)
-  m, s = algo.apply(state, tiny_data, ids, key)
+  s, m = algo.apply(state, tiny_data, ids, key)
   for a, b in zip(jax.tree.leaves(s.params), jax.tree.leaves(s_plain.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # a huge clip and no noise: plain uniform FedAvg
   # every client was within the clip, so it shrinks by exp(-0.2 * (1 - 0.5))
@@ -61,7 +61,7 @@ def test_clip_norm_survives_a_checkpoint(tmp_path, tiny_data, tiny_local, tiny_p
   from fedjax_tl.checkpoint import Checkpointer
 
   algo = FedAvg(tiny_local, aggregator=AdaptiveClipping(0.5, 3, count_stddev=1.0))
-  _, state = algo.apply(algo.init(*tiny_params), tiny_data, np.array([0, 1, 3]), jax.random.PRNGKey(0))
+  state, _ = algo.apply(algo.init(*tiny_params), tiny_data, np.array([0, 1, 3]), jax.random.PRNGKey(0))
   ck = Checkpointer(str(tmp_path), {"run": 1})
   assert ck.maybe_save(state, final=True)
   restored = ck.restore(algo.init(*tiny_params))

@@ -5,6 +5,7 @@ optax transforms of the pseudo-gradient. Client side (:mod:`~fedjax_tl.algorithm
 term (Li et al. 2020), an optax transform chained before the client optimizer.
 """
 
+from fedjax_tl.algorithms.ditto import Ditto, DittoState
 from fedjax_tl.algorithms.fedopt import (
   SERVER_OPTIMIZERS,
   AdaptiveState,
@@ -16,6 +17,8 @@ from fedjax_tl.algorithms.fedopt import (
   server_optimizer,
 )
 from fedjax_tl.algorithms.fedprox import ProxState, fedprox, proximal_term
+from fedjax_tl.algorithms.scaffold import Scaffold
 
 __all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
-           "server_optimizer", "ProxState", "fedprox", "proximal_term"]
+           "server_optimizer", "ProxState", "fedprox", "proximal_term",
+           "Scaffold", "Ditto", "DittoState"]

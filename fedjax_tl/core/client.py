@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
+from fedjax_tl.core.hooks import Hooks
 from fedjax_tl.core.params import split_params
 from fedjax_tl.models.base import Model
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, Updates
@@ -43,13 +44,16 @@ class ClientState(NamedTuple):
   loss_sum: jax.Array  # sum over seen examples of the per-example loss
   correct: jax.Array  # number of correctly classified seen examples
   seen: jax.Array  # number of examples seen (with repetition over epochs)
+  steps: jax.Array = None  # int32 scalar: local steps taken (active steps only)
+  hook: Any = None  # (TrainContext, the hooks' local-training state) when the algorithm has hooks
 
 
 class ClientOutput(NamedTuple):
   delta: Updates  # client params - server params (trainable part)
   model_state: ModelState  # the client's final model state (e.g. batch_stats)
   num_examples: jax.Array  # float32 scalar, the aggregation weight
-  metrics: dict[str, jax.Array]  # scalars: loss, accuracy, num_examples, steps
+  metrics: dict[str, jax.Array]  # scalars: loss, accuracy, num_examples
+  message: Any = None  # what the algorithm's hooks send besides the delta (averaged like it), None if nothing
 
 
 def merge_params(trainable: Params, frozen: Params) -> Params:
@@ -92,6 +96,10 @@ class LocalTraining:
     personal: regex of params that are the client's own (set by ``FedAvg(local_params=...)``): ``init`` takes
       them from ``model_state["personal"]`` (the client's stored copy) and trains them with the rest; ``finish``
       returns them in ``model_state["personal"]`` and leaves them out of the delta, so they are never sent.
+    hooks: the algorithm's client-side hooks (set by ``FedAvg(hooks=...)``, :class:`~fedjax_tl.Hooks`): ``init``
+      takes the client's :class:`~fedjax_tl.TrainContext` from ``model_state["ctx"]``, ``step`` lets them change
+      the gradient, ``finish`` lets them change the delta, add a message and return the client's new persistent
+      state in ``model_state["client"]``.
   """
 
   model: Model
@@ -102,6 +110,7 @@ class LocalTraining:
   augment: Callable[[PRNGKey, jax.Array], jax.Array] | None = None
   norm_stats: str = "batch"
   personal: str | None = None
+  hooks: Hooks | None = None
 
   def __post_init__(self):
     if self.norm_stats not in ("batch", "frozen"):
@@ -132,10 +141,16 @@ class LocalTraining:
   # ---- pure pieces (traced) ----
   def init(self, params: Params, model_state: ModelState, key: PRNGKey, num_examples: jax.Array) -> ClientState:
     z = jnp.zeros((), jnp.float32)
-    if self.personal is not None:  # the client's own params join the broadcast ones
-      params, model_state = merge_params(params, model_state["personal"]), model_state["model"]
+    hook = None
+    if self.personal is not None or self.hooks is not None:
+      parts, model_state = model_state, model_state["model"]
+      if self.hooks is not None:  # the context sees what the client received (its own params excluded)
+        ctx = parts["ctx"]._replace(global_params=params)
+        hook = (ctx, self.hooks.start(ctx))
+      if self.personal is not None:  # the client's own params join the broadcast ones
+        params = merge_params(params, parts["personal"])
     return ClientState(params, self.optimizer.init(params), model_state, key,
-                       jnp.asarray(num_examples, jnp.int32), z, z, z)
+                       jnp.asarray(num_examples, jnp.int32), z, z, z, jnp.zeros((), jnp.int32), hook)
 
   def batch(self, state: ClientState, t: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Example indices [B], row mask [B] and whether step ``t`` is active, for one client."""
@@ -173,9 +188,14 @@ class LocalTraining:
       return mean, (new_model_state, loss_sum, correct, count)
 
     grads, (new_ms, loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+    hook = state.hook
+    if self.hooks is not None:
+      ctx, hook_state = hook
+      grads, new_hook_state = self.hooks.grads(grads, state.params, hook_state, ctx, t)
+      hook = (ctx, keep(new_hook_state, hook_state))
     updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
     return ClientState(
         params=keep(new_params, state.params),
         opt_state=keep(new_opt, state.opt_state),
@@ -185,18 +205,26 @@ class LocalTraining:
         loss_sum=state.loss_sum + loss_sum,
         correct=state.correct + correct,
         seen=state.seen + count,
+        steps=state.steps + active.astype(jnp.int32),
+        hook=hook,
     )
 
   def finish(self, state: ClientState, server_params: Params) -> ClientOutput:
     params, model_state = state.params, state.model_state
+    parts = {"model": model_state}
     if self.personal is not None:  # kept by the client, never sent
-      personal, params = split_params(params, self.personal)
-      model_state = {"model": model_state, "personal": personal}
+      parts["personal"], params = split_params(params, self.personal)
     delta = jax.tree.map(lambda c, s: (c - s).astype(s.dtype), params, server_params)
+    message = None
+    if self.hooks is not None:
+      ctx, hook_state = state.hook
+      delta, message, parts["client"] = self.hooks.finish(delta, params, hook_state, ctx, state.steps)
+    if len(parts) > 1:
+      model_state = parts
     seen = jnp.maximum(state.seen, 1.0)
     n = state.num_examples.astype(jnp.float32)
     metrics = {"loss": state.loss_sum / seen, "accuracy": state.correct / seen, "num_examples": n}
-    return ClientOutput(delta, model_state, n, metrics)
+    return ClientOutput(delta, model_state, n, metrics, message)
 
 
 # Client optimizers by name (the experiments' --client_optimizer): name -> (learning rate -> optax optimizer).

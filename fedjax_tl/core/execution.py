@@ -202,6 +202,7 @@ class RoundSums(NamedTuple):
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
   client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
   client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
+  message_sum: Any = None  # sum_i w_i * message_i: what the algorithm's hooks send besides the delta
 
 
 def _zeros_like(tree: PyTree) -> PyTree:
@@ -309,12 +310,14 @@ class CohortRunner:
       out, carry = jax.vmap(self.postprocess, (0, 0, ctx_axes))(out, carry, ctx)
     client_states = out.model_state if self.per_client_state else None
     sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
-                     out.num_examples.sum(), out.metrics, client_states, carry)
+                     out.num_examples.sum(), out.metrics, client_states, carry,
+                     _weighted_sum(out.message, out.num_examples))
     if acc is None:
       return sums
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     return RoundSums(add(acc.delta_sum, sums.delta_sum), add(acc.state_sum, sums.state_sum),
-                     acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states, carry)
+                     acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states, carry,
+                     add(acc.message_sum, sums.message_sum))
 
   def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples):
     states = jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
@@ -352,8 +355,9 @@ class CohortRunner:
     # aggregation), so take them from an abstract evaluation of one chunk.
     first = jax.tree.map(lambda a: a[0], chunked)
     shapes = jax.eval_shape(lambda ch: chunk_sums(None, ch), first)
-    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes.delta_sum, shapes.state_sum, shapes.weight_sum))
-    zero = RoundSums(*zero, None)
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                        (shapes.delta_sum, shapes.state_sum, shapes.weight_sum, shapes.message_sum))
+    zero = RoundSums(*zero[:3], None, message_sum=zero[3])
 
     def body(acc, chunk):
       sums = chunk_sums(acc, chunk)

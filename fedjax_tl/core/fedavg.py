@@ -31,6 +31,7 @@ from fedjax_tl.core.execution import (
   Schedule,
   default_schedule,
 )
+from fedjax_tl.core.hooks import Hooks, TrainContext, tree_bits
 from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
@@ -52,6 +53,8 @@ class ServerState(NamedTuple):
   server_transform_state: Any = None  # stateful server_transform's state
   aggregator_state: Any = None  # the aggregator's server state (e.g. adaptive clipping's clip norm)
   client_params: Params = None  # local_params: every client's own params, [num_clients, ...]
+  algorithm_state: Any = None  # the hooks' server state (Hooks.server_init)
+  algorithm_clients: Any = None  # the hooks' per-client persistent state, [num_clients, ...] (Hooks.client_init)
 
   def full_params(self) -> Params:
     """The global model (without the clients' own params when there are local_params)."""
@@ -119,9 +122,6 @@ class _ClientPostprocess:
 _PLAIN_SERVER = optax.sgd(1.0)  # one object, so that FedAvg(local) == FedAvg(local) (and they share programs)
 
 
-_PLAIN_SERVER = optax.sgd(1.0)  # one object, so that FedAvg(local) == FedAvg(local) (and they share programs)
-
-
 @dataclasses.dataclass(frozen=True)
 class FedAvg:
   """Federated averaging.
@@ -167,6 +167,11 @@ class FedAvg:
     mesh: optional ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its
       devices (one-program schedules, e.g. "vmap" or "chunked:K" with K a multiple of the device count).
       See :func:`client_mesh`.
+    hooks: the algorithm's extension points (:class:`~fedjax_tl.Hooks`): its server state, what it broadcasts,
+      a gradient hook per local step, what each client sends besides its delta, a per-client persistent state
+      (in ``ServerState.algorithm_clients``; needs ``num_clients`` in init) and a server step before the server
+      optimizer. SCAFFOLD, FedDyn and FedNova are hooks (:mod:`fedjax_tl.algorithms`). Their messages are
+      averaged in the clear, so they combine with ``Mean()``/``UniformMean()`` aggregators only.
   """
 
   local: LocalTraining
@@ -182,6 +187,7 @@ class FedAvg:
   memory_budget: int | None = None
   aggregator: Aggregator = Mean()
   local_params: str | None = None
+  hooks: Hooks | None = None
 
   def __post_init__(self):
     if self.postprocess is not None and (self.client_transform is not None or self.aggregator != Mean()):
@@ -198,6 +204,10 @@ class FedAvg:
       object.__setattr__(self, "local", dataclasses.replace(self.local, norm_stats="frozen"))
     if self.local_params is not None:
       object.__setattr__(self, "local", dataclasses.replace(self.local, personal=self.local_params))
+    if self.hooks is not None:
+      if not isinstance(self.hooks, Hooks):
+        raise TypeError(f"hooks must be a fedjax_tl.Hooks (subclass) instance, got {type(self.hooks).__name__}.")
+      object.__setattr__(self, "local", dataclasses.replace(self.local, hooks=self.hooks))
     # Not fields: the runner per pad size (their compiled programs are shared by equal configurations) and the
     # model's number of outputs (for the label check).
     object.__setattr__(self, "_runners", {})
@@ -208,7 +218,7 @@ class FedAvg:
       post = self.postprocess
       if post is None and (self.client_transform is not None or self.aggregator != Mean()):
         post = _ClientPostprocess(self.client_transform, self.aggregator)  # (plain FedAvg's encoding is identity)
-      per_client = self.model_state == "local" or self.local_params is not None
+      per_client = self.model_state == "local" or self.local_params is not None or self.hooks is not None
       self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post,
                                              per_client_state=per_client, mesh=self.mesh)
     return self._runners[pad_size]
@@ -245,9 +255,38 @@ class FedAvg:
       if not num_clients:
         raise ValueError('model_state="local" keeps a state per client: pass num_clients to init().')
       client_states = store.population(model_state, num_clients)
-    return ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
-                       jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state,
-                       self.aggregator.init(trainable), client_params)
+    algorithm_state = algorithm_clients = None
+    if self.hooks is not None:
+      algorithm_state = self.hooks.server_init(trainable)
+      one = self.hooks.client_init(trainable)
+      if jax.tree.leaves(one):
+        if not num_clients:
+          raise ValueError(f"{type(self.hooks).__name__} keeps a state per client: pass num_clients to init().")
+        algorithm_clients = store.population(one, num_clients)
+    state = ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
+                        jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state,
+                        self.aggregator.init(trainable), client_params, algorithm_state, algorithm_clients)
+    if self.hooks is not None and jax.tree.leaves(self._message_shape(state)) and (
+        self.postprocess is not None or not isinstance(self.aggregator, Mean)):
+      raise ValueError(f"{type(self.hooks).__name__} sends a message besides the delta, which is averaged in the "
+                       f"clear: {type(self.aggregator).__name__ if self.postprocess is None else 'postprocess'} "
+                       "would not cover it. Use aggregator=Mean() or UniformMean().")
+    return state
+
+  def _one_client_state(self, state: ServerState) -> Any:
+    if state.algorithm_clients is None:
+      return self.hooks.client_init(state.params)
+    return jax.tree.map(lambda a: a[0], state.algorithm_clients)
+
+  def _message_shape(self, state: ServerState) -> Any:
+    """The shapes of what one client's hooks send besides the delta (None if nothing)."""
+    h = self.hooks
+
+    def message(params, algorithm_state, client_state):
+      ctx = TrainContext(params, h.broadcast(algorithm_state, params), client_state, jnp.int32(0), jnp.int32(0))
+      return h.finish(params, params, h.start(ctx), ctx, jnp.int32(1))[1]
+
+    return jax.eval_shape(message, state.params, state.algorithm_state, self._one_client_state(state))
 
   def _check_labels(self, data: FederatedData) -> None:
     """Raises if ``data`` has labels the model has no logit for (they would give NaN losses, reported later as
@@ -269,7 +308,12 @@ class FedAvg:
     up = self.aggregator.bits(state.params)
     if up is None:
       up = encoded_bits(self.client_transform, state.params)
-    return down, up + extra
+    up += extra
+    if self.hooks is not None:
+      h = self.hooks
+      down += h.broadcast_bits(jax.eval_shape(h.broadcast, state.algorithm_state, state.params))
+      up += tree_bits(self._message_shape(state))
+    return down, up
 
   def communication_bytes(self, state: ServerState) -> tuple[int, int]:
     """(bytes down, bytes up) per client per round: the bits rounded up to whole bytes."""
@@ -282,8 +326,12 @@ class FedAvg:
     return self.downlink.apply(params, self.downlink.init(params), key)[0]
 
   @functools.partial(jax.jit, static_argnums=0)
+  def _hook_broadcast(self, algorithm_state: Any, params: Params) -> Any:
+    return self.hooks.broadcast(algorithm_state, params)
+
+  @functools.partial(jax.jit, static_argnums=(0, 5))
   def _server_update(self, state: ServerState, sums: RoundSums, key: PRNGKey,
-                     real: jax.Array) -> tuple[ServerState, dict]:
+                     real: jax.Array, num_clients: int) -> tuple[ServerState, dict]:
     mean_delta, agg_state, agg_metrics = self.aggregator.decode(
         sums.delta_sum, sums.weight_sum, state.aggregator_state, sums.client_metrics, real,
         keys.server(key, "aggregator"))
@@ -294,6 +342,13 @@ class FedAvg:
       mean_delta, new_ts = t.apply(mean_delta, t.init(mean_delta) if server_ts is None else server_ts,
                                    keys.server(key, "server_transform"))
       server_ts = None if server_ts is None else new_ts
+    algorithm_state = state.algorithm_state
+    if self.hooks is not None:
+      mean_message = jax.tree.map(lambda s: s / jnp.maximum(sums.weight_sum, 1e-12), sums.message_sum)
+      mean_delta, algorithm_state = self.hooks.server_update(algorithm_state, mean_delta, mean_message,
+                                                             real.sum().astype(jnp.int32), num_clients,
+                                                             sums.client_metrics)
+      mean_delta = jax.tree.map(lambda d, p: d.astype(p.dtype), mean_delta, state.params)
     updates, opt_state = self.server_optimizer.update(pseudo_gradient(mean_delta), state.opt_state,
                                                       state.params)
     params = optax.apply_updates(state.params, updates)
@@ -302,20 +357,32 @@ class FedAvg:
       total = jnp.maximum(sums.weight_sum, 1e-12)
       model_state = jax.tree.map(lambda s, m: (s / total).astype(m.dtype), sums.state_sum, state.model_state)
     return state._replace(params=params, model_state=model_state, opt_state=opt_state, round=state.round + 1,
-                          server_transform_state=server_ts, aggregator_state=agg_state), agg_metrics
+                          server_transform_state=server_ts, aggregator_state=agg_state,
+                          algorithm_state=algorithm_state), agg_metrics
 
-  def _cohort_model_state(self, state: ServerState, rows: jax.Array, num_clients: int) -> Any:
-    """What the runner gets as model state: shared, or per client ([C, ...]: FedBN's own statistics and/or the
-    clients' own params under ``{"model", "personal"}``)."""
+  def _cohort_model_state(self, state: ServerState, rows: jax.Array, num_clients: int,
+                          client_ids: jax.Array | None = None) -> Any:
+    """What the runner gets as model state: shared, or per client ([C, ...]: FedBN's own statistics, and under
+    ``{"model", "personal", "ctx"}`` the clients' own params and their hooks' context)."""
+    c = rows.shape[0]
+    per_client = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (c, *jnp.shape(a))), tree)  # noqa: E731
     if self.model_state == "local":
       ms = store.gather(state.client_states, rows, num_clients, "client states")
-    elif self.local_params is not None:
-      ms = jax.tree.map(lambda a: jnp.broadcast_to(a, (rows.shape[0], *a.shape)), state.model_state)
+    elif self.local_params is not None or self.hooks is not None:
+      ms = per_client(state.model_state)
     else:
       return state.model_state
-    if self.local_params is None:
+    if self.local_params is None and self.hooks is None:
       return ms
-    return {"model": ms, "personal": store.gather(state.client_params, rows, num_clients, "clients' own params")}
+    parts = {"model": ms}
+    if self.local_params is not None:
+      parts["personal"] = store.gather(state.client_params, rows, num_clients, "clients' own params")
+    if self.hooks is not None:
+      own = store.gather(state.algorithm_clients, rows, num_clients, "algorithm client states")
+      sent = per_client(self._hook_broadcast(state.algorithm_state, state.params))
+      ids = rows if client_ids is None else client_ids
+      parts["ctx"] = TrainContext(None, sent, own, ids.astype(jnp.int32), per_client(state.round))
+    return parts
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[ServerState, dict]:
@@ -329,7 +396,7 @@ class FedAvg:
     n = len(client_ids)
     cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(n))
     rows, ids = jnp.maximum(cohort.client_ids, 0), jnp.asarray(client_ids)
-    model_state = self._cohort_model_state(state, rows, data.num_clients)
+    model_state = self._cohort_model_state(state, rows, data.num_clients, cohort.client_ids)
     carry = store.gather(state.transform_states, rows, data.num_clients, "client transform states")
     params = state.params
     if self.downlink is not None:  # what the clients receive and train from
@@ -338,9 +405,10 @@ class FedAvg:
     shared, host = agg.setup(state.aggregator_state, n, cohort.size, float(data.pad_size), round_key)
     sums = runner(params, state.frozen, model_state, data.x, data.y, cohort, round_key, carry,
                   (state.aggregator_state, shared))
-    own = None
-    if self.local_params is not None:  # the clients' own params came back with their model states
-      own = sums.client_states["personal"]
+    own = algo_clients = None
+    if self.local_params is not None or self.hooks is not None:  # came back with the clients' model states
+      own = sums.client_states.get("personal")
+      algo_clients = sums.client_states.get("client")
       sums = sums._replace(state_sum=sums.state_sum["model"], client_states=sums.client_states["model"])
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
     info = dict(info)
@@ -351,11 +419,13 @@ class FedAvg:
     else:
       real = (cohort.client_ids >= 0).astype(jnp.float32)
       new_state, agg_metrics = self._server_update(state, sums._replace(delta_sum=total, weight_sum=weight_sum),
-                                                   round_key, real)
+                                                   round_key, real, data.num_clients)
     if self.model_state == "local":
       new_state = new_state._replace(client_states=store.scatter(state.client_states, ids, sums.client_states))
     if own is not None:
       new_state = new_state._replace(client_params=store.scatter(state.client_params, ids, own))
+    if state.algorithm_clients is not None:
+      new_state = new_state._replace(algorithm_clients=store.scatter(state.algorithm_clients, ids, algo_clients))
     if carry is not None:
       new_state = new_state._replace(transform_states=store.scatter(state.transform_states, ids, sums.client_carry))
     cm = sums.client_metrics
