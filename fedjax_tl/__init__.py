@@ -104,6 +104,11 @@ _EXPORTS = {
     "proximal_term": "fedjax_tl.algorithms.fedprox",
     "Scaffold": "fedjax_tl.algorithms.scaffold",
     "Ditto": "fedjax_tl.algorithms.ditto",
+    "FedDyn": "fedjax_tl.algorithms.feddyn",
+    "FedNova": "fedjax_tl.algorithms.fednova",
+    "fedper": "fedjax_tl.algorithms.personal",
+    "fedrep": "fedjax_tl.algorithms.personal",
+    "fedbn": "fedjax_tl.algorithms.personal",
     # smaller models: pruning and int8 quantization (qwix), after and during federated training
     "compress": "fedjax_tl.compress",
     "magnitude_mask": "fedjax_tl.compress.pruning",

@@ -6,6 +6,9 @@ term (Li et al. 2020), an optax transform chained before the client optimizer.
 """
 
 from fedjax_tl.algorithms.ditto import Ditto, DittoState
+from fedjax_tl.algorithms.feddyn import FedDyn
+from fedjax_tl.algorithms.fednova import FedNova
+from fedjax_tl.algorithms.personal import BN_PARAMS, HeadThenBody, fedbn, fedper, fedrep
 from fedjax_tl.algorithms.fedopt import (
   SERVER_OPTIMIZERS,
   AdaptiveState,
@@ -21,4 +24,5 @@ from fedjax_tl.algorithms.scaffold import Scaffold
 
 __all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
            "server_optimizer", "ProxState", "fedprox", "proximal_term",
-           "Scaffold", "Ditto", "DittoState"]
+           "Scaffold", "Ditto", "DittoState",
+           "FedDyn", "FedNova", "fedper", "fedrep", "fedbn", "HeadThenBody", "BN_PARAMS"]
