@@ -1,14 +1,17 @@
-"""Named federated algorithms built from FedAvg's pieces.
+"""Named federated algorithms, each a short module on the public API (FedAvg's pieces and fedjax_tl.Hooks).
 
-Server side (:mod:`~fedjax_tl.algorithms.fedopt`): FedAvgM, FedAdagrad, FedAdam, FedYogi (Reddi et al. 2021),
-optax transforms of the pseudo-gradient. Client side (:mod:`~fedjax_tl.algorithms.fedprox`): FedProx's proximal
-term (Li et al. 2020), an optax transform chained before the client optimizer.
+Server optimizers (:mod:`~fedjax_tl.algorithms.fedopt`): FedAvgM, FedAdagrad, FedAdam, FedYogi (Reddi et al. 2021),
+optax transforms of the pseudo-gradient. Client objective: FedProx (:mod:`~fedjax_tl.algorithms.fedprox`, Li et al.
+2020), an optax transform chained before the client optimizer. Drift correction, as :class:`~fedjax_tl.Hooks`:
+SCAFFOLD (:mod:`~fedjax_tl.algorithms.scaffold`, Karimireddy et al. 2020), FedDyn
+(:mod:`~fedjax_tl.algorithms.feddyn`, Acar et al. 2021), FedNova (:mod:`~fedjax_tl.algorithms.fednova`, Wang et al.
+2020). Personalization: FedPer, FedRep, FedBN (:mod:`~fedjax_tl.algorithms.personal`) and Ditto
+(:mod:`~fedjax_tl.algorithms.ditto`, Li et al. 2021).
 """
 
 from fedjax_tl.algorithms.ditto import Ditto, DittoState
 from fedjax_tl.algorithms.feddyn import FedDyn
 from fedjax_tl.algorithms.fednova import FedNova
-from fedjax_tl.algorithms.personal import BN_PARAMS, HeadThenBody, fedbn, fedper, fedrep
 from fedjax_tl.algorithms.fedopt import (
   SERVER_OPTIMIZERS,
   AdaptiveState,
@@ -20,6 +23,7 @@ from fedjax_tl.algorithms.fedopt import (
   server_optimizer,
 )
 from fedjax_tl.algorithms.fedprox import ProxState, fedprox, proximal_term
+from fedjax_tl.algorithms.personal import BN_PARAMS, HeadThenBody, fedbn, fedper, fedrep
 from fedjax_tl.algorithms.scaffold import Scaffold
 
 __all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
