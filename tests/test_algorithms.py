@@ -161,3 +161,47 @@ def test_digits_algorithm_flags(tiny_local):
       digits.validate(dataclasses.replace(cfg, **bad))
   summary = digits.run(dataclasses.replace(adam, rounds=1, pretrain_epochs=1), log=lambda *_: None)
   assert all(0.0 <= a <= 1.0 for a in summary["final_test_accuracy"].values())
+
+
+def test_experiment_algorithm_flags_build_each_algorithm_and_refuse_bad_combinations(tiny_local):
+  from fedjax_tl.experiments import algorithms as flags
+  from fedjax_tl.experiments import digits
+  from fedjax_tl.experiments.common import ConfigError
+
+  cfg = digits.PRESETS["smoke"]
+  built = {a: flags.algorithm_kwargs(dataclasses.replace(cfg, algorithm=a), tiny_local) for a in flags.ALGORITHMS}
+  assert built["scaffold"]["hooks"] == ftl.Scaffold(cfg.client_lr)
+  assert built["feddyn"]["hooks"] == ftl.FedDyn(cfg.dyn_alpha)
+  assert built["fednova"]["hooks"] == ftl.FedNova()
+  assert built["fedper"]["local_params"] == "^head" and "hooks" not in built["fedper"]
+  assert built["fedrep"]["hooks"] == ftl.algorithms.HeadThenBody("^head", cfg.head_steps)
+  assert built["fedbn"]["model_state"] == "local"
+  assert isinstance(flags.make_algorithm(dataclasses.replace(cfg, algorithm="ditto"), built["ditto"]), ftl.Ditto)
+  bad = [(dict(algorithm="scaffold", client_optimizer="adam"), "client_optimizer=sgd"),
+         (dict(algorithm="fedbn"), "no BatchNorm"),
+         (dict(algorithm="fedavg", dyn_alpha=0.5), "--dyn_alpha=0.5 is for --algorithm=feddyn"),
+         (dict(algorithm="fedrep", ditto_lambda=1.0), "--ditto_lambda"),
+         (dict(algorithm="scaffold", dp_clip=1.0, dp_noise_multiplier=1.0), "in the clear"),
+         (dict(algorithm="ditto", compress="int8"), "does not combine"),
+         (dict(finetune_steps=3), "--personal_eval"),
+         (dict(personal_eval=True, personal_fraction=1.0), "--personal_fraction")]
+  for kw, msg in bad:
+    with pytest.raises(ConfigError, match=msg):
+      digits.validate(dataclasses.replace(cfg, **kw))
+
+
+def test_digits_ditto_reports_personalized_accuracy_every_round(tmp_path):
+  from fedjax_tl.experiments import digits
+
+  cfg = dataclasses.replace(digits.PRESETS["smoke"], algorithm="ditto", rounds=2, pretrain_epochs=1,
+                            trainable="head", workdir=str(tmp_path))
+  summary = digits.run(cfg, log=lambda *_: None)
+  personal = summary["final_personal_accuracy"]
+  assert set(personal) == set(summary["final_test_accuracy"])
+  for v in personal.values():
+    assert all(0.0 <= v[k] <= 1.0 for k in ("weighted_mean", "mean", "p10"))
+  import json
+
+  history = json.loads((tmp_path / "results.json").read_text())["history"]["pretrained"]
+  assert [h["round"] for h in history] == [1, 2]
+  assert all("test_personal_accuracy_p10" in h and "test_accuracy" in h for h in history)

@@ -35,6 +35,11 @@ class DittoState(NamedTuple):
   def round(self):
     return self.server.round
 
+  @property
+  def model_state(self):
+    """The global model's state (e.g. BatchNorm statistics)."""
+    return self.server.model_state
+
   def full_params(self):
     """The global model."""
     return self.server.full_params()
@@ -89,6 +94,7 @@ class Ditto:
     object.__setattr__(self, "_personal", ftl.FedAvg(self.personal_local or self.local, schedule=self.schedule,
                                                      trainable=self.trainable, model_state=personal_ms,
                                                      local_params=".*", hooks=_ProximalToGlobal(self.lam)))
+    object.__setattr__(self, "schedule", self._global.schedule)  # "auto" resolved, as FedAvg's
 
   def init(self, params, model_state=None, num_clients: int | None = None) -> DittoState:
     if not num_clients:

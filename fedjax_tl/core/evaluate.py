@@ -196,7 +196,7 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
       raise ValueError("finetune > 0 needs local (the clients' LocalTraining) and train (their training data).")
     if train.num_clients != num_clients:
       raise ValueError(f"train has {train.num_clients} clients but test has {num_clients}.")
-    local = dataclasses.replace(local, epochs=None, steps=finetune, personal=None)
+    local = dataclasses.replace(local, epochs=None, steps=finetune, personal=None, hooks=None)
   else:
     local, train, trainable = None, test, None
   key = jax.random.PRNGKey(0) if key is None else key

@@ -57,8 +57,13 @@ class ServerState(NamedTuple):
   algorithm_clients: Any = None  # the hooks' per-client persistent state, [num_clients, ...] (Hooks.client_init)
 
   def full_params(self) -> Params:
-    """The global model (without the clients' own params when there are local_params)."""
-    return merge_params(self.params, self.frozen)
+    """The global model. With ``local_params`` (FedPer, FedRep, FedBN) it has no parameters of its own for
+    those layers: they are the mean over the population of the clients' own (for evaluating one global model
+    on a shared test set; each client's model is :meth:`client_full_params`)."""
+    params = self.params
+    if self.client_params is not None:
+      params = merge_params(params, jax.tree.map(lambda a: a.mean(0), self.client_params))
+    return merge_params(params, self.frozen)
 
   def client_full_params(self, client_id: int) -> Params:
     """Client ``client_id``'s model: the global params with its own local params."""

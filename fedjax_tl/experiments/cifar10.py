@@ -16,6 +16,7 @@ Presets (override any field with --field=value):
     python -m fedjax_tl.experiments.cifar10 --preset=noniid --bn=frozen --dp_clip=1.0 --dp_epsilon=8
     python -m fedjax_tl.experiments.cifar10 --image_size=224 --dtype=bfloat16      # mixed precision on GPU/TPU
     python -m fedjax_tl.experiments.cifar10 --preset=smoke --prune=0.5 --quantize=int8_qat   # smaller models
+    python -m fedjax_tl.experiments.cifar10 --preset=noniid --algorithm=fedbn      # or scaffold, ditto, ...
 
 Offline: pass the Keras weights file with --weights_path (or $FEDJAX_TL_RESNET50_WEIGHTS) and a prepared
 tfds directory with --data_dir; otherwise the run stops at the first download with a message saying so.
@@ -32,15 +33,22 @@ import time
 
 import jax
 import numpy as np
-import optax
 
 from fedjax_tl.compress.flags import CompressFlags, compress_report, compress_setup
 from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer
 from fedjax_tl.core.evaluate import evaluate
-from fedjax_tl.core.fedavg import MODEL_STATE_MODES, FedAvg
+from fedjax_tl.core.fedavg import MODEL_STATE_MODES
 from fedjax_tl.data import augment, partition
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.data.sources import load_tfds
+from fedjax_tl.experiments.algorithms import (
+  PERSONALIZED,
+  AlgorithmFlags,
+  algorithm_kwargs,
+  make_algorithm,
+  personal_eval,
+  validate_algorithm,
+)
 from fedjax_tl.experiments.common import (
   DTYPES,
   ConfigError,
@@ -65,7 +73,7 @@ BACKBONES = {"resnet18": resnet.ResNet18, "resnet34": resnet.ResNet34, "resnet50
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TransformFlags, CompressFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*; quantize, prune*
+class Config(AlgorithmFlags, TransformFlags, CompressFlags):  # + algorithm and its flags; compress, dp_*, ...
   seed: int = 0
   # data
   dataset: str = "cifar10"
@@ -152,6 +160,7 @@ def validate(cfg: Config) -> None:
   check(not cfg.weights_path or os.path.isfile(cfg.weights_path),
         f"--weights_path={cfg.weights_path} does not exist.")
   validate_common(cfg, OPTIMIZERS)
+  validate_algorithm(cfg, has_batch_norm=cfg.norm == "batch" or cfg.weights == "timm")
   check(_installed("tensorflow_datasets"),
         f"the {cfg.dataset!r} data come from tensorflow-datasets, which is not installed: {TFDS_HINT} (the tfds "
         "extra).")
@@ -232,20 +241,30 @@ def run(cfg: Config, log=print) -> dict:
   except ValueError as e:
     raise ConfigError(f"--partition={cfg.partition}, --num_clients={cfg.num_clients}: {e}") from None
   data = FederatedData.from_partition(train, parts)
+  personal = cfg.personal_eval or cfg.algorithm in PERSONALIZED
+  held = None
+  if personal:  # every client holds out part of its own examples for its personalized accuracy
+    data, held = data.split_clients(cfg.personal_fraction, cfg.seed)
   local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)
   transform_kwargs, round_metrics = transform_setup(cfg, data.num_clients, log)
-  transform_kwargs, pruning = compress_setup(cfg, {"local": local, "server_optimizer": optax.sgd(cfg.server_lr),
-                                                   **transform_kwargs}, log)
+  transform_kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local), **transform_kwargs}, log)
   params = pruning.prune(params) if pruning is not None else params
-  algo = FedAvg(schedule=cfg.schedule, trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn,
-                **fedavg_kwargs(transform_kwargs))
+  algo = make_algorithm(cfg, fedavg_kwargs(transform_kwargs), schedule=cfg.schedule,
+                        trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn)
   server = algo.init(params, state, num_clients=data.num_clients)
   down, up = algo.communication_bytes(server)
-  log(f"strategy={cfg.strategy} bn={cfg.bn} schedule={algo.schedule}: {up / 1e6:.2f} MB up and "
+  log(f"algorithm={cfg.algorithm} strategy={cfg.strategy} bn={cfg.bn} schedule={algo.schedule}: "
+      f"{up / 1e6:.2f} MB up and "
       f"{down / 1e6:.2f} MB down per client per round")
   test_x, test_y = test.x, test.y
-  eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test_x, test_y, cfg.eval_batch_size)
+  per_client = personal_eval(cfg, model, transform_kwargs["local"], data, held, cfg.eval_batch_size) if personal \
+      else None
+
+  def eval_fn(s):
+    out = evaluate(model, s.full_params(), s.model_state, test_x, test_y, cfg.eval_batch_size)
+    return out if per_client is None else {**out, **per_client(s)}
+
   header = ["round", "train_loss", "train_acc", "test_acc", "MB_up", "wall_s", "examples/s"]
   log("  ".join(header))
 
@@ -264,6 +283,12 @@ def run(cfg: Config, log=print) -> dict:
              "mb_up_total": history[-1]["mb_up_total"], "mb_down_total": history[-1]["mb_down_total"],
              "mean_examples_per_s": float(np.mean([h["examples_per_s"] for h in history[1:] or history]))}
   log(f"final test accuracy {final:.4f} after {cfg.rounds} rounds ({summary['seconds']:.1f}s)")
+  if personal:
+    last = history[-1]
+    summary["final_personal_accuracy"] = {k: last[f"test_personal_accuracy{s}"]
+                                          for k, s in (("weighted_mean", ""), ("mean", "_mean"), ("p10", "_p10"))}
+    log(f"personalized accuracy ({cfg.algorithm}; clients' own held-out examples): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in summary["final_personal_accuracy"].items()))
   if cfg.quantize != "none" or cfg.prune > 0:
     rows = compress_report(cfg, model, server.full_params(), server.model_state, test_x, test_y)
     log("compressed model:\n" + format_table(list(rows[0]), [list(r.values()) for r in rows]))

@@ -13,6 +13,8 @@ scratch, with the same rounds, clients, keys and seed. Prints a per-round table 
     python -m fedjax_tl.experiments.digits --prune=0.9 --quantize=int8   # 90% sparse during FL, int8 at the end
     python -m fedjax_tl.experiments.digits --algorithm=fedadam --server_lr=0.01  # Reddi et al. 2021
     python -m fedjax_tl.experiments.digits --algorithm=fedprox --prox_mu=0.1     # Li et al. 2020
+    python -m fedjax_tl.experiments.digits --algorithm=scaffold --alpha=0.1      # Karimireddy et al. 2020
+    python -m fedjax_tl.experiments.digits --algorithm=ditto --ditto_lambda=0.1  # personalized accuracy too
 """
 
 from __future__ import annotations
@@ -27,8 +29,6 @@ import jax
 import numpy as np
 import optax
 
-from fedjax_tl.algorithms.fedopt import SERVER_OPTIMIZERS, server_optimizer
-from fedjax_tl.algorithms.fedprox import fedprox
 from fedjax_tl.compress.flags import CompressFlags, compress_report, compress_setup
 from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer  # noqa: F401 (re-exported)
 from fedjax_tl.core.evaluate import evaluate
@@ -37,6 +37,15 @@ from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import Dataset, FederatedData
 from fedjax_tl.data.sources import load_digits, split_by_labels, train_test_split
+from fedjax_tl.experiments.algorithms import (  # noqa: F401 (ALGORITHMS, algorithm_kwargs: digits.* for scripts)
+  ALGORITHMS,
+  PERSONALIZED,
+  AlgorithmFlags,
+  algorithm_kwargs,
+  make_algorithm,
+  personal_eval,
+  validate_algorithm,
+)
 from fedjax_tl.experiments.common import (
   ConfigError,
   TransformFlags,
@@ -58,7 +67,7 @@ from fedjax_tl.models.cnn import CNN
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(TransformFlags, CompressFlags):  # + compress, downlink, dp_*, secure_agg, secagg_*; quantize, prune*
+class Config(AlgorithmFlags, TransformFlags, CompressFlags):  # + algorithm and its flags; compress, dp_*, ...
   seed: int = 0
   # source task (central pretraining)
   source_labels: str = "0,1,2,3,4"
@@ -78,8 +87,6 @@ class Config(TransformFlags, CompressFlags):  # + compress, downlink, dp_*, secu
   client_lr: float = 0.05
   client_optimizer: str = "sgd"
   server_lr: float = 1.0  # e.g. 0.01 for the adaptive algorithms
-  algorithm: str = "fedavg"  # one of ALGORITHMS: the server optimizer, or FedProx's client side
-  prox_mu: float = 0.01  # FedProx's proximal strength (--algorithm=fedprox only)
   trainable: str | None = None  # regex of trainable params, e.g. "head" (linear probe); None = all
   schedule: str = "auto"
   target_accuracy: float = 0.7  # reported: the first round each run reaches this test accuracy
@@ -98,7 +105,6 @@ PRESETS = {
 }
 
 NUM_DIGITS = 10
-ALGORITHMS = (*SERVER_OPTIMIZERS, "fedprox")  # fedprox: FedProx clients, plain FedAvg server (SGD at server_lr)
 RUN_DIRS = ("", "pretrained", "scratch")  # what --workdir holds: results.json, one run directory per init
 
 
@@ -120,10 +126,7 @@ def validate(cfg: Config) -> None:
   validate_common(cfg, OPTIMIZERS)
   _labels(cfg, "source_labels")
   _labels(cfg, "target_labels")
-  check(cfg.algorithm in ALGORITHMS, f"--algorithm={cfg.algorithm!r} is unknown; choose one of {ALGORITHMS}.")
-  check(cfg.prox_mu >= 0, f"--prox_mu must be >= 0, got {cfg.prox_mu}.")
-  check(cfg.algorithm == "fedprox" or cfg.prox_mu == Config.prox_mu,
-        f"--prox_mu={cfg.prox_mu} is for --algorithm=fedprox (got --algorithm={cfg.algorithm}).")
+  validate_algorithm(cfg, has_batch_norm=False)
   check(cfg.pretrain_epochs >= 1, f"--pretrain_epochs must be a positive integer, got {cfg.pretrain_epochs}.")
   check(cfg.pretrain_lr > 0, f"--pretrain_lr must be > 0, got {cfg.pretrain_lr}.")
   check(0 < cfg.test_fraction < 1, f"--test_fraction must be in (0, 1), got {cfg.test_fraction}.")
@@ -142,15 +145,6 @@ def validate(cfg: Config) -> None:
 
 def make_model(cfg: Config, num_classes: int) -> Model:
   return Model(CNN(num_classes=num_classes, features=tuple(_ints(cfg.features)), hidden=cfg.hidden), (8, 8, 1))
-
-
-def algorithm_kwargs(cfg: Config, local: LocalTraining) -> dict:
-  """FedAvg's ``local`` and ``server_optimizer`` for ``--algorithm`` (with ``--server_lr``, ``--prox_mu``)."""
-  if cfg.algorithm == "fedprox":
-    return {"local": fedprox(local, cfg.prox_mu), "server_optimizer": optax.sgd(cfg.server_lr)}
-  if cfg.algorithm == "fedavg":
-    return {"local": local, "server_optimizer": optax.sgd(cfg.server_lr)}
-  return {"local": local, "server_optimizer": server_optimizer(cfg.algorithm, cfg.server_lr)}
 
 
 def pretrain(cfg: Config, source: Dataset) -> dict:
@@ -185,6 +179,10 @@ def run(cfg: Config, log=print) -> dict:
       f"({time.perf_counter() - t_start:.1f}s)")
 
   data = FederatedData.from_partition(train, parts)
+  personal = cfg.personal_eval or cfg.algorithm in PERSONALIZED
+  held = None
+  if personal:  # every client holds out part of its own examples for its personalized accuracy
+    data, held = data.split_clients(cfg.personal_fraction, cfg.seed)
   model = make_model(cfg, target.num_classes)
   fresh, state = model.init(jax.random.PRNGKey(cfg.seed + 1))
   inits = {"pretrained": pretrained.merge(fresh, pre["params"], dont_load=["^head/"]), "scratch": fresh}
@@ -199,9 +197,14 @@ def run(cfg: Config, log=print) -> dict:
                           epochs=cfg.local_epochs)
     kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local), **dp_kwargs}, log)
     params = pruning.prune(params) if pruning is not None else params
-    algo = FedAvg(schedule=cfg.schedule, trainable=None if name.startswith("scratch") else cfg.trainable,
-                  **fedavg_kwargs(kwargs))
-    eval_fn = lambda s: evaluate(model, s.full_params(), s.model_state, test.x, test.y)
+    algo = make_algorithm(cfg, fedavg_kwargs(kwargs), schedule=cfg.schedule,
+                          trainable=None if name.startswith("scratch") else cfg.trainable)
+    per_client = personal_eval(cfg, model, kwargs["local"], data, held) if personal else None
+
+    def eval_fn(s, per_client=per_client):
+      out = evaluate(model, s.full_params(), s.model_state, test.x, test.y)
+      return out if per_client is None else {**out, **per_client(s)}
+
     workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
     server, hist = run_in_workdir(cfg, algo, algo.init(params, state, data.num_clients), data, rounds=cfg.rounds,
                                   cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=workdir, log=log,
@@ -223,6 +226,14 @@ def run(cfg: Config, log=print) -> dict:
   log("final test accuracy: " + ", ".join(f"{n} {finals[n]:.4f}" for n in names)
       + f"  (uplink per round {last['bytes_up'] / 1e6:.4f} MB, {last['mb_up_total']:.4f} MB in all; downlink "
       f"{last['mb_down_total']:.4f} MB in all; {time.perf_counter() - t_start:.1f}s)")
+  personal_finals = {}
+  if personal:
+    personal_finals = {n: {k: histories[n][-1][f"test_personal_accuracy{k}"] for k in ("", "_mean", "_p10")}
+                       for n in names}
+    log(f"personalized accuracy ({cfg.algorithm}; clients' own held-out examples"
+        + (f", after {cfg.finetune_steps} local steps" if cfg.finetune_steps else "") + "): "
+        + ", ".join(f"{n} {v['']:.4f} (mean over clients {v['_mean']:.4f}, 10th percentile {v['_p10']:.4f})"
+                    for n, v in personal_finals.items()))
   if dp_metrics is not None:
     log(f"privacy spent: epsilon {dp_metrics(cfg.rounds)['epsilon']:.3f} at delta {cfg.dp_delta}")
   if compression:
@@ -231,6 +242,9 @@ def run(cfg: Config, log=print) -> dict:
   summary = {"final_test_accuracy": finals, "source_train_accuracy": pre["train_accuracy"],
              "rounds_to_target": reach, "mb_up_total": last["mb_up_total"], "mb_down_total": last["mb_down_total"],
              "seconds": time.perf_counter() - t_start}
+  if personal:
+    summary["final_personal_accuracy"] = {n: {"weighted_mean": v[""], "mean": v["_mean"], "p10": v["_p10"]}
+                                          for n, v in personal_finals.items()}
   if compression:
     summary["compression"] = compression
   write_results(cfg.workdir, cfg, histories, summary, log)
