@@ -147,8 +147,21 @@ def make_model(cfg: Config, num_classes: int) -> Model:
   return Model(CNN(num_classes=num_classes, features=tuple(_ints(cfg.features)), hidden=cfg.hidden), (8, 8, 1))
 
 
+_PRETRAINED: dict = {}  # the pretraining's inputs -> its result, so that runs in one process (sweeps) share it
+
+
 def pretrain(cfg: Config, source: Dataset) -> dict:
-  """Central training on the source task: one 'client' holding all source data, one round of E epochs."""
+  """Central training on the source task: one 'client' holding all source data, one round of E epochs.
+  Deterministic in the fields it reads, so a process that runs several configs pretrains once per distinct
+  (seed, source_labels, pretrain_epochs, pretrain_lr, batch_size, features, hidden, schedule)."""
+  key = (cfg.seed, cfg.source_labels, cfg.pretrain_epochs, cfg.pretrain_lr, cfg.batch_size, cfg.features,
+         cfg.hidden, cfg.schedule)
+  if key not in _PRETRAINED:
+    _PRETRAINED[key] = _pretrain(cfg, source)
+  return _PRETRAINED[key]
+
+
+def _pretrain(cfg: Config, source: Dataset) -> dict:
   model = make_model(cfg, source.num_classes)
   params, state = model.init(jax.random.PRNGKey(cfg.seed))
   data = FederatedData.from_partition(source, [np.arange(len(source))])
@@ -242,9 +255,12 @@ def run(cfg: Config, log=print) -> dict:
   summary = {"final_test_accuracy": finals, "source_train_accuracy": pre["train_accuracy"],
              "rounds_to_target": reach, "mb_up_total": last["mb_up_total"], "mb_down_total": last["mb_down_total"],
              "seconds": time.perf_counter() - t_start}
+  last5 = lambda n, key: float(np.mean([h[key] for h in histories[n][-5:]]))  # noqa: E731 (noisy non-IID rounds)
+  summary["last5_test_accuracy"] = {n: last5(n, "test_accuracy") for n in names}
   if personal:
     summary["final_personal_accuracy"] = {n: {"weighted_mean": v[""], "mean": v["_mean"], "p10": v["_p10"]}
                                           for n, v in personal_finals.items()}
+    summary["last5_personal_accuracy"] = {n: last5(n, "test_personal_accuracy") for n in names}
   if compression:
     summary["compression"] = compression
   write_results(cfg.workdir, cfg, histories, summary, log)
