@@ -35,7 +35,8 @@ def _close(a, b):
 
 
 def _scaffold_reference(model, params, data, cohorts, n_pop):
-  """SCAFFOLD option II (Karimireddy et al. 2020, Alg. 1) as a plain loop; weights = examples (Mean())."""
+  """SCAFFOLD option II (Karimireddy et al. 2020, Alg. 1) as a plain loop; the model delta's mean weighted by
+  examples (the library's Mean()), the control variates' sum unweighted."""
   grad = _grad_fn(model)
   zeros = jax.tree.map(jnp.zeros_like, params)
   x, c, ci = params, zeros, {i: zeros for i in range(n_pop)}
@@ -54,7 +55,7 @@ def _scaffold_reference(model, params, data, cohorts, n_pop):
       ws.append(len(yi))
       ci[i] = new
     x = _add_scaled(x, _wmean(deltas, ws), 1.0)
-    c = _add_scaled(c, _wmean(dcs, ws), len(ids) / n_pop)
+    c = _add_scaled(c, _wmean(dcs, [1.0] * len(dcs)), len(ids) / n_pop)  # c += 1/N sum_S delta_c, unweighted
   return x, c, ci
 
 

@@ -2,9 +2,10 @@
 
 Client ``i`` minimises ``L_i(w) - <g_i, w> + alpha/2 ||w - w^{t-1}||^2``, where ``g_i`` (its persistent state,
 zero at first) is updated after local training to ``g_i - alpha (w_i - w^{t-1})``. The server keeps
-``h <- h - alpha / N * sum_{i in S} (w_i - w^{t-1})`` and sets ``w^t = mean_S(w_i) - h / alpha`` (Algorithm 1;
-here the sum over the cohort is ``|S|`` times the aggregator's mean, weighted by examples for ``Mean()``, as in the
-paper with ``UniformMean()``). Use it with the plain server optimizer (``optax.sgd(1.0)``, the default).
+``h <- h - alpha / N * sum_{i in S} (w_i - w^{t-1})`` and sets ``w^t = mean_S(w_i) - h / alpha`` (Algorithm 1).
+Here the sum over the cohort is ``|S|`` times the aggregator's mean: exactly the paper's with
+``aggregator=UniformMean()``; with ``Mean()`` (the default) it is the example-weighted analogue, consistent with
+the example-weighted model average. Use it with the plain server optimizer (``optax.sgd(1.0)``, the default).
 ``alpha = 0`` is FedAvg exactly. Nothing extra is sent: ``g_i`` stays on the client and ``h`` on the server.
 """
 
@@ -44,7 +45,7 @@ class FedDyn(ftl.Hooks):
     new = jax.tree.map(lambda gi, d: jnp.where(steps > 0, gi - self.alpha * d, gi), ctx.client_state, delta)
     return delta, None, new
 
-  def server_update(self, h, mean_delta, mean_message, cohort_size, num_clients, client_metrics):
+  def server_update(self, h, mean_delta, message_sum, cohort_size, num_clients, client_metrics):
     frac = cohort_size.astype(jnp.float32) / num_clients
     h = jax.tree.map(lambda h_, d: h_ - self.alpha * frac * d, h, mean_delta)
     if self.alpha == 0:

@@ -3,11 +3,13 @@
 Each client keeps a control variate ``c_i`` and the server keeps ``c``; local steps follow the corrected gradient
 ``g + c - c_i``. After ``K`` local steps from ``x`` to ``y_i`` with learning rate ``lr``, option II sets
 ``c_i+ = c_i - c + (x - y_i) / (K lr)`` and the client sends ``delta_c = c_i+ - c_i`` next to its model delta;
-the server sets ``c += |S| / N * mean(delta_c)`` (S the cohort, N the population) and applies the mean delta
-with the server optimizer (``optax.sgd(eta_g)`` is the paper's global step size).
+the server sets ``c += 1 / N * sum_{i in S} delta_c`` (S the cohort, N the population), which keeps ``c`` the mean
+of all the clients' ``c_i``, and applies the mean delta with the server optimizer (``optax.sgd(eta_g)`` is the
+paper's global step size).
 
-Averaging: ``delta_c`` is averaged with the aggregator's weights, like the model delta: ``Mean()`` weights by
-examples (the common FedAvg-style implementation), ``UniformMean()`` gives the paper's unweighted means. Traffic:
+Averaging: the model delta is averaged by the aggregator (``Mean()`` weights by examples, the common FedAvg-style
+implementation; ``UniformMean()`` gives the paper's unweighted mean); ``delta_c`` is always summed unweighted, as
+the invariant ``c = mean_i c_i`` needs (weighting it would bias every correction ``c - c_i``). Traffic:
 the broadcast ``c`` and the uplink ``delta_c`` are counted (each the size of the trainable params, float32), so
 SCAFFOLD costs twice FedAvg's bytes each way. Option II assumes plain SGD on the client (``(x - y_i)/(K lr)`` is
 then the mean corrected gradient); with another client optimizer it is a heuristic. Option I (a separate full
@@ -57,6 +59,5 @@ class Scaffold(ftl.Hooks):
                        ctx.client_state, ctx.server, delta)
     return delta, jax.tree.map(jnp.subtract, new, ctx.client_state), new
 
-  def server_update(self, c, mean_delta, mean_dc, cohort_size, num_clients, client_metrics):
-    frac = cohort_size.astype(jnp.float32) / num_clients
-    return mean_delta, jax.tree.map(lambda a, b: a + frac * b, c, mean_dc)
+  def server_update(self, c, mean_delta, dc_sum, cohort_size, num_clients, client_metrics):
+    return mean_delta, jax.tree.map(lambda a, b: a + b / num_clients.astype(b.dtype), c, dc_sum)

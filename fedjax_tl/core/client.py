@@ -145,7 +145,7 @@ class LocalTraining:
     if self.personal is not None or self.hooks is not None:
       parts, model_state = model_state, model_state["model"]
       if self.hooks is not None:  # the context sees what the client received (its own params excluded)
-        ctx = parts["ctx"]._replace(global_params=params)
+        ctx = parts["ctx"]._replace(global_params=params, num_examples=jnp.asarray(num_examples, jnp.int32))
         hook = (ctx, self.hooks.start(ctx))
       if self.personal is not None:  # the client's own params join the broadcast ones
         params = merge_params(params, parts["personal"])

@@ -202,7 +202,7 @@ class RoundSums(NamedTuple):
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
   client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
   client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
-  message_sum: Any = None  # sum_i w_i * message_i: what the algorithm's hooks send besides the delta
+  message_sum: Any = None  # sum_i message_i over real clients: what the algorithm's hooks send besides the delta
 
 
 def _zeros_like(tree: PyTree) -> PyTree:
@@ -311,7 +311,7 @@ class CohortRunner:
     client_states = out.model_state if self.per_client_state else None
     sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
                      out.num_examples.sum(), out.metrics, client_states, carry,
-                     _weighted_sum(out.message, out.num_examples))
+                     _weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
     if acc is None:
       return sums
     add = lambda a, b: jax.tree.map(jnp.add, a, b)

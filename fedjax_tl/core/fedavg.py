@@ -288,7 +288,8 @@ class FedAvg:
     h = self.hooks
 
     def message(params, algorithm_state, client_state):
-      ctx = TrainContext(params, h.broadcast(algorithm_state, params), client_state, jnp.int32(0), jnp.int32(0))
+      ctx = TrainContext(params, h.broadcast(algorithm_state, params), client_state, jnp.int32(0), jnp.int32(0),
+                         jnp.int32(1))
       return h.finish(params, params, h.start(ctx), ctx, jnp.int32(1))[1]
 
     return jax.eval_shape(message, state.params, state.algorithm_state, self._one_client_state(state))
@@ -349,9 +350,8 @@ class FedAvg:
       server_ts = None if server_ts is None else new_ts
     algorithm_state = state.algorithm_state
     if self.hooks is not None:
-      mean_message = jax.tree.map(lambda s: s / jnp.maximum(sums.weight_sum, 1e-12), sums.message_sum)
-      mean_delta, algorithm_state = self.hooks.server_update(algorithm_state, mean_delta, mean_message,
-                                                             real.sum().astype(jnp.int32), num_clients,
+      mean_delta, algorithm_state = self.hooks.server_update(algorithm_state, mean_delta, sums.message_sum,
+                                                             real.sum().astype(jnp.int32), jnp.int32(num_clients),
                                                              sums.client_metrics)
       mean_delta = jax.tree.map(lambda d, p: d.astype(p.dtype), mean_delta, state.params)
     updates, opt_state = self.server_optimizer.update(pseudo_gradient(mean_delta), state.opt_state,
@@ -386,7 +386,7 @@ class FedAvg:
       own = store.gather(state.algorithm_clients, rows, num_clients, "algorithm client states")
       sent = per_client(self._hook_broadcast(state.algorithm_state, state.params))
       ids = rows if client_ids is None else client_ids
-      parts["ctx"] = TrainContext(None, sent, own, ids.astype(jnp.int32), per_client(state.round))
+      parts["ctx"] = TrainContext(None, sent, own, ids.astype(jnp.int32), per_client(state.round), None)
     return parts
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,

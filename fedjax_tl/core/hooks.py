@@ -8,16 +8,16 @@ without touching it (learn from FedJAX's client/server split and optax's pure in
     server_init(params)            -> its state        client_init(params)       -> one client's persistent state
     broadcast(state, params)       -> sent besides     start(ctx)                -> local-training state
                                       the params       grads(grads, params, s, ctx, t) -> (grads, s)  every step
-    server_update(state, mean_delta, mean_message,     finish(delta, params, s, ctx, steps)
+    server_update(state, mean_delta, message_sum,      finish(delta, params, s, ctx, steps)
                   cohort, population, client_metrics)      -> (delta, message, new persistent state)
         -> (mean_delta for the server optimizer, new state)
 
 ``ctx`` is a :class:`TrainContext`: the params the client received, what the server broadcast, the client's own
 persistent state (kept for the whole population in the :mod:`~fedjax_tl.core.store` inside the server state,
-gathered for the cohort and scattered back in one place, checkpointed with the rest), its client id and the round.
-The ``message`` (any pytree, e.g. SCAFFOLD's control-variate update) is averaged with the same weights as the
-delta (the aggregator's: examples for ``Mean()``, 1 per client for ``UniformMean()``) and counted in the uplink
-bytes as float32; what the server broadcasts is counted in the downlink bytes. A client without examples runs no
+gathered for the cohort and scattered back in one place, checkpointed with the rest), its client id, its number
+of examples and the round. The ``message`` (any pytree, e.g. SCAFFOLD's control-variate update) is summed over the
+cohort's real clients, unweighted (a hook that wants a weighted mean sends ``w * x`` and ``w``), and counted in the
+uplink bytes as float32; what the server broadcasts is counted in the downlink bytes. A client without examples runs no
 step (``steps == 0``); its hooks should leave its persistent state unchanged.
 
 The defaults are FedAvg's (nothing extra is kept, sent or changed), so a subclass overrides only what its
@@ -47,6 +47,7 @@ class TrainContext(NamedTuple):
   client_state: Any  # this client's persistent state (Hooks.client_init's structure), None if none is kept
   client_id: jax.Array  # int32 scalar (-1 for a padding client)
   round: jax.Array  # int32 scalar: rounds completed before this one
+  num_examples: jax.Array = None  # int32 scalar: the client's number of training examples
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +87,12 @@ class Hooks:
     return delta, None, ctx.client_state
 
   # ---- server update ----
-  def server_update(self, state: Any, mean_delta: Params, mean_message: Any, cohort_size: jax.Array,
-                    num_clients: int, client_metrics: dict) -> tuple[Params, Any]:
-    """(mean delta for the server optimizer, new algorithm state) from the aggregated delta and messages;
-    ``cohort_size`` counts the round's real clients, ``num_clients`` the population."""
+  def server_update(self, state: Any, mean_delta: Params, message_sum: Any, cohort_size: jax.Array,
+                    num_clients: jax.Array, client_metrics: dict) -> tuple[Params, Any]:
+    """(mean delta for the server optimizer, new algorithm state) from the aggregated delta and the sum of the
+    clients' messages; ``cohort_size`` counts the round's real clients, ``num_clients`` the population (int32
+    scalars); ``client_metrics`` holds per-client arrays ``[C]`` (loss, accuracy, num_examples; padding clients
+    last, with 0 examples)."""
     return mean_delta, state
 
 
