@@ -34,7 +34,7 @@ def _close(a, b):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-6), a, b)
 
 
-def _scaffold_reference(model, params, data, cohorts, n_pop):
+def _scaffold_reference(model, params, data, cohorts, n_pop, option="II"):
   """SCAFFOLD option II (Karimireddy et al. 2020, Alg. 1) as a plain loop; the model delta's mean weighted by
   examples (the library's Mean()), the control variates' sum unweighted."""
   grad = _grad_fn(model)
@@ -49,7 +49,10 @@ def _scaffold_reference(model, params, data, cohorts, n_pop):
       for _ in range(STEPS):
         g = grad(y, xi, yi)
         y = jax.tree.map(lambda p, g_, c_, ci_: p - LR * (g_ + c_ - ci_), y, g, c, ci[i])
-      new = jax.tree.map(lambda ci_, c_, x_, y_: ci_ - c_ + (x_ - y_) / (STEPS * LR), ci[i], c, x, y)
+      if option == "I":  # c_i+ = g_i(x): full batch here, so the gradient at the server model
+        new = grad(x, xi, yi)
+      else:
+        new = jax.tree.map(lambda ci_, c_, x_, y_: ci_ - c_ + (x_ - y_) / (STEPS * LR), ci[i], c, x, y)
       deltas.append(jax.tree.map(jnp.subtract, y, x))
       dcs.append(jax.tree.map(jnp.subtract, new, ci[i]))
       ws.append(len(yi))
@@ -59,15 +62,16 @@ def _scaffold_reference(model, params, data, cohorts, n_pop):
   return x, c, ci
 
 
-def test_scaffold_matches_a_plain_reference_loop_for_two_rounds(tiny_model, tiny_data, tiny_params):
+@pytest.mark.parametrize("option", ["II", "I"])
+def test_scaffold_matches_a_plain_reference_loop_for_two_rounds(option, tiny_model, tiny_data, tiny_params):
   params, _ = tiny_params
   local = ftl.LocalTraining(tiny_model, optax.sgd(LR), batch_size=16, steps=STEPS)
-  algo = ftl.FedAvg(local, schedule="vmap", hooks=ftl.Scaffold(LR))
+  algo = ftl.FedAvg(local, schedule="vmap", hooks=ftl.Scaffold(LR, option=option))
   state = algo.init(params, num_clients=tiny_data.num_clients)
   cohorts = [[0, 1, 3], [1, 2, 4]]
   for r, ids in enumerate(cohorts):
     state, metrics = algo.apply(state, tiny_data, np.array(ids), jax.random.PRNGKey(r))
-  x, c, ci = _scaffold_reference(tiny_model, params, tiny_data, cohorts, tiny_data.num_clients)
+  x, c, ci = _scaffold_reference(tiny_model, params, tiny_data, cohorts, tiny_data.num_clients, option)
   close = _close
   close(state.params, x)
   close(state.algorithm_state, c)

@@ -1,7 +1,7 @@
 """The experiments' ``--algorithm`` flag and its hyper-parameters, shared by digits and cifar10.
 
     --algorithm=fedavg | fedavgm | fedadagrad | fedadam | fedyogi      server optimizer at --server_lr
-              | fedprox (--prox_mu) | scaffold | feddyn (--dyn_alpha) | fednova               global model
+              | fedprox (--prox_mu) | scaffold (--scaffold_option) | feddyn (--dyn_alpha) | fednova
               | fedper | fedrep (--head_steps) | fedbn | ditto (--ditto_lambda)               personalization
     --personal_eval=true     every client's accuracy on its own held-out examples each round (on by default
                              for the personalized algorithms), --personal_fraction of its examples held out,
@@ -38,7 +38,7 @@ PERSONALIZED = ("fedper", "fedrep", "fedbn", "ditto")
 ALGORITHMS = GLOBAL + PERSONALIZED
 HEAD = "^head"  # the experiments' models name their classifier layers "head" (and "head_hidden<i>")
 # flag -> the algorithm it belongs to (given with another algorithm it would be silently ignored: an error)
-_HYPER = {"prox_mu": "fedprox", "dyn_alpha": "feddyn", "head_steps": "fedrep", "ditto_lambda": "ditto"}
+_HYPER = {"prox_mu": "fedprox", "scaffold_option": "scaffold", "dyn_alpha": "feddyn", "head_steps": "fedrep", "ditto_lambda": "ditto"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,7 @@ class AlgorithmFlags:
 
   algorithm: str = "fedavg"  # one of ALGORITHMS
   prox_mu: float = 0.01  # FedProx's proximal strength (--algorithm=fedprox)
+  scaffold_option: str = "II"  # SCAFFOLD's control-variate update: II (from the model change) or I (a gradient)
   dyn_alpha: float = 0.01  # FedDyn's regularisation strength alpha (--algorithm=feddyn)
   head_steps: int = 5  # FedRep: local steps on the personal head before the body's steps (--algorithm=fedrep)
   ditto_lambda: float = 0.1  # Ditto's pull of the personal models to the global one (--algorithm=ditto)
@@ -69,6 +70,7 @@ def validate_algorithm(cfg, has_batch_norm: bool) -> None:
   for flag, owner in _HYPER.items():
     check(a == owner or getattr(cfg, flag) == getattr(defaults, flag),
           f"--{flag}={getattr(cfg, flag)} is for --algorithm={owner} (got --algorithm={a}).")
+  check(cfg.scaffold_option in ("I", "II"), f"--scaffold_option must be I or II, got {cfg.scaffold_option!r}.")
   check(cfg.prox_mu >= 0, f"--prox_mu must be >= 0, got {cfg.prox_mu}.")
   check(cfg.dyn_alpha >= 0, f"--dyn_alpha must be >= 0, got {cfg.dyn_alpha}.")
   check(cfg.ditto_lambda >= 0, f"--ditto_lambda must be >= 0, got {cfg.ditto_lambda}.")
@@ -77,7 +79,7 @@ def validate_algorithm(cfg, has_batch_norm: bool) -> None:
   check(cfg.finetune_steps >= 0, f"--finetune_steps must be >= 0, got {cfg.finetune_steps}.")
   check(cfg.finetune_steps == 0 or cfg.personal_eval or a in PERSONALIZED,
         "--finetune_steps is for the personalized evaluation: add --personal_eval=true.")
-  check(a != "scaffold" or cfg.client_optimizer == "sgd",
+  check(a != "scaffold" or cfg.scaffold_option == "I" or cfg.client_optimizer == "sgd",
         f"--algorithm=scaffold (option II) assumes plain SGD clients: use --client_optimizer=sgd "
         f"(got {cfg.client_optimizer}).")
   check(a != "fednova" or cfg.client_optimizer in ("sgd", "momentum"),
@@ -104,7 +106,7 @@ def algorithm_kwargs(cfg, local: LocalTraining) -> dict:
   elif a == "fedprox":
     kw["local"] = fedprox(local, cfg.prox_mu)
   elif a == "scaffold":
-    kw["hooks"] = Scaffold(cfg.client_lr)
+    kw["hooks"] = Scaffold(cfg.client_lr, option=cfg.scaffold_option)
   elif a == "feddyn":
     kw["hooks"] = FedDyn(cfg.dyn_alpha)
   elif a == "fednova":
