@@ -38,7 +38,8 @@ PERSONALIZED = ("fedper", "fedrep", "fedbn", "ditto")
 ALGORITHMS = GLOBAL + PERSONALIZED
 HEAD = "^head"  # the experiments' models name their classifier layers "head" (and "head_hidden<i>")
 # flag -> the algorithm it belongs to (given with another algorithm it would be silently ignored: an error)
-_HYPER = {"prox_mu": "fedprox", "scaffold_option": "scaffold", "dyn_alpha": "feddyn", "head_steps": "fedrep", "ditto_lambda": "ditto"}
+_HYPER = {"prox_mu": "fedprox", "scaffold_option": "scaffold", "dyn_alpha": "feddyn", "head_steps": "fedrep",
+          "ditto_lambda": "ditto"}
 
 
 @dataclasses.dataclass(frozen=True)
