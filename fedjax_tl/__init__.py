@@ -61,6 +61,9 @@ _EXPORTS = {
     "ResNet50": "fedjax_tl.models.resnet",
     "ResNetTiny": "fedjax_tl.models.resnet",
     "pretrained": "fedjax_tl.models.pretrained",
+    "lora": "fedjax_tl.models.peft",
+    "LoRA": "fedjax_tl.models.peft",
+    "LORA_AND_HEAD": "fedjax_tl.models.peft",
     # update transforms
     "transforms": "fedjax_tl.transforms",
     "UpdateTransform": "fedjax_tl.transforms.base",

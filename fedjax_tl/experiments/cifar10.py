@@ -65,7 +65,7 @@ from fedjax_tl.experiments.common import (
   validate_common,
   write_results,
 )
-from fedjax_tl.models import pretrained, resnet, transfer, weights
+from fedjax_tl.models import peft, pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
 
 BACKBONES = {"resnet18": resnet.ResNet18, "resnet34": resnet.ResNet34, "resnet50": resnet.ResNet50,
@@ -92,7 +92,7 @@ class Config(AlgorithmFlags, TransformFlags, CompressFlags):  # + algorithm and 
   head_hidden: str = "128"
   dtype: str = "float32"  # computation dtype: float32 | bfloat16 (mixed precision for GPU/TPU; params stay f32)
   # transfer
-  strategy: str = "full"  # full | head | last:K
+  strategy: str = "full"  # full | head | bn+head | last:K | lora:R (adapters of rank R on every convolution)
   bn: str = "average"  # average | frozen | local
   # federation
   num_clients: int = 5
@@ -149,6 +149,11 @@ def validate(cfg: Config) -> None:
     transfer.trainable_pattern(cfg.strategy)
   except ValueError as e:
     raise ConfigError(f"--strategy: {e}") from None
+  check(not transfer.lora_rank(cfg.strategy) or (cfg.prune == 0 and cfg.quantize == "none"),
+        f"--strategy={cfg.strategy} trains adapters over frozen weights; --prune/--quantize act on the whole model "
+        "and do not combine with it yet.")
+  check(not transfer.lora_rank(cfg.strategy) or cfg.algorithm not in ("fedbn", "fedper", "fedrep"),
+        f"--algorithm={cfg.algorithm} names layers of the plain model; use it with a strategy other than lora:R.")
   check(cfg.image_size >= 1, f"--image_size must be a positive number of pixels (e.g. 32 or 224), got "
         f"{cfg.image_size}.")
   hidden = parse_ints(cfg.head_hidden, "head_hidden")
@@ -233,6 +238,9 @@ def run(cfg: Config, log=print) -> dict:
   train, test = load_data(cfg)
   model = make_model(cfg, train.num_classes, train.x.shape[1:])
   params, state = init_params(cfg, model, loaded)
+  if transfer.lora_rank(cfg.strategy):  # adapters over the loaded weights, which stay frozen underneath
+    model = peft.lora(model, rank=transfer.lora_rank(cfg.strategy))
+    params = model.attach(params, jax.random.PRNGKey(cfg.seed + 1))
   log(f"{cfg.dataset}: {len(train)} train / {len(test)} test, {train.num_classes} classes, images "
       f"{train.x.shape[1:]} -> model input {cfg.image_size}; {cfg.num_clients} clients ({cfg.partition})")
 
