@@ -53,3 +53,19 @@ def test_auto_chunk_resolution_leaves_the_runner_unchanged(tiny_local, tiny_data
   resolved = runner.resolve(params, {}, state, tiny_data.x, tiny_data.y, 3, budget_bytes=1)
   assert runner.schedule.chunk_size == -1 and resolved.schedule.chunk_size == 1 and resolved is not runner
   assert resolved.resolve(params, {}, state, tiny_data.x, tiny_data.y, 3) is resolved
+
+
+def test_equal_algorithms_with_hooks_share_programs(tiny_model, tiny_data, tiny_params):
+  """Hooks are part of the configuration: equal SCAFFOLDs share every program; a different one retraces."""
+  opt, traces = _counting_sgd(0.1)
+  local = fedjax_tl.LocalTraining(tiny_model, opt, batch_size=4, epochs=1)
+  make = lambda lr: fedjax_tl.FedAvg(local, schedule="vmap", hooks=fedjax_tl.Scaffold(lr))  # noqa: E731
+  ids, key = np.array([0, 1]), jax.random.PRNGKey(0)
+  a, b = make(0.1), make(0.1)
+  a.apply(a.init(*tiny_params, num_clients=5), tiny_data, ids, key)
+  first = traces[0]
+  b.apply(b.init(*tiny_params, num_clients=5), tiny_data, ids, key)
+  assert traces[0] == first and b.runner(tiny_data.pad_size).trace_count == 0
+  c = make(0.2)
+  c.apply(c.init(*tiny_params, num_clients=5), tiny_data, ids, key)
+  assert traces[0] > first
