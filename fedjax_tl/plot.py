@@ -68,6 +68,17 @@ def plot_runs(workdirs: list[str], out_dir: str | None = None) -> list[str]:
     keep = [i for i, r in enumerate(v) if "test_accuracy" in r]
     series[k] = ([mb[i] for i in keep], [v[i]["test_accuracy"] for i in keep])
   figure("accuracy_vs_megabytes.png", "megabytes communicated (up + down, cumulative)", "test accuracy", series)
+  key = "test_personal_accuracy"
+  personal = {}
+  for k, v in runs.items():
+    rows = evaluated(v, key)
+    if rows:
+      personal[f"{k} global"] = ([r["round"] for r in rows], [r["test_accuracy"] for r in rows])
+      personal[f"{k} personalized"] = ([r["round"] for r in rows], [r[key] for r in rows])
+      personal[f"{k} personalized p10"] = ([r["round"] for r in rows], [r[f"{key}_p10"] for r in rows])
+  if personal:  # runs with --personal_eval: each client's model on its own held-out examples
+    figure("personalized_accuracy_vs_round.png", "round", "accuracy (global test set / clients' own held-out)",
+           personal)
   eps = {k: ([r["round"] for r in evaluated(v, "epsilon")], [r["epsilon"] for r in evaluated(v, "epsilon")])
          for k, v in runs.items() if evaluated(v, "epsilon")}
   if eps:

@@ -205,3 +205,15 @@ def test_digits_ditto_reports_personalized_accuracy_every_round(tmp_path):
   history = json.loads((tmp_path / "results.json").read_text())["history"]["pretrained"]
   assert [h["round"] for h in history] == [1, 2]
   assert all("test_personal_accuracy_p10" in h and "test_accuracy" in h for h in history)
+
+
+def test_plot_draws_personalized_accuracy(tmp_path):
+  import json
+
+  from fedjax_tl.plot import plot_runs
+
+  rows = [{"round": r, "bytes_up": 10, "bytes_down": 10, "test_accuracy": 0.5, "test_personal_accuracy": 0.7,
+           "test_personal_accuracy_p10": 0.4} for r in (1, 2)]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  names = {p.rsplit("/", 1)[-1] for p in plot_runs([str(tmp_path)])}
+  assert "personalized_accuracy_vs_round.png" in names
