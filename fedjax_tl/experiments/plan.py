@@ -24,6 +24,7 @@ import os
 import sys
 
 from fedjax_tl import plan
+from fedjax_tl.algorithms.fedopt import SERVER_OPTIMIZERS
 from fedjax_tl.core.client import LocalTraining, client_optimizer
 from fedjax_tl.experiments import cifar10
 from fedjax_tl.experiments.common import ConfigError, check, format_table, parse_config, parse_ints
@@ -79,6 +80,13 @@ def main(argv=None) -> None:
   try:
     check(cfg.model in cifar10.BACKBONES, f"Unknown model {cfg.model!r}; choose one of {sorted(cifar10.BACKBONES)}.")
     check(cfg.bn != "local", "--bn=local keeps a state per client of the population; plan with --bn=average.")
+    check(cfg.algorithm in SERVER_OPTIMIZERS, f"The planner compiles FedAvg's local training (any server "
+          f"optimizer: {SERVER_OPTIMIZERS}); --algorithm={cfg.algorithm} changes the clients' program and is not "
+          "planned yet.")
+    check(not transfer.lora_rank(cfg.strategy), f"--strategy={cfg.strategy} is not planned yet (the planner "
+          "builds the plain model); plan with full, head, bn+head or last:K.")
+    check(not cfg.personal_eval and not cfg.finetune_steps, "--personal_eval/--finetune_steps are evaluation "
+          "settings; the planner compiles the training round only.")
     check(args.examples_per_client >= 1 and args.num_train >= args.examples_per_client,
           "--examples_per_client must be >= 1 and at most --num_train.")
     for name in args.target.split(","):
