@@ -1,16 +1,36 @@
-"""The README's "Write your own aggregator" example runs as written."""
+"""The README and the reference pages in docs/: their runnable examples run as written, their links resolve, and
+the front page stays short.
+
+An example is a ```python block right after an HTML comment marker (``<!-- readme-example -->``); it is found
+by its marker on whichever page it lives (README.md or docs/*.md), so moving it between pages keeps it tested.
+"""
 
 import math
 import pathlib
 import re
 
+ROOT = pathlib.Path(__file__).parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _example(marker):
+  """The code after ``<!-- marker -->`` on the one page that has it, and that page's path (for tracebacks)."""
+  found = [(page, m.group(1)) for page in PAGES
+           for m in re.finditer(rf"<!-- {marker} -->\n```python\n(.*?)```", page.read_text(), re.S)]
+  assert len(found) == 1, f"<!-- {marker} --> marks {len(found)} python blocks in README.md and docs/*.md, not one"
+  page, code = found[0]
+  return str(page.relative_to(ROOT)), code
+
+
+def _run(marker):
+  name, code = _example(marker)
+  namespace = {}
+  exec(compile(code, name, "exec"), namespace)  # noqa: S102
+  return namespace
+
 
 def test_readme_aggregator_example_runs(capsys):
-  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  code = re.search(r"<!-- readme-example -->\n```python\n(.*?)```", text, re.S).group(1)
-  namespace = {}
-  exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
-  history = namespace["history"]
+  history = _run("readme-example")["history"]
   assert len(history) == 2 and math.isfinite(history[-1]["train_loss"])
   weights = history[-1]["client_metrics"]["sqrt_weight"]
   sizes = history[-1]["client_metrics"]["num_examples"]
@@ -18,11 +38,36 @@ def test_readme_aggregator_example_runs(capsys):
 
 
 def test_readme_personalized_evaluation_example_runs():
-  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  code = re.search(r"<!-- readme-personal-example -->\n```python\n(.*?)```", text, re.S).group(1)
-  namespace = {}
-  exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+  namespace = _run("readme-personal-example")
   own, tuned, test = namespace["own"], namespace["tuned"], namespace["test"]
   assert list(own["num_examples"]) == list(test.client_sizes) and own["accuracy"].shape == (4,)
   summary = tuned["summary"]["accuracy"]
   assert 0.0 <= summary["p10"] <= summary["mean"] <= 1.0 and 0.0 <= summary["weighted_mean"] <= 1.0
+
+
+def _anchors(text):
+  """GitHub's heading anchors: lower case, punctuation other than '-' and '_' dropped, spaces to '-'."""
+  text = re.sub(r"```.*?```", "", text, flags=re.S)  # '# ...' inside code blocks is not a heading
+  return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_readme_and_docs_links_resolve():
+  broken = []
+  for page in PAGES:
+    for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+      if re.match(r"[a-z]+:", target):  # http(s):, mailto: ... are not checked here
+        continue
+      path, _, anchor = target.partition("#")
+      dest = (page.parent / path).resolve() if path else page
+      if not dest.exists():
+        broken.append(f"{page.relative_to(ROOT)}: {target} (no such file)")
+      elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text()):
+        broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
+  assert not broken, "\n".join(broken)
+
+
+def test_readme_front_page_is_short_and_links_every_reference_page():
+  text = (ROOT / "README.md").read_text()
+  assert len(text.splitlines()) <= 150, "the front page is a summary: move reference material to docs/*.md"
+  for page in PAGES[1:]:
+    assert f"(docs/{page.name})" in text, f"README.md does not link docs/{page.name}"

@@ -1,5 +1,5 @@
 """Smaller models for constrained clients: magnitude pruning and int8 quantization, after and during
-federated training (see README "Compressed models")."""
+federated training (see docs/compress.md)."""
 
 from fedjax_tl.compress.federated import FederatedPruning, PruningServerState, sparse_downlink, sparse_uplink
 from fedjax_tl.compress.pruning import (

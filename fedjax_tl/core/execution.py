@@ -12,7 +12,7 @@ A schedule has two independent axes:
   whose clients all have fewer than ``unroll`` steps never compiles the unrolled block.
 
 Measured on a 2-core x86 CPU, JAX 0.10.2, the workload-P CNN at batch 32 (see experiments/bench_schedules.py
-and the README's table): convolutions inside a rolled ``lax.scan`` are ~15x slower than the same steps
+and the table in docs/performance.md): convolutions inside a rolled ``lax.scan`` are ~15x slower than the same steps
 unrolled (jax issue 12868), and vmap over clients is ~3x slower than sequential. So the CPU default is
 sequential clients with a host loop over unrolled blocks; accelerators default to one program per round.
 
@@ -123,7 +123,7 @@ def default_schedule(backend: str | None = None, local: LocalTraining | None = N
   loop over jitted blocks of 8 unrolled steps (``sequential/host:8``), because XLA:CPU runs a convolution inside
   a loop body an order of magnitude slower than outside one (jax-ml/jax#12868; measured: 75 vs 1392 examples/s
   for the workload-P CNN with ``nn.Conv``). Without ``local`` the CPU answer is the convolution-safe one.
-  Measured with ``experiments/bench_schedules.py`` (README, Performance).
+  Measured with ``experiments/bench_schedules.py`` (docs/performance.md).
   GPU/TPU: the whole cohort vmapped in one program, steps in a scan (unroll 1), which keeps the device busy
   with large batched kernels and no host round-trips; revisit with a GPU benchmark when one is available.
   """
