@@ -37,6 +37,15 @@ def test_readme_aggregator_example_runs(capsys):
   assert [round(w * w, 3) for w in weights] == [float(n) for n in sizes] and len(sizes) == 3
 
 
+def test_readme_algorithm_example_runs():
+  namespace = _run("readme-algorithm-example")
+  history, state = namespace["history"], namespace["state"]
+  assert len(history) == 2 and math.isfinite(history[-1]["train_loss"])
+  assert float(state.algorithm_state) >= 1.0  # FedExP's step is never below FedAvg's
+  plain = namespace["ftl"].FedAvg(namespace["algo"].local).communication_bytes(state)[1]
+  assert history[-1]["bytes_up"] == 3 * (plain + 4)  # each client's |d_i|^2 is counted: 4 bytes
+
+
 def test_readme_personalized_evaluation_example_runs():
   namespace = _run("readme-personal-example")
   own, tuned, test = namespace["own"], namespace["tuned"], namespace["test"]
