@@ -218,7 +218,7 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
     log(f"  {tgt.name}: compiling {cohort_size} clients as {sched} ({n_dev} device(s)) ...")
     r = _try(lambda: compile_round(local, devices, cohort_size=cohort_size, pad_size=pad_size,
                                    num_train=num_train, schedule=sched, trainable=trainable), log)
-    if r is not None:
+    if r is not None and not r.get("oom"):  # (a refused program was reported by _try)
       log(f"    {r['bytes'] / GiB:.2f} GiB per device, compiled in {r['compile_s']:.0f}s")
     return r
 
