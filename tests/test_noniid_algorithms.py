@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import fedjax_tl as ftl
 from fedjax_tl.core.params import split_params
@@ -131,3 +132,32 @@ def test_fedrep_with_only_head_steps_keeps_the_body_fixed(tiny_local, tiny_data,
   s1, _ = algo.apply(s0, tiny_data, np.array([0, 1, 2]), jax.random.PRNGKey(0))
   jax.tree.map(np.testing.assert_array_equal, s1.params, s0.params)
   assert not np.array_equal(s1.client_params["head"]["kernel"][0], s0.client_params["head"]["kernel"][0])
+
+
+@pytest.mark.parametrize("name", ["scaffold", "feddyn", "fedrep", "fedper"])
+def test_checkpoint_and_resume_is_bit_exact_with_per_client_state(name, tmp_path, tiny_local, tiny_data, tiny_params):
+  algo = {"scaffold": ftl.FedAvg(tiny_local, hooks=ftl.Scaffold(0.1), schedule="vmap"),
+          "feddyn": ftl.FedAvg(tiny_local, hooks=ftl.FedDyn(0.1), schedule="vmap"),
+          "fedrep": ftl.fedrep(tiny_local, head_steps=2, schedule="vmap"),
+          "fedper": ftl.fedper(tiny_local, schedule="vmap")}[name]
+  fresh = lambda: algo.init(*tiny_params, num_clients=tiny_data.num_clients)  # noqa: E731
+  straight, _ = ftl.run_rounds(algo, fresh(), tiny_data, rounds=3, cohort_size=2, seed=3)
+  first, _ = ftl.run_rounds(algo, fresh(), tiny_data, rounds=2, cohort_size=2, seed=3)
+  ftl.Checkpointer(str(tmp_path), {"algorithm": name}).maybe_save(first)
+  restored = ftl.Checkpointer(str(tmp_path), {"algorithm": name}).restore(fresh())
+  resumed, _ = ftl.run_rounds(algo, restored, tiny_data, rounds=1, cohort_size=2, seed=3)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_ditto_personal_models_approach_the_global_one_as_lambda_grows(tiny_model, tiny_data, tiny_params):
+  """lam = 0: purely local models; lr * lam = 1: every personal step restarts from the global model, so the
+  personal model ends one gradient step away from it."""
+  local = ftl.LocalTraining(tiny_model, optax.sgd(LR), batch_size=16, steps=STEPS)
+  dist = []
+  for lam in (0.0, 5.0, 1.0 / LR):
+    algo = ftl.Ditto(local, lam=lam, schedule="vmap")
+    state, _ = algo.apply(algo.init(tiny_params[0], num_clients=5), tiny_data, np.arange(5), jax.random.PRNGKey(0))
+    w, v = tiny_params[0], state.personal_params()  # personal steps pull to the model broadcast this round
+    dist.append(sum(float(jnp.sum((b - a[None]) ** 2)) for a, b in zip(jax.tree.leaves(w), jax.tree.leaves(v))))
+  assert dist[0] > dist[1] > dist[2] > 0
