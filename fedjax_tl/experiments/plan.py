@@ -81,8 +81,8 @@ def main(argv=None) -> None:
     check(cfg.model in cifar10.BACKBONES, f"Unknown model {cfg.model!r}; choose one of {sorted(cifar10.BACKBONES)}.")
     check(cfg.bn != "local", "--bn=local keeps a state per client of the population; plan with --bn=average.")
     check(cfg.algorithm in SERVER_OPTIMIZERS, f"The planner compiles FedAvg's local training (any server "
-          f"optimizer: {sorted(SERVER_OPTIMIZERS)}); --algorithm={cfg.algorithm} changes the clients' program and is not "
-          "planned yet.")
+          f"optimizer: {sorted(SERVER_OPTIMIZERS)}); --algorithm={cfg.algorithm} changes the clients' program and "
+          "is not planned yet.")
     check(not transfer.lora_rank(cfg.strategy), f"--strategy={cfg.strategy} is not planned yet (the planner "
           "builds the plain model); plan with full, head, bn+head or last:K.")
     check(not cfg.personal_eval and not cfg.finetune_steps, "--personal_eval/--finetune_steps are evaluation "
