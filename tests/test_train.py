@@ -44,7 +44,7 @@ class _AsyncServerAlgorithm:
     del data, ids, key
     self.clock.now += 1.0
     metrics = {"train_loss": 0.5, "train_accuracy": 0.5, "num_examples": 8, "bytes_up": 0, "bytes_down": 0}
-    return metrics, _State(state.round + 1, _PendingUpdate(self.clock))
+    return _State(state.round + 1, _PendingUpdate(self.clock)), metrics
 
 
 class _NoCompileTimer(CompileTimer):
