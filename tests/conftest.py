@@ -9,12 +9,15 @@ from fedjax_tl.models.base import Model
 from fedjax_tl.models.cnn import CNN
 
 
-@pytest.fixture
+# The tiny fixtures are module-scoped: every test of a module gets the same (immutable) model, data, LocalTraining and
+# params objects, so equal FedAvg/CohortRunner configurations within a module share their compiled programs (a
+# LocalTraining is only equal to another holding the same optax objects). The caches are cleared per module below.
+@pytest.fixture(scope="module")
 def tiny_model():
   return Model(CNN(num_classes=3, features=(4,), hidden=8), (8, 8, 1))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_data():
   """Unequal clients (sizes 7, 12, 3, 9, 1) over 40 random uint8 8x8 images."""
   rng = np.random.default_rng(0)
@@ -25,12 +28,12 @@ def tiny_data():
   return FederatedData.from_partition(Dataset(x, y, 3), parts)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_local(tiny_model):
   return LocalTraining(tiny_model, optax.sgd(0.1), batch_size=4, epochs=2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def tiny_params(tiny_model):
   return tiny_model.init(jax.random.PRNGKey(0))
 

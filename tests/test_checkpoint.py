@@ -14,6 +14,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import resume_worker  # noqa: E402
 
 from fedjax_tl.checkpoint import Checkpointer, ConfigMismatchError  # noqa: E402
+from fedjax_tl.experiments.common import ConfigError  # noqa: E402
 from fedjax_tl.metrics import read_jsonl  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "resume_worker.py")
@@ -23,6 +24,11 @@ def _run(*args, expect_rc=0):
   p = subprocess.run([sys.executable, WORKER, *map(str, args)], capture_output=True, text=True, timeout=600)
   assert p.returncode == expect_rc, p.stderr[-2000:]
   return p
+
+
+def _run_here(*args):
+  """The worker's run in this process (only the run that is killed needs a process of its own)."""
+  resume_worker.main(*map(str, args))
 
 
 def _final_state(workdir, **cfg):
@@ -41,20 +47,21 @@ def _assert_bit_identical(a, b):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("full"))
-  _run(d, 6, 1, 0, 0)
+  _run_here(d, 6, 1, 0, 0)
   return d
 
 
 @pytest.mark.parametrize("every,kill_after", [(1, 2), (2, 3)])
-def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path, every, kill_after):
+def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path, capsys, every, kill_after):
   d = str(tmp_path)
   _run(d, 6, every, kill_after, 0, expect_rc=-signal.SIGKILL)
   latest = Checkpointer(d, resume_worker.Config(workdir=d, checkpoint_every=every)).latest_round()
   assert latest == kill_after - kill_after % every  # every=2, killed after round 3: resumes from 2
-  refused = _run(d, 6, every, 0, 0, expect_rc=1)  # without --resume an existing run is never overwritten
-  assert "already holds checkpoints" in refused.stderr
-  out = _run(d, 6, every, 0, 1)
-  assert f"resumed from the checkpoint of round {latest}" in out.stdout
+  with pytest.raises(ConfigError, match="already holds checkpoints"):  # without --resume: never overwritten
+    _run_here(d, 6, every, 0, 0)
+  capsys.readouterr()
+  _run_here(d, 6, every, 0, 1)
+  assert f"resumed from the checkpoint of round {latest}" in capsys.readouterr().out
   resumed = _final_state(d, checkpoint_every=every)
   full = _final_state(uninterrupted)
   assert int(resumed.round) == 6

@@ -1,5 +1,7 @@
 """Secure aggregation simulation: secret sharing, uniform-looking masked vectors, exact sums, dropouts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,12 @@ def _encode_all(sa, deltas, weights, shared, key):
   enc = jax.vmap(sa.client_encode, (0, 0, 0, 0, None))
   n = weights.shape[0]
   return enc(deltas, weights, jnp.arange(n), jax.random.split(key, n), shared)[0]
+
+
+@functools.cache
+def _summed(sa):
+  return jax.jit(lambda d, w, s, k: jax.tree.map(lambda a: jnp.sum(a, axis=0, dtype=jnp.uint32),
+                                                 _encode_all(sa, d, w, s, k)))
 
 
 def test_masked_vectors_look_uniform_and_their_sum_is_exact():
@@ -104,7 +112,9 @@ def test_clipping_is_reported_and_bad_settings_refused(tiny_data, tiny_local, ti
 
 
 def _decode(sa, deltas, weights, shared, key):
-  total = jax.tree.map(lambda a: jnp.sum(a, axis=0, dtype=jnp.uint32), _encode_all(sa, deltas, weights, shared, key))
+  # one compiled program for every cohort size (the shared values are arguments, the padded shapes fixed): run
+  # eagerly, each call dispatches the vmapped encoding op by op
+  total = _summed(sa)(deltas, weights, shared, key)
   return jax.tree.map(lambda t: np.asarray(jax.lax.bitcast_convert_type(t, jnp.int32), np.float64)
                       / float(shared.scale), total)
 
