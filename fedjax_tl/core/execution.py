@@ -150,8 +150,10 @@ def iter_eqns(jaxpr):
 
 def has_convolution(local: LocalTraining) -> bool:
   """Whether one local step of ``local`` (its model's training forward pass, traced abstractly on one example:
-  nothing is computed or compiled) contains an XLA convolution."""
-  model = local.model
+  nothing is computed or compiled) contains an XLA convolution. The model is the one the steps run
+  (``local.train_model``): on CPU the fast-path rewrite has turned its supported convolutions into matrix
+  products."""
+  model = local.train_model
   params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   mask = jax.ShapeDtypeStruct((1,), jnp.bool_)
