@@ -5,6 +5,7 @@ times inside a ``lax.scan`` (as the ``sequential/scan:1`` schedule runs local st
 as one jitted call per step. Prints milliseconds per step for XLA and the rewrite, and their ratio.
 
     python experiments/bench_fast_conv.py
+    python experiments/bench_fast_conv.py --cases conv1x1,maxpool --loop host
 """
 
 from __future__ import annotations
@@ -66,11 +67,14 @@ def bench(layer, shape, fast, steps, loop, batch=32):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--steps", type=int, default=3)
+  p.add_argument("--cases", default="", help="only the cases whose name contains one of these (comma-separated)")
   p.add_argument("--loop", default="scan", choices=["scan", "host"])
   args = p.parse_args(argv)
   print(f"{'case':28s} {'xla ms':>8s} {'fast ms':>8s} {'xla/fast':>8s}  (loop={args.loop}, best of 3)")
   for name, shape, make in CASES:
+    if args.cases and not any(c in name for c in args.cases.split(",")):
+      continue
     a = bench(make(), shape, False, args.steps, args.loop)
     b = bench(make(), shape, True, args.steps, args.loop)
     print(f"{name:28s} {a:8.2f} {b:8.2f} {a / b:8.2f}", flush=True)
