@@ -48,10 +48,10 @@ def make_data(num_clients: int, per_client: int, seed: int = 0) -> FederatedData
 
 
 def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int, lr: float,
-                    conv: str = "xla", model: Model | None = None) -> dict:
+                    conv: str = "xla", model: Model | None = None, fast_path: bool = True) -> dict:
   model = model or make_model(conv)
   params, state = model.init(jax.random.PRNGKey(0))
-  algo = FedAvg(LocalTraining(model, optax.sgd(lr), batch, epochs=1), schedule=schedule)
+  algo = FedAvg(LocalTraining(model, optax.sgd(lr), batch, epochs=1, fast_path=fast_path), schedule=schedule)
   s = algo.init(params, state)
   ids = np.arange(data.num_clients)
   t0 = time.perf_counter()
@@ -82,17 +82,19 @@ def centralized_step(model: Model, state, opt: optax.GradientTransformation):
 
 
 def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float, conv: str = "xla",
-                      model: Model | None = None, loop: str | None = None) -> dict:
+                      model: Model | None = None, loop: str | None = None, fast_path: bool = True) -> dict:
   """Plain optax training on device-resident, pre-shuffled data: ``loop="scan"`` runs an epoch as one
   ``lax.scan`` program, ``"host"`` one jitted step per batch. Default: the loop kind of the ``auto`` schedule
   for this model and backend, which is centralized training's faster form too (XLA:CPU runs convolutions in
-  loop bodies slowly, everything else faster without per-step dispatch)."""
+  loop bodies slowly, everything else faster without per-step dispatch). ``fast_path``: train the model as
+  federated training runs it (``LocalTraining.train_model``: on CPU the im2col/reshape-max rewrite)."""
   model = model or make_model(conv)
   params, state = model.init(jax.random.PRNGKey(0))
   opt = optax.sgd(lr)
-  step = centralized_step(model, state, opt)
+  local = LocalTraining(model, opt, batch, fast_path=fast_path)
+  step = centralized_step(local.train_model, state, opt)
   if loop is None:
-    loop = default_schedule(local=LocalTraining(model, opt, batch)).loop
+    loop = default_schedule(local=local).loop
   n = (len(data.y) // batch) * batch
   x = jnp.asarray(data.x[:n].reshape(-1, batch, *data.x.shape[1:]))
   y = jnp.asarray(data.y[:n].reshape(-1, batch))

@@ -1,6 +1,8 @@
 """The performance benchmark: workloads P (small CNN), R (ResNet50) and scale, on the current backend.
 
-    python experiments/benchmark.py --workload P --repeats 3           # CPU target workload, both shapes
+    python experiments/benchmark.py --workload P --repeats 3           # CPU target workload, both shapes;
+                                                                       # library CNN vs plain flax CNN
+    python experiments/benchmark.py --workload resnet18                # ResNet18 CIFAR stem, 10 clients x 64
     python experiments/benchmark.py --workload R                       # ResNet50 32x32 and 224x224 (accelerator)
     python experiments/benchmark.py --workload R --dtype bfloat16      # the same in mixed precision
     python experiments/benchmark.py --workload scale --populations 10000,100000 --cohort 1000
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 import optax
@@ -95,6 +98,31 @@ def cnn_model() -> Model:
   return Model(CNN(num_classes=10, features=(32, 64), hidden=128, conv="auto"), (32, 32, 3))
 
 
+class PlainCNN(nn.Module):
+  """The workload-P CNN as a user writes it in flax.linen (nn.Conv, nn.max_pool, nn.Dense): same architecture
+  and params as :func:`cnn_model`, none of its hand-written fast layers."""
+
+  @nn.compact
+  def __call__(self, x):
+    for f in (32, 64):
+      x = nn.max_pool(nn.relu(nn.Conv(f, (3, 3))(x)), (2, 2), (2, 2))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(10)(nn.relu(nn.Dense(128)(x)))
+
+
+def plain_cnn_model() -> Model:
+  return Model(PlainCNN(), (32, 32, 3))
+
+
+def resnet18_model() -> Model:
+  """ResNet18 with the CIFAR stem (3x3/1 conv, no max pool), BatchNorm, 10 classes."""
+  return Model(resnet.ClassifierHead(resnet.ResNet18(stem="small"), num_classes=10), (32, 32, 3))
+
+
+# Workload-P models, benchmarked side by side: (name, model, fast_path).
+P_MODELS = {"library": (cnn_model, True), "plain": (plain_cnn_model, True), "plain-xla": (plain_cnn_model, False)}
+
+
 def step_flops(model: Model, batch: int, lr: float) -> float | None:
   """FLOPs of one centralized SGD step at ``batch`` (XLA cost analysis)."""
   params, state = model.init(jax.random.PRNGKey(0))
@@ -107,13 +135,20 @@ def step_flops(model: Model, batch: int, lr: float) -> float | None:
   return float(cost.get("flops", 0.0)) or None
 
 
-def paired(model_fn, data, schedule, repeats, rounds, batch, lr):
+def paired(model_fn, data, schedule, repeats, rounds, batch, lr, fast_path=True):
   """Median over ``repeats`` of (centralized, federated) measured back to back."""
-  runs = []
-  for _ in range(repeats):
-    c = bench_centralized(data, epochs=rounds, batch=batch, lr=lr, model=model_fn())
-    f = bench_federated(schedule, data, rounds, batch, lr, model=model_fn())
-    runs.append((c, f))
+  return summarize([measure(model_fn, data, schedule, rounds, batch, lr, fast_path) for _ in range(repeats)])
+
+
+def measure(model_fn, data, schedule, rounds, batch, lr, fast_path=True):
+  """(centralized, federated) measured back to back."""
+  c = bench_centralized(data, epochs=rounds, batch=batch, lr=lr, model=model_fn(), fast_path=fast_path)
+  f = bench_federated(schedule, data, rounds, batch, lr, model=model_fn(), fast_path=fast_path)
+  return c, f
+
+
+def summarize(runs):
+  repeats = len(runs)
   med = lambda key, i: statistics.median(r[i][key] for r in runs)
   ratios = [r[1]["examples_per_s"] / r[0]["examples_per_s"] for r in runs]
   return {
@@ -130,16 +165,46 @@ def paired(model_fn, data, schedule, repeats, rounds, batch, lr):
 
 
 def workload_p(args) -> list[dict]:
+  """Each of ``--p_models`` (library CNN, the same CNN as plain flax.linen with and without the CPU fast-path
+  rewrite), interleaved within every repeat so that they share the machine's load; ``vs_library`` is the
+  median over repeats of each repeat's federated examples/s over the library CNN's."""
   rows = []
+  names = args.p_models.split(",")
   for shape in args.shapes.split(","):
     c, e = (int(v) for v in shape.split("x"))
     data = make_data(c, e)
     for sched in args.schedules.split(","):
-      r = paired(cnn_model, data, sched, args.repeats, args.rounds, 32, 0.01)
-      mem, src = peak_memory_mb()
-      rows.append({"workload": "P", "shape": shape, "schedule": sched, **r, "peak_mem_mb": mem, "mem_source": src})
-      print(f"P {shape} {sched}: {r['examples_per_s']:.0f} ex/s ({r['ratio_to_centralized']:.2f}x centralized)",
-            flush=True)
+      runs = {name: [] for name in names}
+      for _ in range(args.repeats):
+        for name in names:
+          model_fn, fast_path = P_MODELS[name]
+          runs[name].append(measure(model_fn, data, sched, args.rounds, 32, 0.01, fast_path))
+      for name in names:
+        r = summarize(runs[name])
+        if "library" in runs:
+          r["vs_library"] = statistics.median(a[1]["examples_per_s"] / b[1]["examples_per_s"]
+                                              for a, b in zip(runs[name], runs["library"]))
+        mem, src = peak_memory_mb()
+        rows.append({"workload": "P", "model": name, "shape": shape, "schedule": sched, **r, "peak_mem_mb": mem,
+                     "mem_source": src})
+        print(f"P {name} {shape} {sched}: {r['examples_per_s']:.0f} ex/s ({r['ratio_to_centralized']:.2f}x "
+              f"centralized, {r.get('vs_library', float('nan')):.2f}x library CNN)", flush=True)
+  return rows
+
+
+def workload_resnet18(args) -> list[dict]:
+  """ResNet18 (CIFAR stem, BatchNorm), ``--r18_clients`` clients x ``--r_examples``, paired with centralized
+  training of the same model; with and without the CPU fast path (``--r18_fast_path``)."""
+  rows = []
+  data = make_data(args.r18_clients, args.r_examples)
+  for fp in (v == "on" for v in args.r18_fast_path.split(",")):
+    r = paired(resnet18_model, data, args.schedules.split(",")[0], args.repeats, args.rounds, args.batch, 0.01, fp)
+    mem, src = peak_memory_mb()
+    rows.append({"workload": "resnet18", "model": "resnet18" + ("" if fp else "-xla"),
+                 "shape": f"{args.r18_clients}x{args.r_examples}", "schedule": args.schedules, **r,
+                 "peak_mem_mb": mem, "mem_source": src})
+    print(f"ResNet18 fast_path={fp}: {r['examples_per_s']:.1f} ex/s ({r['ratio_to_centralized']:.2f}x "
+          f"centralized {r['centralized_examples_per_s']:.1f}), first round {r['first_round_s']:.1f} s", flush=True)
   return rows
 
 
@@ -219,11 +284,16 @@ def workload_scale(args) -> list[dict]:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workload", default="P", choices=["P", "R", "scale", "scale-one"])
+  p.add_argument("--workload", default="P", choices=["P", "R", "resnet18", "scale", "scale-one"])
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--rounds", type=int, default=2, help="timed rounds (epochs for centralized) after warm-up")
   p.add_argument("--schedules", default="auto", help="comma-separated schedules (R uses the first)")
   p.add_argument("--shapes", default="10x500,100x64", help="P: CLIENTSxEXAMPLES")
+  p.add_argument("--p_models", default="library,plain,plain-xla",
+                 help="P: library (models.cnn CNN), plain (nn.Conv/nn.max_pool CNN, CPU fast path), plain-xla "
+                 "(the same without the fast path)")
+  p.add_argument("--r18_clients", type=int, default=10, help="resnet18: clients per round")
+  p.add_argument("--r18_fast_path", default="on,off", help="resnet18: on, off or on,off")
   p.add_argument("--image_sizes", default="32,224", help="R: model input sizes (data is 32x32, resized on device)")
   p.add_argument("--r_clients", default="10,100", help="R: clients per round")
   p.add_argument("--r_examples", type=int, default=64, help="R: examples per client")
@@ -242,7 +312,7 @@ def main(argv=None) -> None:
   if args.workload == "scale-one":
     print(json.dumps(scale_one(args)))
     return
-  rows = {"P": workload_p, "R": workload_r, "scale": workload_scale}[args.workload](args)
+  rows = {"P": workload_p, "R": workload_r, "resnet18": workload_resnet18, "scale": workload_scale}[args.workload](args)
   meta = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
           "devices": len(jax.devices()), "jax": jax.__version__, "machine": platform.machine(),
           "cpus": os.cpu_count(), "argv": sys.argv[1:]}
@@ -251,8 +321,8 @@ def main(argv=None) -> None:
     cols = ["population", "cohort", "schedule", "first_round_s", "round_s", "examples_per_s",
             "retraces_after_first_round", "data_mb", "peak_mem_mb", "rss_before_rounds_mb", "rounds_extra_peak_mb"]
   else:
-    cols = ["workload", "shape", "schedule", "resolved_schedule", "examples_per_s", "centralized_examples_per_s",
-            "centralized_loop", "ratio_to_centralized",
+    cols = ["workload", "model", "shape", "schedule", "resolved_schedule", "examples_per_s", "vs_library",
+            "centralized_examples_per_s", "centralized_loop", "ratio_to_centralized",
             "rounds_per_s", "first_round_s", "peak_mem_mb"] + (["gflops_per_example", "mfu"] if args.workload == "R"
                                                                else [])
   print(format_table(cols, [[r.get(c) for c in cols] for r in rows]))

@@ -16,7 +16,7 @@ keeps small temporaries out of HBM); the result is balanced into equal chunks.
 The target is an explicit input everywhere: code that asks ``jax.default_backend()`` while tracing sees the host
 (``cpu``) when compiling for a TPU, so schedules and layers are chosen for the target, not the host (e.g.
 :func:`~fedjax_tl.core.execution.default_schedule` is called with the target's platform; a ``CNN`` must be given
-``conv="xla"`` explicitly).
+``conv="xla"`` explicitly, and ``LocalTraining``'s CPU fast path is turned off for the plan).
 
 FLOPs: XLA's cost analysis counts a loop body once, so the round's FLOPs are the compiled program's count times
 the trip counts (chunks x local steps); the per-client initialisation and aggregation are counted that many
@@ -208,6 +208,8 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
   if not 0 < hbm_fraction <= 1:
     raise PlanError(f"hbm_fraction must be in (0, 1], got {hbm_fraction}.")
   tgt = resolve_target(target, memory_bytes)
+  if local.fast_path:  # the CPU fast-path rewrite is chosen by the host backend while tracing: not for a TPU
+    local = dataclasses.replace(local, fast_path=False)
   devices = target_devices(tgt)
   n_dev = len(devices)
   budget = int(hbm_fraction * tgt.hbm_bytes)

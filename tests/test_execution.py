@@ -173,8 +173,11 @@ def test_auto_schedule_on_cpu_depends_on_xla_convolutions():
   from fedjax_tl.models.base import Model
   from fedjax_tl.models.cnn import CNN
 
-  local = lambda conv: LocalTraining(Model(CNN(num_classes=3, features=(4,), hidden=5, conv=conv), (8, 8, 1)),  # noqa: E731
-                                     optax.sgd(0.1), 4)
+  local = lambda conv, fast_path=False: LocalTraining(  # noqa: E731
+      Model(CNN(num_classes=3, features=(4,), hidden=5, conv=conv), (8, 8, 1)), optax.sgd(0.1), 4, fast_path=fast_path)
+  # With the CPU fast path (the default) the model's convolutions become matrix products: the scan schedule.
+  assert not has_convolution(local("xla", True))
+  assert default_schedule("cpu", local("xla", True)) == Schedule(1, "scan", 1)
   assert has_convolution(local("xla")) and not has_convolution(local("im2col"))
   assert default_schedule("cpu", local("im2col")) == Schedule(1, "scan", 1)
   assert default_schedule("cpu", local("xla")) == Schedule(1, "host", 8)

@@ -29,6 +29,7 @@ from fedjax_tl import keys
 from fedjax_tl.core.hooks import Hooks
 from fedjax_tl.core.params import split_params
 from fedjax_tl.models.base import Model
+from fedjax_tl.models.fast import fast_cpu
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, Updates
 
 __all__ = ["LocalTraining", "client_optimizer", "OPTIMIZERS", "ClientState", "ClientOutput", "merge_params",
@@ -100,6 +101,10 @@ class LocalTraining:
       takes the client's :class:`~fedjax_tl.TrainContext` from ``model_state["ctx"]``, ``step`` lets them change
       the gradient, ``finish`` lets them change the delta, add a message and return the client's new persistent
       state in ``model_state["client"]``.
+    fast_path: on CPU, train the model through :func:`fedjax_tl.models.fast.fast_cpu` (its convolutions as
+      matrix products, its non-overlapping max pools as reshape-max, with hand-written gradients: the same
+      function, up to float rounding, 2-3x faster for a plain ``nn.Conv`` CNN on XLA:CPU). False trains the
+      model's program as XLA lowers it. Ignored on GPU/TPU, where XLA's convolutions are the fast path.
   """
 
   model: Model
@@ -111,6 +116,7 @@ class LocalTraining:
   norm_stats: str = "batch"
   personal: str | None = None
   hooks: Hooks | None = None
+  fast_path: bool = True
 
   def __post_init__(self):
     if self.norm_stats not in ("batch", "frozen"):
@@ -123,6 +129,14 @@ class LocalTraining:
       raise ValueError(f"Give epochs or steps for local training, not both (got {self.epochs}, {self.steps}).")
     if (self.epochs is not None and self.epochs < 1) or (self.steps is not None and self.steps < 1):
       raise ValueError(f"epochs/steps must be >= 1, got epochs={self.epochs}, steps={self.steps}.")
+
+  @property
+  def train_model(self) -> Model:
+    """The model as the local steps run it: :func:`~fedjax_tl.models.fast.fast_cpu` of ``model`` on CPU with
+    ``fast_path``, else ``model``."""
+    if self.fast_path and jax.default_backend() == "cpu":
+      return fast_cpu(self.model)
+    return self.model
 
   # ---- static step counts (host side) ----
   def num_steps(self, pad_size: int) -> int:
@@ -182,8 +196,8 @@ class LocalTraining:
       xb = self.augment(aug_key, xb)
 
     def loss_fn(p):
-      logits, new_model_state = self.model.apply(merge_params(p, frozen), state.model_state, xb,
-                                                 train=self.norm_stats == "batch", mask=mask, rng=drop_key)
+      logits, new_model_state = self.train_model.apply(merge_params(p, frozen), state.model_state, xb,
+                                                       train=self.norm_stats == "batch", mask=mask, rng=drop_key)
       mean, loss_sum, correct, count = masked_cross_entropy(logits, yb, mask)
       return mean, (new_model_state, loss_sum, correct, count)
 

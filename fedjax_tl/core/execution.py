@@ -118,7 +118,8 @@ SCHEDULE_PRESETS = {
 def default_schedule(backend: str | None = None, local: LocalTraining | None = None) -> Schedule:
   """The fastest measured schedule for ``backend`` (default: the current one) and, on CPU, the model.
 
-  CPU: sequential clients. If the model (``local.model``, traced abstractly) has no XLA convolution, the whole
+  CPU: sequential clients. If the model as trained (``local.train_model``, traced abstractly, i.e. after the
+  fast-path rewrite of its convolutions to matrix products) has no XLA convolution, the whole
   round is one program with the steps in a ``lax.scan`` (``sequential/scan:1``); with XLA convolutions, a host
   loop over jitted blocks of 8 unrolled steps (``sequential/host:8``), because XLA:CPU runs a convolution inside
   a loop body an order of magnitude slower than outside one (jax-ml/jax#12868; measured: 75 vs 1392 examples/s
@@ -149,8 +150,10 @@ def iter_eqns(jaxpr):
 
 def has_convolution(local: LocalTraining) -> bool:
   """Whether one local step of ``local`` (its model's training forward pass, traced abstractly on one example:
-  nothing is computed or compiled) contains an XLA convolution."""
-  model = local.model
+  nothing is computed or compiled) contains an XLA convolution. The model is the one the steps run
+  (``local.train_model``): on CPU the fast-path rewrite has turned its supported convolutions into matrix
+  products."""
+  model = local.train_model
   params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   mask = jax.ShapeDtypeStruct((1,), jnp.bool_)
