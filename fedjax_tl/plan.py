@@ -208,7 +208,7 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
   if not 0 < hbm_fraction <= 1:
     raise PlanError(f"hbm_fraction must be in (0, 1], got {hbm_fraction}.")
   tgt = resolve_target(target, memory_bytes)
-  if local.fast_path:  # the CPU fast-path rewrite is chosen by the host backend while tracing: not for a TPU
+  if local.fast_path and tgt.platform != "cpu":  # the host backend would pick the CPU rewrite while tracing
     local = dataclasses.replace(local, fast_path=False)
   devices = target_devices(tgt)
   n_dev = len(devices)

@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable  # noqa: F401 (pdoc resolves the inherited Model fields' annotations here)
+from typing import Any  # noqa: F401
 
+import flax.linen as nn  # noqa: F401
 import jax
 import jax.numpy as jnp
 from jax import lax
