@@ -1,3 +1,32 @@
+"""Shared fixtures, and two settings that make the suite compile less (set before JAX starts).
+
+* Unoptimised CPU code: XLA's LLVM optimisation passes and its MLIR fusion emitters dominate compiling, and the
+  tiny test programs do not notice the slower code they give (without LLVM optimisation about a third less CPU
+  time for the suite; with XLA's older loop emitters for fusions, half the compile time again). Semantics are the
+  same; set ``FEDJAX_TL_TEST_FULL_OPT=1`` to test the programs as users' runs compile them.
+* One persistent compilation cache per test run, shared by the xdist workers and the subprocesses the tests start
+  (resumed runs, the notebook kernel): a program compiled by one module or process is loaded, not compiled again,
+  by the next. It lives in a fresh temporary directory, removed at the end of the run, so nothing is reused
+  between runs.
+"""
+
+import os
+import shutil
+import tempfile
+
+if os.environ.get("FEDJAX_TL_TEST_FULL_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
+    "XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+                             " --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false").strip()
+if "FEDJAX_TL_TEST_CACHE" not in os.environ:  # the controller (or a plain run): the workers inherit it
+  os.environ["FEDJAX_TL_TEST_CACHE"] = tempfile.mkdtemp(prefix="fedjax_tl_test_cache_")
+  _OWN_CACHE = True
+else:
+  _OWN_CACHE = False
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["FEDJAX_TL_TEST_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+
 import jax
 import numpy as np
 import optax
@@ -48,3 +77,8 @@ def _fresh_compilation_caches():
   execution._COMPILED.clear()  # noqa: SLF001
   execution._jit_method.cache_clear()  # noqa: SLF001
   jax.clear_caches()
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):
+    shutil.rmtree(os.environ["FEDJAX_TL_TEST_CACHE"], ignore_errors=True)
