@@ -146,3 +146,25 @@ def test_ditto_checkpoint_and_resume_is_bit_exact(tmp_path, tiny_local, tiny_dat
     np.testing.assert_array_equal(a, b)
   moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first.personal), jax.tree.leaves(resumed.personal))]
   assert any(moved)  # the third round changed the personal models: they were restored, not re-initialised
+
+
+def test_hook_message_bits_are_traced_once_per_state_shape(tiny_local, tiny_data, tiny_params):
+  import dataclasses
+
+  traced = []
+
+  @dataclasses.dataclass(frozen=True)
+  class Counting(ftl.Hooks):
+    """Sends a 3-float message; counts how often its finish is traced."""
+
+    def finish(self, delta, params, state, ctx, steps):
+      traced.append(1)
+      return delta, jnp.zeros(3), ctx.client_state
+
+  algo = ftl.FedAvg(tiny_local, schedule="vmap", hooks=Counting())
+  state = algo.init(*tiny_params)
+  base = ftl.FedAvg(tiny_local, schedule="vmap").communication_bits(state)
+  n = len(traced)
+  bits = [algo.communication_bits(state) for _ in range(3)]
+  assert bits == [(base[0], base[1] + 3 * 32)] * 3
+  assert len(traced) == n + 1  # once, then the cached figure

@@ -316,10 +316,21 @@ class FedAvg:
       up = encoded_bits(self.client_transform, state.params)
     up += extra
     if self.hooks is not None:
-      h = self.hooks
-      down += h.broadcast_bits(jax.eval_shape(h.broadcast, state.algorithm_state, state.params))
-      up += tree_bits(self._message_shape(state))
+      hook_down, hook_up = self._hook_bits(state)
+      down, up = down + hook_down, up + hook_up
     return down, up
+
+  def _hook_bits(self, state: ServerState) -> tuple[int, int]:
+    """The hooks' broadcast and message bits, traced abstractly once per shape of the state (not every round)."""
+    parts = (state.params, state.algorithm_state, state.algorithm_clients)
+    leaves = jax.tree.leaves(jax.eval_shape(lambda t: t, parts))  # ShapeDtypeStructs: no device work
+    key = (jax.tree.structure(parts), tuple((x.shape, str(x.dtype)) for x in leaves))
+    cache = self.__dict__.setdefault("_hook_bits_cache", {})
+    if key not in cache:
+      h = self.hooks
+      cache[key] = (h.broadcast_bits(jax.eval_shape(h.broadcast, state.algorithm_state, state.params)),
+                    tree_bits(self._message_shape(state)))
+    return cache[key]
 
   def communication_bytes(self, state: ServerState) -> tuple[int, int]:
     """(bytes down, bytes up) per client per round: the bits rounded up to whole bytes."""
