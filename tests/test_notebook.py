@@ -55,6 +55,7 @@ def test_notebook_runs_in_smoke_mode_offline(tmp_path, monkeypatch):
   fast_compile = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
   monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {fast_compile}".strip())
   nb = nbformat.read(NOTEBOOK, as_version=4)
+  assert all("id" in c for c in nb.cells), "every cell needs an id (nbformat 4.5): run nbformat's normalize()"
   nb.cells.insert(0, nbformat.v4.new_code_cell(NO_NETWORK))
   nb.cells.append(nbformat.v4.new_code_cell(CHECK))
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name=_kernel(tmp_path),
