@@ -57,14 +57,14 @@ def bench_federated(schedule: str, data: FederatedData, rounds: int, batch: int,
   t0 = time.perf_counter()
   s, m = algo.apply(s, data, ids, jax.random.PRNGKey(0))
   jax.block_until_ready(s.params)
-  first = time.perf_counter() - t0
+  first, first_end = time.perf_counter() - t0, time.time()
   t0 = time.perf_counter()
   for r in range(rounds):
     s, m = algo.apply(s, data, ids, jax.random.PRNGKey(r + 1))
   jax.block_until_ready(s.params)
   dt = (time.perf_counter() - t0) / rounds
   n = float(m["num_examples"])
-  return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first,
+  return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first, "first_round_end": first_end,
           "resolved_schedule": str(algo.schedule)}
 
 
@@ -113,13 +113,14 @@ def bench_centralized(data: FederatedData, epochs: int, batch: int, lr: float, c
   t0 = time.perf_counter()
   params, opt_state = run_epoch(params, opt_state)  # compilation + one epoch
   jax.block_until_ready(params)
-  first = time.perf_counter() - t0
+  first, first_end = time.perf_counter() - t0, time.time()
   t0 = time.perf_counter()
   for _ in range(epochs):
     params, opt_state = run_epoch(params, opt_state)
   jax.block_until_ready(params)
   dt = (time.perf_counter() - t0) / epochs
-  return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first, "loop": loop}
+  return {"examples_per_s": n / dt, "rounds_per_s": 1 / dt, "first_round_s": first, "first_round_end": first_end,
+          "loop": loop}
 
 
 def main(argv=None) -> None:

@@ -3,6 +3,9 @@
     python experiments/benchmark.py --workload P --repeats 3           # CPU target workload, both shapes;
                                                                        # library CNN vs plain flax CNN
     python experiments/benchmark.py --workload resnet18                # ResNet18 CIFAR stem, 10 clients x 64
+    python experiments/benchmark.py --workload torch --torch_python P  # the same ResNet18: plain PyTorch loop vs
+                                                                       # JAX centralized and federated, fresh
+                                                                       # processes (start-up included)
     python experiments/benchmark.py --workload R                       # ResNet50 32x32 and 224x224 (accelerator)
     python experiments/benchmark.py --workload R --dtype bfloat16      # the same in mixed precision
     python experiments/benchmark.py --workload scale --populations 10000,100000 --cohort 1000
@@ -208,6 +211,17 @@ def workload_resnet18(args) -> list[dict]:
   return rows
 
 
+def workload_torch(args) -> list[dict]:
+  """ResNet18 (CIFAR stem), 10 clients x 64: a plain PyTorch CPU loop against JAX centralized and federated
+  training of the same model, each in a fresh process, interleaved over ``--repeats``: steady examples/s and the
+  time from process start to the end of the first round (see ``bench_torch``)."""
+  import bench_torch
+
+  if args.torch_python and not os.path.exists(args.torch_python):
+    raise SystemExit(f"--torch_python {args.torch_python} does not exist")
+  return bench_torch.run_all(args.repeats, args.rounds, args.batch, args.torch_python)
+
+
 def workload_r(args) -> list[dict]:
   rows = []
   peak = peak_tflops(args.peak_tflops)
@@ -284,7 +298,7 @@ def workload_scale(args) -> list[dict]:
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workload", default="P", choices=["P", "R", "resnet18", "scale", "scale-one"])
+  p.add_argument("--workload", default="P", choices=["P", "R", "resnet18", "torch", "scale", "scale-one"])
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--rounds", type=int, default=2, help="timed rounds (epochs for centralized) after warm-up")
   p.add_argument("--schedules", default="auto", help="comma-separated schedules (R uses the first)")
@@ -294,6 +308,9 @@ def main(argv=None) -> None:
                  "(the same without the fast path)")
   p.add_argument("--r18_clients", type=int, default=10, help="resnet18: clients per round")
   p.add_argument("--r18_fast_path", default="on,off", help="resnet18: on, off or on,off")
+  p.add_argument("--torch_python", default=os.environ.get("TORCH_PYTHON"),
+                 help="torch: an interpreter with PyTorch installed (PyTorch is only a benchmark reference; "
+                 "default $TORCH_PYTHON; without it the torch rows are skipped)")
   p.add_argument("--image_sizes", default="32,224", help="R: model input sizes (data is 32x32, resized on device)")
   p.add_argument("--r_clients", default="10,100", help="R: clients per round")
   p.add_argument("--r_examples", type=int, default=64, help="R: examples per client")
@@ -312,12 +329,16 @@ def main(argv=None) -> None:
   if args.workload == "scale-one":
     print(json.dumps(scale_one(args)))
     return
-  rows = {"P": workload_p, "R": workload_r, "resnet18": workload_resnet18, "scale": workload_scale}[args.workload](args)
+  rows = {"P": workload_p, "R": workload_r, "resnet18": workload_resnet18, "torch": workload_torch,
+          "scale": workload_scale}[args.workload](args)
   meta = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
           "devices": len(jax.devices()), "jax": jax.__version__, "machine": platform.machine(),
           "cpus": os.cpu_count(), "argv": sys.argv[1:]}
   print(f"\n{meta}")
-  if args.workload == "scale":
+  if args.workload == "torch":
+    cols = ["mode", "model", "shape", "batch", "schedule", "examples_per_s", "x_torch_examples_per_s",
+            "first_round_s", "x_torch_first_round", "startup_import_s", "params", "threads", "version"]
+  elif args.workload == "scale":
     cols = ["population", "cohort", "schedule", "first_round_s", "round_s", "examples_per_s",
             "retraces_after_first_round", "data_mb", "peak_mem_mb", "rss_before_rounds_mb", "rounds_extra_peak_mb"]
   else:
