@@ -75,21 +75,27 @@ def _torch_run(rounds: int, batch: int) -> dict:
   y = torch.from_numpy(rng.integers(0, 10, n).astype(np.int64))
   model.train()
 
-  def epoch():
-    for i in range(0, n - batch + 1, batch):
-      xb = x[i:i + batch].permute(0, 3, 1, 2).float() / 255.0
-      loss = nn.functional.cross_entropy(model(xb), y[i:i + batch])
-      opt.zero_grad(set_to_none=True)
-      loss.backward()
-      opt.step()
+  def step(i):
+    xb = x[i:i + batch].permute(0, 3, 1, 2).float() / 255.0
+    loss = nn.functional.cross_entropy(model(xb), y[i:i + batch])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
-  epoch()
+  def epoch(start=0):
+    for i in range(start, n - batch + 1, batch):
+      step(i)
+
+  step(0)
+  t_step = time.time()
+  epoch(start=batch)  # the rest of the first epoch
   t_first = time.time()
   t0 = time.perf_counter()
   for _ in range(rounds):
     epoch()
   dt = (time.perf_counter() - t0) / rounds
-  return {"first_round_end": t_first, "import_end": t_import, "examples_per_s": (n // batch) * batch / dt,
+  return {"first_round_end": t_first, "first_step_end": t_step, "import_end": t_import,
+          "examples_per_s": (n // batch) * batch / dt,
           "params": sum(p.numel() for p in model.parameters()), "threads": torch.get_num_threads(),
           "version": torch.__version__}
 
@@ -102,6 +108,20 @@ def _jax_run(mode: str, rounds: int, batch: int) -> dict:
 
   t_import = time.time()
   data = make_data(CLIENTS, EXAMPLES)
+  if mode == "jax-step":  # one jitted training step, as a user's first step would be
+    import optax
+    from bench_schedules import centralized_step
+
+    from fedjax_tl.core.client import LocalTraining
+
+    model = resnet18_model()
+    params, state = model.init(jax.random.PRNGKey(0))
+    opt = optax.sgd(LR)
+    step = jax.jit(centralized_step(LocalTraining(model, opt, batch).train_model, state, opt))
+    out = step(params, opt.init(params), data.x[:batch], data.y[:batch])
+    jax.block_until_ready(out)
+    return {"first_step_end": time.time(), "import_end": t_import, "version": jax.__version__,
+            "params": sum(a.size for a in jax.tree.leaves(params))}
   if mode == "jax-central":
     r = bench_centralized(data, epochs=rounds, batch=batch, lr=LR, model=resnet18_model())
   else:
@@ -122,7 +142,9 @@ def run_one(mode: str, python: str, rounds: int, batch: int) -> dict:
   if p.returncode != 0:
     raise RuntimeError(f"{mode} failed:\n{p.stderr[-3000:]}")
   r = json.loads(p.stdout.strip().splitlines()[-1])
-  r["first_round_s"] = r["first_round_end"] - t_start
+  for k in ("first_round", "first_step"):
+    if f"{k}_end" in r:
+      r[f"{k}_s"] = r[f"{k}_end"] - t_start
   r["startup_import_s"] = r["import_end"] - t_start
   r["mode"] = mode
   return r
@@ -130,7 +152,7 @@ def run_one(mode: str, python: str, rounds: int, batch: int) -> dict:
 
 def run_all(repeats: int, rounds: int, batch: int, torch_python: str | None, log=print) -> list[dict]:
   """``repeats`` interleaved fresh-process runs of each mode; one row per mode with medians."""
-  modes = [("jax-central", sys.executable), ("jax-fed", sys.executable)]
+  modes = [("jax-step", sys.executable), ("jax-central", sys.executable), ("jax-fed", sys.executable)]
   if torch_python:
     modes.insert(0, ("torch", torch_python))
   else:
@@ -140,21 +162,22 @@ def run_all(repeats: int, rounds: int, batch: int, torch_python: str | None, log
     for m, py in modes:
       r = run_one(m, py, rounds, batch)
       runs[m].append(r)
-      log(f"  repeat {rep + 1} {m}: first round {r['first_round_s']:.1f} s, {r['examples_per_s']:.1f} ex/s")
+      log(f"  repeat {rep + 1} {m}: " + ", ".join(f"{k} {r[k]:.1f}" for k in ("first_step_s", "first_round_s",
+                                                                             "examples_per_s") if k in r))
   rows = []
   for m, rs in runs.items():
-    med = lambda k, rs=rs: statistics.median(r[k] for r in rs)  # noqa: E731
+    med = lambda k, rs=rs: statistics.median(r[k] for r in rs) if k in rs[0] else None  # noqa: E731
     rows.append({"workload": "torch", "mode": m, "model": "resnet18", "shape": f"{CLIENTS}x{EXAMPLES}",
-                 "batch": batch, "examples_per_s": med("examples_per_s"), "first_round_s": med("first_round_s"),
-                 "startup_import_s": med("startup_import_s"), "params": rs[0]["params"],
-                 "version": rs[0]["version"], "threads": rs[0].get("threads"), "schedule": rs[0].get("schedule"),
-                 "repeats": repeats, "examples_per_s_all": [r["examples_per_s"] for r in rs],
-                 "first_round_s_all": [r["first_round_s"] for r in rs]})
+                 "batch": batch, "examples_per_s": med("examples_per_s"), "first_step_s": med("first_step_s"),
+                 "first_round_s": med("first_round_s"), "startup_import_s": med("startup_import_s"),
+                 "params": rs[0]["params"], "version": rs[0]["version"], "threads": rs[0].get("threads"),
+                 "schedule": rs[0].get("schedule"), "repeats": repeats, "runs": rs})
   if torch_python:
     t = rows[0]
     for row in rows[1:]:
-      row["x_torch_examples_per_s"] = row["examples_per_s"] / t["examples_per_s"]
-      row["x_torch_first_round"] = row["first_round_s"] / t["first_round_s"]
+      for k in ("examples_per_s", "first_step_s", "first_round_s"):
+        if row[k] is not None:
+          row[f"x_torch_{k}"] = row[k] / t[k]
     if len({r["params"] for r in rows}) != 1:
       raise RuntimeError(f"not the same model: parameter counts {[(r['mode'], r['params']) for r in rows]}")
   return rows
@@ -162,7 +185,7 @@ def run_all(repeats: int, rounds: int, batch: int, torch_python: str | None, log
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--mode", choices=["torch", "jax-central", "jax-fed"], required=True)
+  p.add_argument("--mode", choices=["torch", "jax-step", "jax-central", "jax-fed"], required=True)
   p.add_argument("--rounds", type=int, default=2)
   p.add_argument("--batch", type=int, default=BATCH)
   args = p.parse_args(argv)

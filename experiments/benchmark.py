@@ -336,8 +336,9 @@ def main(argv=None) -> None:
           "cpus": os.cpu_count(), "argv": sys.argv[1:]}
   print(f"\n{meta}")
   if args.workload == "torch":
-    cols = ["mode", "model", "shape", "batch", "schedule", "examples_per_s", "x_torch_examples_per_s",
-            "first_round_s", "x_torch_first_round", "startup_import_s", "params", "threads", "version"]
+    cols = ["mode", "shape", "batch", "schedule", "examples_per_s", "x_torch_examples_per_s", "first_step_s",
+            "x_torch_first_step_s", "first_round_s", "x_torch_first_round_s", "startup_import_s", "params",
+            "threads", "version"]
   elif args.workload == "scale":
     cols = ["population", "cohort", "schedule", "first_round_s", "round_s", "examples_per_s",
             "retraces_after_first_round", "data_mb", "peak_mem_mb", "rss_before_rounds_mb", "rounds_extra_peak_mb"]
