@@ -95,3 +95,47 @@ def test_modules_that_need_train_or_mask_say_so(module, match):
   with pytest.raises(ValueError, match=match) as e:
     Model(module, (8, 8, 1)).init(jax.random.PRNGKey(0))
   assert "__call__(self, x, train: bool = False, mask=None)" in str(e.value)
+
+
+class _Layers(nn.Module):
+  """Five kernels of five different shapes, each drawn from flax's default truncated-normal initialiser."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in (5, 6, 7, 8):
+      x = nn.relu(nn.Dense(width)(x))
+    return nn.Dense(3)(x)
+
+
+class _ConcreteInit(nn.Module):
+  """Looks at a concrete value while initialising (not traceable)."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, mask=None):
+    del train, mask
+    x = x.reshape(x.shape[0], -1)
+    width = 4 if float(jnp.sum(x)) >= 0 else 5
+    return nn.Dense(width)(x)
+
+
+def test_init_is_one_compiled_program_and_equals_flax_init():
+  compiles = []
+  listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") \
+      else None  # noqa: E731
+  model = Model(_Layers(), (4, 4, 1))
+  key = jax.random.PRNGKey(3)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    params, state = model.init(key)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(compiles) <= 2, compiles  # op by op it was one program per kernel shape and per op (> 10)
+  expected = _Layers().init(key, jnp.zeros((1, 4, 4, 1)))["params"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), params, expected)
+  assert state == {}
+
+
+def test_init_of_a_module_that_needs_concrete_values_still_works():
+  params, _ = Model(_ConcreteInit(), (2, 2, 1)).init(jax.random.PRNGKey(0))
+  assert params["Dense_0"]["kernel"].shape == (4, 4)
