@@ -145,6 +145,8 @@ def compile_round(local: LocalTraining, devices: Sequence, *, cohort_size: int, 
   if schedule.loop != "scan":
     raise PlanError(f"Only one-program schedules (loop 'scan') can be compiled ahead of time, got {schedule}.")
   n_dev = len(devices)
+  if local.fast_path and devices[0].platform != "cpu":  # the host backend would pick the CPU rewrite while tracing
+    local = dataclasses.replace(local, fast_path=False)
   mesh = jax.sharding.Mesh(np.asarray(devices), ("clients",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   model = local.model
@@ -208,8 +210,6 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
   if not 0 < hbm_fraction <= 1:
     raise PlanError(f"hbm_fraction must be in (0, 1], got {hbm_fraction}.")
   tgt = resolve_target(target, memory_bytes)
-  if local.fast_path and tgt.platform != "cpu":  # the host backend would pick the CPU rewrite while tracing
-    local = dataclasses.replace(local, fast_path=False)
   devices = target_devices(tgt)
   n_dev = len(devices)
   budget = int(hbm_fraction * tgt.hbm_bytes)
