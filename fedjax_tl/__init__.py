@@ -64,6 +64,9 @@ _EXPORTS = {
     "lora": "fedjax_tl.models.peft",
     "LoRA": "fedjax_tl.models.peft",
     "LORA_AND_HEAD": "fedjax_tl.models.peft",
+    "fast_cpu": "fedjax_tl.models.fast",
+    # TPU planning (libtpu from the [tpu] extra)
+    "plan_round": "fedjax_tl.plan",
     # update transforms
     "transforms": "fedjax_tl.transforms",
     "UpdateTransform": "fedjax_tl.transforms.base",

@@ -120,3 +120,10 @@ def test_fedavg_round_same_with_and_without_rewrite(spec, tiny_data):
     out.append(algo.apply(algo.init(params, state), tiny_data, ids, key))
   _close(out[0][0].params, out[1][0].params, rtol=1e-5, atol=1e-6)
   _close(out[0][1], out[1][1], rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_is_public():
+  import fedjax_tl as ftl
+
+  model = ftl.fast_cpu(Model(PlainCNN(), (8, 8, 1)))
+  assert ftl.fast_cpu(model) is model  # idempotent, reachable from the flat API
