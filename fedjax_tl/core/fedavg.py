@@ -323,8 +323,7 @@ class FedAvg:
   def _hook_bits(self, state: ServerState) -> tuple[int, int]:
     """The hooks' broadcast and message bits, traced abstractly once per shape of the state (not every round)."""
     parts = (state.params, state.algorithm_state, state.algorithm_clients)
-    leaves = jax.tree.leaves(jax.eval_shape(lambda t: t, parts))  # ShapeDtypeStructs: no device work
-    key = (jax.tree.structure(parts), tuple((x.shape, str(x.dtype)) for x in leaves))
+    key = (jax.tree.structure(parts), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves(parts)))
     cache = self.__dict__.setdefault("_hook_bits_cache", {})
     if key not in cache:
       h = self.hooks
