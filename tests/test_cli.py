@@ -1,6 +1,7 @@
 """Bad inputs at the command line and in the work directory: one-line errors (exit 2) before any data is
 loaded or trained on, --help with the preset's values, and no silent fallbacks."""
 
+import dataclasses
 import io
 import json
 import os
@@ -9,7 +10,8 @@ import time
 
 import pytest
 
-from fedjax_tl.experiments import cifar10, common, digits
+from fedjax_tl.experiments import cifar10, common, digits, rules
+from fedjax_tl.experiments import plan as plan_cli
 
 
 class _WorkStarted(Exception):
@@ -22,8 +24,10 @@ def no_work(monkeypatch):
     raise _WorkStarted
 
   monkeypatch.setattr(digits, "load_digits", stop)
+  monkeypatch.setattr(digits, "pretrain", stop)
   monkeypatch.setattr(cifar10, "load_pretrained", stop)
   monkeypatch.setattr(cifar10, "load_data", stop)
+  monkeypatch.setattr(plan_cli, "run", stop)  # the planner's compiles
 
 
 BAD_FLAGS = [
@@ -78,26 +82,6 @@ def test_help_shows_the_preset_values(capsys):
   out = " ".join(capsys.readouterr().out.split())
   assert "--model MODEL default: tiny (seed: resnet50; noniid: resnet50)" in out
   assert "--data_dir DATA_DIR default: none" in out
-
-
-def test_an_earlier_run_in_the_workdir_is_never_overwritten(no_work, capsys, tmp_path):
-  # metrics without checkpoints (a run killed before its first checkpoint, or checkpoints deleted)
-  (tmp_path / "pretrained").mkdir()
-  (tmp_path / "pretrained" / "metrics.jsonl").write_text('{"round": 1}\n')
-  (tmp_path / "results.json").write_text("{}")
-  with pytest.raises(SystemExit) as e:
-    digits.main([f"--workdir={tmp_path}"])
-  assert e.value.code == 2
-  err = capsys.readouterr().err
-  assert "already holds an earlier run's results.json" in err and "new --workdir" in err
-  assert (tmp_path / "results.json").read_text() == "{}"
-  (tmp_path / "results.json").unlink()
-  with pytest.raises(SystemExit):
-    digits.main([f"--workdir={tmp_path}"])
-  assert "pretrained already holds an earlier run's metrics.jsonl" in capsys.readouterr().err
-  # with --resume=true the validation passes (the run restarts from its last checkpoint, or from round 0)
-  with pytest.raises(_WorkStarted):
-    digits.main([f"--workdir={tmp_path}", "--resume=true"])
 
 
 def test_missing_tfds_extra_names_the_install_command(no_work, capsys, monkeypatch):
@@ -265,3 +249,73 @@ def test_a_process_that_merely_imported_ipykernel_is_not_a_notebook(monkeypatch)
   bar = metrics.progress_bar(3)
   assert bar is not None
   bar.close()
+
+
+MAINS = {"digits": (digits.main, []), "cifar10": (cifar10.main, ["--preset=smoke"]),
+         "plan": (plan_cli.main, ["--preset=smoke", "--target=host"])}
+CASES = [(r, e, bad) for r in rules.RULES for e in r.experiments for bad in r.bad]
+
+
+def test_every_rule_has_a_breaking_example():
+  untested = [r.name for r in rules.RULES if not r.bad]
+  # these two are broken only by a missing package; the tests below block its import
+  assert sorted(untested) == ["_tfds_installed", "quantization_installed"]
+  assert len(CASES) > 100
+
+
+@pytest.mark.parametrize("rule,experiment,bad", CASES, ids=[f"{e}:{r.name}:{' '.join(b)}" for r, e, b in CASES])
+def test_the_flag_table_each_rule_is_a_one_line_usage_error_before_any_work(no_work, capsys, rule, experiment, bad):
+  main, base = MAINS[experiment]
+  argv = base + list(bad)
+  # the example breaks this very rule (not only some other one)
+  config_cls, presets = (digits.Config, digits.PRESETS) if experiment == "digits" else (cifar10.Config,
+                                                                                         cifar10.PRESETS)
+  cfg, _ = common.parse_config(config_cls, presets, [a for a in argv if not a.startswith("--target=")])
+  with pytest.raises(common.ConfigError):
+    rule.check(cfg)
+  with pytest.raises(SystemExit) as e:  # and the loaders (stubbed to raise _WorkStarted) were never reached
+    main(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and ": error: " in err, err
+  assert any(f"--{flag}" in err for flag in rule.flags), err
+  assert "Traceback" not in err
+
+
+def test_every_flag_is_checked_by_a_rule():
+  """Each config field is read by a rule of the table, or takes any value of its type."""
+  free = {"quiet", "resume", "workdir", "data_dir", "mock_data", "augment", "personal_eval", "secure_agg", "dataset",
+          "dp_adaptive", "trainable"}
+  named = {f for r in rules.RULES for f in r.flags}
+  for cls in (digits.Config, cifar10.Config):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    assert fields - named - free == set(), cls
+
+
+def test_missing_qwix_is_a_usage_error_naming_the_install(no_work, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "qwix", None)  # import fails as if not installed
+  with pytest.raises(SystemExit) as e:
+    digits.main(["--quantize=int8"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert len(err.strip().splitlines()) == 1 and 'pip install -e ".[compress]"' in err and "--quantize" in err
+
+
+def test_plan_help_lists_the_planners_own_flags(capsys):
+  with pytest.raises(SystemExit) as e:
+    plan_cli.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  for flag in ("--target", "--cohorts", "--examples_per_client", "--memory_gib", "--max_compiles", "--out",
+               "--model", "--image_size"):
+    assert flag in out, flag
+
+
+def test_plan_flags_are_usage_errors(no_work, capsys):
+  for argv, message in ((["--target=v9"], "--target"), (["--cohorts=10,x"], "--cohorts"),
+                        (["--hbm_fraction=2"], "--hbm_fraction"), (["--examples_per_client=0"], "examples_per_client")):
+    with pytest.raises(SystemExit) as e:
+      plan_cli.main(["--preset=smoke", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err, err

@@ -28,23 +28,20 @@ from fedjax_tl.algorithms.scaffold import Scaffold
 from fedjax_tl.core.client import LocalTraining
 from fedjax_tl.core.evaluate import evaluate_per_client
 from fedjax_tl.core.fedavg import FedAvg
-from fedjax_tl.experiments.common import check
 
-__all__ = ["AlgorithmFlags", "ALGORITHMS", "PERSONALIZED", "validate_algorithm", "algorithm_kwargs",
+__all__ = ["AlgorithmFlags", "ALGORITHMS", "PERSONALIZED", "algorithm_kwargs",
            "make_algorithm", "personal_eval"]
 
 GLOBAL = (*SERVER_OPTIMIZERS, "fedprox", "scaffold", "feddyn", "fednova")
 PERSONALIZED = ("fedper", "fedrep", "fedbn", "ditto")
 ALGORITHMS = GLOBAL + PERSONALIZED
 HEAD = "^head"  # the experiments' models name their classifier layers "head" (and "head_hidden<i>")
-# flag -> the algorithm it belongs to (given with another algorithm it would be silently ignored: an error)
-_HYPER = {"prox_mu": "fedprox", "scaffold_option": "scaffold", "dyn_alpha": "feddyn", "head_steps": "fedrep",
-          "ditto_lambda": "ditto"}
 
 
 @dataclasses.dataclass(frozen=True)
 class AlgorithmFlags:
-  """Algorithm fields shared by the experiments' configs."""
+  """Algorithm fields shared by the experiments' configs (checked by the flag table,
+  :mod:`fedjax_tl.experiments.rules`)."""
 
   algorithm: str = "fedavg"  # one of ALGORITHMS
   prox_mu: float = 0.01  # FedProx's proximal strength (--algorithm=fedprox)
@@ -55,47 +52,6 @@ class AlgorithmFlags:
   personal_eval: bool = False  # each client's accuracy on its own held-out examples (on for personalized ones)
   personal_fraction: float = 0.2  # share of every client's examples held out for --personal_eval
   finetune_steps: int = 0  # personalized evaluation after this many local steps from the evaluated model
-
-
-def _transforms_in_use(cfg) -> list[str]:
-  flags = [("compress", "none"), ("downlink", "none"), ("dp_clip", 0.0), ("dp_epsilon", 0.0), ("secure_agg", False),
-           ("prune", 0.0), ("quantize", "none")]
-  return [f"--{f}={getattr(cfg, f)}" for f, off in flags if getattr(cfg, f, off) != off]
-
-
-def validate_algorithm(cfg, has_batch_norm: bool) -> None:
-  """Checks the algorithm flags (ConfigError naming the flag)."""
-  a = cfg.algorithm
-  check(a in ALGORITHMS, f"--algorithm={a!r} is unknown; choose one of {ALGORITHMS}.")
-  defaults = AlgorithmFlags()
-  for flag, owner in _HYPER.items():
-    check(a == owner or getattr(cfg, flag) == getattr(defaults, flag),
-          f"--{flag}={getattr(cfg, flag)} is for --algorithm={owner} (got --algorithm={a}).")
-  check(cfg.scaffold_option in ("I", "II"), f"--scaffold_option must be I or II, got {cfg.scaffold_option!r}.")
-  check(cfg.prox_mu >= 0, f"--prox_mu must be >= 0, got {cfg.prox_mu}.")
-  check(cfg.dyn_alpha >= 0, f"--dyn_alpha must be >= 0, got {cfg.dyn_alpha}.")
-  check(cfg.ditto_lambda >= 0, f"--ditto_lambda must be >= 0, got {cfg.ditto_lambda}.")
-  check(cfg.head_steps >= 0, f"--head_steps must be >= 0, got {cfg.head_steps}.")
-  check(0 < cfg.personal_fraction < 1, f"--personal_fraction must be in (0, 1), got {cfg.personal_fraction}.")
-  check(cfg.finetune_steps >= 0, f"--finetune_steps must be >= 0, got {cfg.finetune_steps}.")
-  check(cfg.finetune_steps == 0 or cfg.personal_eval or a in PERSONALIZED,
-        "--finetune_steps is for the personalized evaluation: add --personal_eval=true.")
-  check(a != "scaffold" or cfg.scaffold_option == "I" or cfg.client_optimizer == "sgd",
-        f"--algorithm=scaffold (option II) assumes plain SGD clients: use --client_optimizer=sgd "
-        f"(got {cfg.client_optimizer}).")
-  check(a != "fednova" or cfg.client_optimizer in ("sgd", "momentum"),
-        f"--algorithm=fednova normalises SGD or momentum-SGD steps: use --client_optimizer=sgd or momentum "
-        f"(got {cfg.client_optimizer}).")
-  check(a != "fedbn" or has_batch_norm, "--algorithm=fedbn keeps BatchNorm layers local, but this model has no "
-        "BatchNorm; use fedper or fedrep.")
-  check(a != "fedbn" or getattr(cfg, "bn", "local") in ("average", "local"),
-        f"--algorithm=fedbn keeps the BatchNorm statistics local: drop --bn={getattr(cfg, 'bn', '')}.")
-  used = _transforms_in_use(cfg)
-  if a in ("scaffold", "fednova"):
-    private = [u for u in used if u.startswith(("--dp", "--secure"))]
-    check(not private, f"--algorithm={a} sends an extra message averaged in the clear, which {private} would not "
-          "cover; use it without DP or secure aggregation.")
-  check(a != "ditto" or not used, f"--algorithm=ditto does not combine with {used} yet; run it without them.")
 
 
 def algorithm_kwargs(cfg, local: LocalTraining) -> dict:

@@ -26,16 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import os
 import sys
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
 
 from fedjax_tl.compress.flags import CompressFlags, compress_report, compress_setup
-from fedjax_tl.core.client import OPTIMIZERS, LocalTraining, client_optimizer
+from fedjax_tl.core.client import LocalTraining, client_optimizer
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import MODEL_STATE_MODES
 from fedjax_tl.data import augment, partition
@@ -47,24 +47,22 @@ from fedjax_tl.experiments.algorithms import (
   algorithm_kwargs,
   make_algorithm,
   personal_eval,
-  validate_algorithm,
 )
 from fedjax_tl.experiments.common import (
   DTYPES,
   ConfigError,
   TransformFlags,
-  check,
-  check_workdir,
   cli_main,
   fedavg_kwargs,
   format_table,
   parse_config,  # noqa: F401 (cifar10.parse_config: used by scripts and tests)
-  parse_ints,
   run_in_workdir,
   transform_setup,
-  validate_common,
   write_results,
 )
+from fedjax_tl.experiments.common import validate as validate_config
+from fedjax_tl.experiments.rules import check, installed, parse_ints, rule
+from fedjax_tl.experiments.workdir import WorkdirStatus, finished
 from fedjax_tl.models import peft, pretrained, resnet, transfer, weights
 from fedjax_tl.models.base import Model
 
@@ -74,6 +72,7 @@ BACKBONES = {"resnet18": resnet.ResNet18, "resnet34": resnet.ResNet34, "resnet50
 
 @dataclasses.dataclass(frozen=True)
 class Config(AlgorithmFlags, TransformFlags, CompressFlags):  # + algorithm and its flags; compress, dp_*, ...
+  EXPERIMENT: ClassVar[str] = "cifar10"  # what a work directory records (fedjax_tl.experiments.workdir)
   seed: int = 0
   # data
   dataset: str = "cifar10"
@@ -128,23 +127,26 @@ PRESETS = {
 TFDS_HINT = 'pip install -e ".[tfds]"'
 
 
-def _installed(module: str) -> bool:
-  try:
-    return importlib.util.find_spec(module) is not None
-  except (ImportError, ValueError):  # ValueError: a module blocked with sys.modules[name] = None
-    return False
-
-
-def validate(cfg: Config) -> None:
-  """Every flag checked before weights or data are loaded; raises ConfigError naming the flag and the fix."""
-  check(cfg.model in BACKBONES, f"Unknown model {cfg.model!r}; choose one of {sorted(BACKBONES)}.")
-  check(cfg.weights in ("imagenet", "timm", "none"), f"weights must be 'imagenet', 'timm' or 'none', got "
+# The experiment's own rules in the experiments' flag table (fedjax_tl.experiments.rules); "plan" is the TPU
+# planner, which takes these flags too.
+@rule("model", "weights", "norm", "dtype", "bn", experiments=("cifar10", "plan"),
+      bad=[["--model=vgg16"], ["--weights=keras"], ["--model=resnet18", "--weights=imagenet"],
+           ["--norm=group", "--weights=imagenet", "--model=resnet50"], ["--dtype=float16"], ["--bn=shared"]])
+def _model_flags(cfg):
+  check(cfg.model in BACKBONES, f"--model={cfg.model!r} is unknown; choose one of {sorted(BACKBONES)}.")
+  check(cfg.weights in ("imagenet", "timm", "none"), f"--weights must be 'imagenet', 'timm' or 'none', got "
         f"{cfg.weights!r}.")
   check(cfg.weights == "none" or (cfg.model == "resnet50" and cfg.norm == "batch"),
-        "ImageNet weights exist for model=resnet50 with norm=batch only; use --weights=none for "
-        f"model={cfg.model!r}, norm={cfg.norm!r}.")
-  check(cfg.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}.")
-  check(cfg.bn in MODEL_STATE_MODES, f"bn must be one of {MODEL_STATE_MODES}, got {cfg.bn!r}.")
+        "ImageNet weights exist for --model=resnet50 with --norm=batch only; use --weights=none for "
+        f"--model={cfg.model}, --norm={cfg.norm}.")
+  check(cfg.dtype in DTYPES, f"--dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}.")
+  check(cfg.bn in MODEL_STATE_MODES, f"--bn must be one of {MODEL_STATE_MODES}, got {cfg.bn!r}.")
+
+
+@rule("strategy", "prune", "quantize", "algorithm", experiments=("cifar10", "plan"),
+      bad=[["--strategy=last:9"], ["--strategy=top"], ["--strategy=lora:2", "--prune=0.5"],
+           ["--strategy=lora:2", "--algorithm=fedper"]])
+def _strategy(cfg):
   try:
     transfer.trainable_pattern(cfg.strategy)
   except ValueError as e:
@@ -154,6 +156,13 @@ def validate(cfg: Config) -> None:
         "and do not combine with it yet.")
   check(not transfer.lora_rank(cfg.strategy) or cfg.algorithm not in ("fedbn", "fedper", "fedrep"),
         f"--algorithm={cfg.algorithm} names layers of the plain model; use it with a strategy other than lora:R.")
+
+
+@rule("image_size", "head_hidden", "mock_examples", "eval_batch_size", "max_train_examples", "max_test_examples",
+      experiments=("cifar10", "plan"),
+      bad=[["--image_size=0"], ["--image_size=-5"], ["--head_hidden=0"], ["--head_hidden=x"], ["--mock_examples=0"],
+           ["--eval_batch_size=0"], ["--max_train_examples=-1"], ["--max_test_examples=-2"]])
+def _sizes(cfg):
   check(cfg.image_size >= 1, f"--image_size must be a positive number of pixels (e.g. 32 or 224), got "
         f"{cfg.image_size}.")
   hidden = parse_ints(cfg.head_hidden, "head_hidden")
@@ -162,14 +171,45 @@ def validate(cfg: Config) -> None:
     check(getattr(cfg, name) >= 1, f"--{name} must be a positive integer, got {getattr(cfg, name)}.")
   for name in ("max_train_examples", "max_test_examples"):
     check(getattr(cfg, name) >= 0, f"--{name} must be >= 0 (0 = all), got {getattr(cfg, name)}.")
+
+
+def _has_batch_norm(cfg) -> bool:
+  return cfg.norm == "batch" or cfg.weights == "timm"
+
+
+@rule("algorithm", "bn", "norm", experiments=("cifar10", "plan"),
+      bad=[["--algorithm=fedbn", "--norm=group"], ["--algorithm=fedbn", "--bn=frozen"]])
+def _fedbn(cfg):
+  check(cfg.algorithm != "fedbn" or _has_batch_norm(cfg), f"--algorithm=fedbn keeps BatchNorm layers local, but "
+        f"--norm={cfg.norm} has no BatchNorm; use fedper or fedrep (or --norm=batch).")
+  check(cfg.algorithm != "fedbn" or cfg.bn in ("average", "local"),
+        f"--algorithm=fedbn keeps the BatchNorm statistics local: drop --bn={cfg.bn}.")
+
+
+@rule("secure_agg", "bn", experiments=("cifar10", "plan"), bad=[["--secure_agg=true", "--norm=batch"]])
+def _secure_agg_bn(cfg):
+  check(not (cfg.secure_agg and cfg.bn == "average" and _has_batch_norm(cfg) and cfg.algorithm != "fedbn"),
+        "--secure_agg=true masks the params only: with --bn=average the BatchNorm statistics would be averaged in "
+        "the clear. Add --bn=frozen or --bn=local.")
+
+
+@rule("weights_path", experiments=("cifar10",), bad=[["--weights_path=/nonexistent.h5"]])
+def _weights_path(cfg):
   check(not cfg.weights_path or os.path.isfile(cfg.weights_path),
         f"--weights_path={cfg.weights_path} does not exist.")
-  validate_common(cfg, OPTIMIZERS)
-  validate_algorithm(cfg, has_batch_norm=cfg.norm == "batch" or cfg.weights == "timm")
-  check(_installed("tensorflow_datasets"),
+
+
+@rule("dataset", experiments=("cifar10",), bad=[])  # broken only without tensorflow-datasets: see tests/test_cli.py
+def _tfds_installed(cfg):
+  check(installed("tensorflow_datasets"),
         f"the {cfg.dataset!r} data come from tensorflow-datasets, which is not installed: {TFDS_HINT} (the tfds "
         "extra).")
-  check_workdir(cfg.workdir, cfg.resume)
+
+
+def validate(cfg: Config) -> WorkdirStatus:
+  """Every flag checked before weights or data are loaded (the flag table of :mod:`fedjax_tl.experiments.rules`),
+  then the work directory; raises ConfigError naming the flag and the fix."""
+  return validate_config(cfg, "cifar10")
 
 
 def make_model(cfg: Config, num_classes: int, sample_shape: tuple[int, ...]) -> Model:
@@ -231,7 +271,11 @@ def load_data(cfg: Config):
 
 
 def run(cfg: Config, log=print) -> dict:
-  validate(cfg)
+  status = validate(cfg)
+  if status.action == "done":  # --resume=true of a run that already holds --rounds: report it, write nothing
+    return finished(cfg, status, log)
+  if status.note:
+    log(f"note: {status.note}")
   t_start = time.perf_counter()
   # Weights first: offline, the run stops at this download with a message saying how to provide the file.
   loaded = load_pretrained(cfg, log)

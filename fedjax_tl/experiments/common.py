@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import typing
 from collections.abc import Sequence
 
 import jax.numpy as jnp
 
+from fedjax_tl.experiments import rules
+from fedjax_tl.experiments import workdir as wd
+from fedjax_tl.experiments.errors import ConfigError
+from fedjax_tl.experiments.rules import check, parse_ints  # noqa: F401 (re-exported for the entry points)
 from fedjax_tl.metrics import format_table  # noqa: F401 (re-exported for the entry points)
 
-__all__ = ["DTYPES", "ConfigError", "parse_config", "validate_common", "check_workdir", "cli_main", "write_results",
-           "format_table", "run_in_workdir", "TransformFlags", "transform_setup", "fedavg_kwargs"]
+__all__ = ["DTYPES", "ConfigError", "parse_config", "validate", "cli_main", "write_results", "format_table",
+           "run_in_workdir", "TransformFlags", "transform_setup", "fedavg_kwargs", "check", "parse_ints"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +44,6 @@ class TransformFlags:
 
 # --dtype values: the models' computation dtype (None = float32; bfloat16 = mixed precision, params float32)
 DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
-
-
-class ConfigError(ValueError):
-  """A flag value (or the work directory it names) is unusable; the message names the flag and the fix.
-
-  The entry points turn it into ``usage ... error: MESSAGE`` and exit code 2, before any data is loaded.
-  """
 
 
 def _parse_bool(v: str) -> bool:
@@ -79,13 +75,21 @@ def _show(v) -> str:
   return "none" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
 
 
+class OneLineParser(argparse.ArgumentParser):
+  """An argparse parser whose usage errors are one line, ``PROG: error: MESSAGE`` (exit code 2): the message
+  names the flag and the fix; ``--help`` lists the flags."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def make_parser(config_cls, presets: dict, preset: str, description: str = "") -> argparse.ArgumentParser:
   """The parser of ``--preset`` and every config field, with the values of ``preset`` as defaults (shown by
   ``--help``, together with the other presets' values where they differ). No prefix abbreviations:
   ``--round=1`` is an error, not ``--rounds=1``."""
-  parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                   epilog=f"The defaults shown are those of preset {preset}; --preset=NAME "
-                                   "--help shows another preset's.")
+  parser = OneLineParser(description=description, allow_abbrev=False,
+                         epilog=f"The defaults shown are those of preset {preset}; --preset=NAME --help shows "
+                         "another preset's.")
   parser.add_argument("--preset", default=preset, choices=list(presets),
                       help=f"named configuration to start from (default: {next(iter(presets))})")
   base = presets[preset]
@@ -101,11 +105,12 @@ def make_parser(config_cls, presets: dict, preset: str, description: str = "") -
 
 
 def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, description: str = "",
-                 validate=None):
+                 validate=None, add_arguments=None):
   """Builds ``config_cls`` from ``--preset NAME`` plus ``--field=value`` overrides for any of its fields.
 
   ``validate(config)`` (optional) may raise :class:`ConfigError`; that and any unparsable value end the
-  program with a one-line usage error (exit code 2).
+  program with a one-line usage error (exit code 2). ``add_arguments(parser)`` (optional) adds an entry point's
+  own flags (listed by ``--help`` too); they are then returned as a third value, an ``argparse.Namespace``.
   """
   argv = list(argv) if argv is not None else None
   pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -113,123 +118,28 @@ def parse_config(config_cls, presets: dict, argv: Sequence[str] | None = None, d
   known, _ = pre.parse_known_args(argv)
   preset = known.preset if known.preset in presets else next(iter(presets))  # unknown: the full parser says so
   parser = make_parser(config_cls, presets, preset, description)
+  own = add_arguments(parser.add_argument_group("this entry point's own flags")) if add_arguments else None
   args = parser.parse_args(argv)
-  cfg = dataclasses.replace(presets[args.preset],
-                            **{f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)})
+  fields = {f.name for f in dataclasses.fields(config_cls)}
+  cfg = dataclasses.replace(presets[args.preset], **{name: getattr(args, name) for name in fields})
   if validate is not None:
     try:
       validate(cfg)
     except ConfigError as e:
       parser.error(str(e))
-  return cfg, args.preset
+  if add_arguments is None:
+    return cfg, args.preset
+  del own
+  extra = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in fields and k != "preset"})
+  return cfg, args.preset, extra
 
 
-def check(condition: bool, message: str) -> None:
-  """Raises :class:`ConfigError` with ``message`` unless ``condition``."""
-  if not condition:
-    raise ConfigError(message)
-
-
-def parse_ints(text: str, flag: str) -> list[int]:
-  """'1,2,3' -> [1, 2, 3]; anything else is a ConfigError naming ``flag``."""
-  try:
-    return [int(v) for v in text.split(",") if v.strip()]
-  except ValueError:
-    raise ConfigError(f"--{flag}={text!r}: expected comma-separated integers, e.g. --{flag}=1,2,3.") from None
-
-
-def validate_common(cfg, optimizers=None) -> None:
-  """Checks the fields both experiments share: federation sizes, rates, schedule and the update transforms
-  (:class:`TransformFlags`). Raises :class:`ConfigError`."""
-  from fedjax_tl.core.execution import Schedule
-  from fedjax_tl.data.partition import PARTITIONERS
-
-  check(cfg.seed >= 0, f"--seed must be >= 0 (numpy's generators take no negative seeds), got {cfg.seed}.")
-  for name in ("rounds", "num_clients", "clients_per_round", "local_epochs", "batch_size", "checkpoint_every",
-               "keep_checkpoints"):
-    v = getattr(cfg, name)
-    check(v >= 1, f"--{name} must be a positive integer, got {v}.")
-  check(cfg.clients_per_round <= cfg.num_clients,
-        f"--clients_per_round={cfg.clients_per_round} exceeds --num_clients={cfg.num_clients}; lower it or add "
-        "clients.")
-  for name in ("client_lr", "server_lr"):
-    v = getattr(cfg, name)
-    check(math.isfinite(v) and v > 0, f"--{name} must be a positive number, got {v}.")
-  check(cfg.partition in PARTITIONERS, f"--partition={cfg.partition!r} is unknown; choose one of {PARTITIONERS}.")
-  check(not (cfg.partition == "dirichlet" and not (math.isfinite(cfg.alpha) and cfg.alpha > 0)),
-        f"--alpha must be > 0 for the dirichlet partition, got {cfg.alpha}.")
-  if optimizers is not None:
-    check(cfg.client_optimizer in optimizers,
-          f"--client_optimizer={cfg.client_optimizer!r} is unknown; choose one of {sorted(optimizers)}.")
-  try:
-    if cfg.schedule.strip() != "auto":
-      Schedule.parse(cfg.schedule)
-  except ValueError as e:
-    raise ConfigError(f"--schedule: {e}") from None
-  validate_transforms(cfg)
-
-
-def validate_transforms(cfg) -> None:
-  """Checks the :class:`TransformFlags` fields; a value that would be ignored (negative epsilon, noise without a
-  clip norm) is an error, never a silent 'DP off'."""
-  from fedjax_tl.transforms import compression
-  from fedjax_tl.transforms.base import is_stateless
-
-  for name in ("dp_clip", "dp_noise_multiplier", "dp_epsilon", "dp_count_stddev"):
-    v = getattr(cfg, name)
-    check(math.isfinite(v) and v >= 0, f"--{name} must be >= 0 (0 = off), got {v}.")
-  check(not (cfg.dp_epsilon > 0 and cfg.dp_noise_multiplier > 0),
-        "Give --dp_epsilon (the noise is calibrated to it) or --dp_noise_multiplier, not both.")
-  if cfg.dp_clip <= 0:
-    for name in ("dp_epsilon", "dp_noise_multiplier"):
-      check(getattr(cfg, name) <= 0, f"--{name} needs a clipping norm: set --dp_clip > 0 (e.g. --dp_clip=0.5).")
-    check(not cfg.dp_adaptive, "--dp_adaptive=true needs the initial clipping norm: set --dp_clip > 0.")
-  check(0 < cfg.dp_delta < 1, f"--dp_delta must be in (0, 1), got {cfg.dp_delta}.")
-  check(cfg.dp_accountant in ("rdp", "pld"), f"--dp_accountant must be 'rdp' or 'pld', got {cfg.dp_accountant!r}.")
-  check(0 < cfg.dp_target_quantile < 1, f"--dp_target_quantile must be in (0, 1), got {cfg.dp_target_quantile}.")
-  check(math.isfinite(cfg.secagg_clip) and cfg.secagg_clip > 0,
-        f"--secagg_clip must be > 0, got {cfg.secagg_clip}.")
-  check(0 <= cfg.secagg_dropout < 1, f"--secagg_dropout must be in [0, 1), got {cfg.secagg_dropout}.")
-  for name in ("compress", "downlink"):
-    try:
-      compressor = compression.parse(getattr(cfg, name))
-    except ValueError as e:
-      raise ConfigError(f"--{name}: {e}") from None
-    if name == "downlink" and compressor is not None and not is_stateless(compressor, {"probe": jnp.zeros((4,))}):
-      raise ConfigError(f"--downlink={cfg.downlink} needs error feedback, which a broadcast cannot have; use "
-                        "int8, qsgd:B or a '/noef' compressor.")
-
-
-# What a run writes into its work directory (besides checkpoints/): another run's results are never overwritten.
-RUN_FILES = ("metrics.jsonl", "metrics.csv", "results.json")
-
-
-def check_workdir(workdir: str | None, resume: bool, subdirs: Sequence[str] = ("",)) -> None:
-  """Before anything runs: a work directory that holds an earlier run needs ``--resume=true`` (and
-  ``--resume=true`` needs a ``--workdir``). ``subdirs``: the per-run directories under the workdir (the digits
-  demo has one per initialisation)."""
-  if not workdir:
-    check(not resume, "--resume=true needs the --workdir of the run to continue.")
-    return
-  check(not os.path.isfile(workdir), f"--workdir={workdir} is a file; give a directory.")
-  existing = os.path.abspath(workdir)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  check(os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
-        f"--workdir={workdir}: cannot write under {existing} (not a writable directory); choose another.")
-  if resume:
-    return
-  for sub in subdirs:
-    d = os.path.join(workdir, sub)
-    ckpt = os.path.join(d, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(ckpt) if n.isdigit()) if os.path.isdir(ckpt) else []
-    if steps:
-      raise ConfigError(f"{d} already holds checkpoints (latest round {steps[-1]}); pass --resume=true to continue "
-                        "that run, or choose a new --workdir.")
-    found = [n for n in RUN_FILES if os.path.exists(os.path.join(d, n))]
-    if found:
-      raise ConfigError(f"{d} already holds an earlier run's {', '.join(found)} (no checkpoint to resume from); "
-                        "choose a new --workdir, or delete those files to start over there.")
+def validate(cfg, experiment: str, run_dirs: Sequence[str] = ("",)) -> wd.WorkdirStatus:
+  """Every rule of the flag table (:mod:`fedjax_tl.experiments.rules`) for ``experiment``, then the work
+  directory's (:func:`fedjax_tl.experiments.workdir.inspect`); raises :class:`ConfigError` naming the flag, or the
+  directory and what it holds. Returns what the work directory allows (fresh, resume or done)."""
+  rules.validate(cfg, experiment)
+  return wd.inspect(cfg, run_dirs)
 
 
 def cli_main(run, config_cls, presets: dict, argv, description: str, validate) -> None:
@@ -247,19 +157,24 @@ def cli_main(run, config_cls, presets: dict, argv, description: str, validate) -
   try:
     run(cfg)
   except (ConfigError, CheckpointError, WeightFileError, WeightMismatchError, MetricsFileError,
-          FileExistsError, FileNotFoundError, FloatingPointError) as e:
+          wd.WorkdirError, FileExistsError, FileNotFoundError, FloatingPointError) as e:
     print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)  # argparse's prog, as for usage errors
     raise SystemExit(2 if isinstance(e, ConfigError) else 1) from None
 
 
 def write_results(workdir: str | None, config, history, summary: dict, log=print) -> str | None:
-  """Writes config, per-round history and the final summary as JSON under ``workdir`` (and says where)."""
+  """Writes config, per-round history and the final summary as JSON under ``workdir`` (and says where); when
+  that is ``config.workdir``, only while the directory is still this run's (its record)."""
   if not workdir:
     return None
+  if getattr(config, "workdir", None) and os.path.abspath(config.workdir) == os.path.abspath(workdir):
+    wd.guard(config)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "results.json")
-  with open(path, "w") as f:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
     json.dump({"config": dataclasses.asdict(config), "history": history, "summary": summary}, f, indent=1)
+  os.replace(tmp, path)  # a run killed while writing keeps the previous results.json whole
   log(f"results written to {path}")
   return path
 
@@ -269,16 +184,18 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
   """``run_rounds`` to a total of ``rounds``, with metrics files and checkpoints when ``workdir`` is set.
 
   ``cfg`` must have ``seed``, ``resume``, ``checkpoint_every``, ``keep_checkpoints`` and ``quiet`` (True: no
-  progress bar; None: one when stderr is a terminal). With
-  ``resume`` the latest intact checkpoint in ``workdir`` is restored (its config must match; a damaged newer
-  one is moved aside with a warning) and the run continues to ``rounds`` (with a warning, from round 0 if
-  there is none); without it, a workdir that already holds checkpoints or metrics is an error (nothing is
-  overwritten).
+  progress bar; None: one when stderr is a terminal); ``workdir`` is ``cfg.workdir`` or a directory under it
+  (one run of several, as the digits demo's initialisations). The work directory rules of
+  :mod:`fedjax_tl.experiments.workdir` apply: the directory is claimed for this run (its record), another run's
+  files are never overwritten, and every round's write checks the claim. With ``resume`` the latest intact
+  checkpoint in ``workdir`` is restored (its config must match; a damaged newer one is moved aside with a
+  warning) and the run continues to ``rounds`` (with a warning, from round 0 if there is none); a run that
+  already holds ``rounds`` rounds and its results is returned as it is, with nothing written.
   Returns (final state, all rounds' records, including those before the resume).
   """
   from fedjax_tl.checkpoint import Checkpointer
   from fedjax_tl.core.train import run_rounds
-  from fedjax_tl.metrics import MetricsWriter, progress_bar, update_bar
+  from fedjax_tl.metrics import MetricsWriter, progress_bar, read_metrics, update_bar
 
   if not workdir:
     bar = progress_bar(rounds, int(state.round), cfg.quiet)
@@ -294,7 +211,24 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
     finally:
       if bar is not None:
         bar.close()
-  check_workdir(workdir, cfg.resume)
+  top = cfg.workdir if getattr(cfg, "workdir", None) else workdir
+  sub = os.path.relpath(os.path.abspath(workdir), os.path.abspath(top))
+  if sub.startswith(".."):  # not under cfg.workdir: the directory is its own run's
+    top, sub = workdir, "."
+  rcfg = dataclasses.replace(cfg, workdir=top, rounds=rounds)
+  status = wd.inspect(rcfg, (sub,), own=True)
+  if status.action == "done":  # nothing to train, nothing to write
+    ckpt = Checkpointer(workdir, cfg, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
+    try:
+      if ckpt.latest_round() is not None:
+        state = ckpt.restore(state, log=log)
+    finally:
+      ckpt.close()
+    log(status.note)
+    return state, read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  if status.note and status.action == "resume":
+    log(f"note: {status.note}")
+  wd.claim(rcfg)
   ckpt = Checkpointer(workdir, cfg, every=cfg.checkpoint_every, keep=cfg.keep_checkpoints)
   try:
     if cfg.resume and ckpt.latest_round() is None:
@@ -302,12 +236,16 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
     elif cfg.resume:
       state = ckpt.restore(state, log=log)
       log(f"resumed from the checkpoint of round {int(state.round)} in {ckpt.directory}")
+    if int(state.round) > rounds:
+      raise ConfigError(f"{ckpt.directory} holds round {int(state.round)}, past --rounds={rounds}: resume with "
+                        f"--rounds>={int(state.round)}, or choose a new --workdir.")
     writer = MetricsWriter(workdir, rounds, resume_round=int(state.round), quiet=cfg.quiet)
   except BaseException:
     ckpt.close()
     raise
 
   def save(rec, s):
+    wd.guard(rcfg)
     writer.write(rec)
     ckpt.maybe_save(s, final=rec["round"] == rounds)
     if on_round is not None:
@@ -347,8 +285,8 @@ def dp_setup(cfg, population: int, log=print):
   m = cfg.clients_per_round
   z = cfg.dp_noise_multiplier
   if cfg.dp_epsilon > 0:
-    z = accounting.calibrate_noise_multiplier(cfg.dp_epsilon, population, m, cfg.rounds, cfg.dp_delta,
-                                              cfg.dp_accountant, sampling)
+    z = rules.calibrated_noise_multiplier(cfg.dp_epsilon, population, m, cfg.rounds, cfg.dp_delta,
+                                          cfg.dp_accountant)
   if z == 0:
     log("warning: --dp_clip without --dp_noise_multiplier or --dp_epsilon clips the updates but adds no noise: "
         "no privacy (epsilon is infinite).")

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 import time
+from typing import ClassVar
 
 import jax
 import numpy as np
@@ -44,23 +44,21 @@ from fedjax_tl.experiments.algorithms import (  # noqa: F401 (ALGORITHMS, algori
   algorithm_kwargs,
   make_algorithm,
   personal_eval,
-  validate_algorithm,
 )
 from fedjax_tl.experiments.common import (
   ConfigError,
   TransformFlags,
-  check,
-  check_workdir,
   cli_main,
   fedavg_kwargs,
   format_table,
   parse_config,  # noqa: F401 (digits.parse_config: used by scripts and tests)
-  parse_ints,
   run_in_workdir,
   transform_setup,
-  validate_common,
   write_results,
 )
+from fedjax_tl.experiments.common import validate as validate_config
+from fedjax_tl.experiments.rules import check, check_regex, parse_ints, rule
+from fedjax_tl.experiments.workdir import WorkdirStatus, finished
 from fedjax_tl.models import pretrained
 from fedjax_tl.models.base import Model
 from fedjax_tl.models.cnn import CNN
@@ -68,6 +66,7 @@ from fedjax_tl.models.cnn import CNN
 
 @dataclasses.dataclass(frozen=True)
 class Config(AlgorithmFlags, TransformFlags, CompressFlags):  # + algorithm and its flags; compress, dp_*, ...
+  EXPERIMENT: ClassVar[str] = "digits"  # what a work directory records (fedjax_tl.experiments.workdir)
   seed: int = 0
   # source task (central pretraining)
   source_labels: str = "0,1,2,3,4"
@@ -105,7 +104,7 @@ PRESETS = {
 }
 
 NUM_DIGITS = 10
-RUN_DIRS = ("", "pretrained", "scratch")  # what --workdir holds: results.json, one run directory per init
+RUN_DIRS = ("pretrained", "scratch")  # under --workdir (which holds results.json): one run directory per init
 
 
 def _ints(text: str) -> list[int]:
@@ -121,26 +120,45 @@ def _labels(cfg: Config, flag: str) -> list[int]:
   return labels
 
 
-def validate(cfg: Config) -> None:
-  """Every flag checked before any data is loaded or trained on; raises ConfigError naming the flag."""
-  validate_common(cfg, OPTIMIZERS)
+# The demo's own rules in the experiments' flag table (fedjax_tl.experiments.rules).
+@rule("source_labels", "target_labels", experiments=("digits",),
+      bad=[["--target_labels=5,6,12"], ["--source_labels=0,1,10"], ["--target_labels=5,x"], ["--target_labels=5,5,6"],
+           ["--source_labels=3"]])
+def _digit_labels(cfg):
   _labels(cfg, "source_labels")
   _labels(cfg, "target_labels")
-  validate_algorithm(cfg, has_batch_norm=False)
+
+
+@rule("pretrain_epochs", "pretrain_lr", "test_fraction", "min_client_size", "target_accuracy", experiments=("digits",),
+      bad=[["--pretrain_epochs=0"], ["--pretrain_lr=0"], ["--test_fraction=1"], ["--min_client_size=-1"],
+           ["--target_accuracy=1.5"]])
+def _digits_values(cfg):
   check(cfg.pretrain_epochs >= 1, f"--pretrain_epochs must be a positive integer, got {cfg.pretrain_epochs}.")
   check(cfg.pretrain_lr > 0, f"--pretrain_lr must be > 0, got {cfg.pretrain_lr}.")
   check(0 < cfg.test_fraction < 1, f"--test_fraction must be in (0, 1), got {cfg.test_fraction}.")
   check(cfg.min_client_size >= 0, f"--min_client_size must be >= 0, got {cfg.min_client_size}.")
   check(0 <= cfg.target_accuracy <= 1, f"--target_accuracy must be in [0, 1], got {cfg.target_accuracy}.")
+
+
+@rule("features", "hidden", "trainable", experiments=("digits",),
+      bad=[["--features=0,8"], ["--features=a"], ["--hidden=0"], ["--trainable=head("]])
+def _digits_model(cfg):
   features = parse_ints(cfg.features, "features")
   check(bool(features) and min(features) >= 1, f"--features={cfg.features!r}: need positive channel counts.")
   check(cfg.hidden >= 1, f"--hidden must be a positive integer, got {cfg.hidden}.")
-  if cfg.trainable is not None:
-    try:
-      re.compile(cfg.trainable)
-    except re.error as e:
-      raise ConfigError(f"--trainable={cfg.trainable!r} is not a regular expression ({e}).") from None
-  check_workdir(cfg.workdir, cfg.resume, RUN_DIRS)
+  check_regex(cfg.trainable, "trainable")
+
+
+@rule("algorithm", experiments=("digits",), bad=[["--algorithm=fedbn"]])
+def _digits_fedbn(cfg):
+  check(cfg.algorithm != "fedbn", "--algorithm=fedbn keeps BatchNorm layers local, but the digits CNN has no "
+        "BatchNorm; use fedper or fedrep.")
+
+
+def validate(cfg: Config) -> WorkdirStatus:
+  """Every flag checked before any data is loaded or trained on (the flag table of
+  :mod:`fedjax_tl.experiments.rules`), then the work directory; raises ConfigError naming the flag."""
+  return validate_config(cfg, "digits", RUN_DIRS)
 
 
 def make_model(cfg: Config, num_classes: int) -> Model:
@@ -173,7 +191,11 @@ def _pretrain(cfg: Config, source: Dataset) -> dict:
 
 
 def run(cfg: Config, log=print) -> dict:
-  validate(cfg)
+  status = validate(cfg)
+  if status.action == "done":  # --resume=true of a run that already holds --rounds: report it, write nothing
+    return finished(cfg, status, log)
+  if status.note:
+    log(f"note: {status.note}")
   t_start = time.perf_counter()
   digits = load_digits()
   source = split_by_labels(digits, _ints(cfg.source_labels))
