@@ -57,7 +57,7 @@ def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path, capsys, ever
   _run(d, 6, every, kill_after, 0, expect_rc=-signal.SIGKILL)
   latest = Checkpointer(d, resume_worker.Config(workdir=d, checkpoint_every=every)).latest_round()
   assert latest == kill_after - kill_after % every  # every=2, killed after round 3: resumes from 2
-  with pytest.raises(ConfigError, match="already holds checkpoints"):  # without --resume: never overwritten
+  with pytest.raises(ConfigError, match="Pass --resume=true to continue that run"):  # never overwritten
     _run_here(d, 6, every, 0, 0)
   capsys.readouterr()
   _run_here(d, 6, every, 0, 1)

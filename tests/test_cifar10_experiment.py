@@ -55,7 +55,7 @@ def test_missing_dataset_offline_is_a_clear_error(tmp_path):
 
 
 def test_bad_config_values():
-  for field, value, match in [("model", "resnet9", "Unknown model"), ("strategy", "last:9", "last:K"),
+  for field, value, match in [("model", "resnet9", "--model=.resnet9. is unknown"), ("strategy", "last:9", "last:K"),
                               ("bn", "global", "bn must be"), ("weights", "imagenet21k", "weights must"),
                               ("weights", "timm_x", "weights must"), ("dtype", "float16", "dtype must")]:
     with pytest.raises(ValueError, match=match):

@@ -64,7 +64,13 @@ class WorkdirStatus:
 def experiment_of(cfg) -> str:
   """The experiment a config belongs to: its class's ``EXPERIMENT`` (``digits``, ``cifar10``), else the name of
   the module that defines the class."""
-  return getattr(type(cfg), "EXPERIMENT", None) or type(cfg).__module__.rsplit(".", 1)[-1]
+  name = getattr(type(cfg), "EXPERIMENT", None)
+  if name:
+    return name
+  module = type(cfg).__module__
+  if module == "__main__":  # a script: its file's name, as when another process imports it
+    module = os.path.splitext(os.path.basename(getattr(sys.modules["__main__"], "__file__", "") or "__main__"))[0]
+  return module.rsplit(".", 1)[-1]
 
 
 def _version() -> str:
