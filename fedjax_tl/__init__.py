@@ -130,6 +130,7 @@ _EXPORTS = {
     "calibrate_noise_multiplier": "fedjax_tl.privacy.accounting",
     # running
     "run_rounds": "fedjax_tl.core.train",
+    "DivergenceWarning": "fedjax_tl.core.train",
     "Checkpointer": "fedjax_tl.checkpoint",
     "MetricsWriter": "fedjax_tl.metrics",
     "format_table": "fedjax_tl.metrics",

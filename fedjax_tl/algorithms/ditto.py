@@ -23,6 +23,7 @@ import jax
 import optax
 
 import fedjax_tl as ftl
+from fedjax_tl.core.checks import check_optimizer
 
 __all__ = ["Ditto", "DittoState"]
 
@@ -88,6 +89,7 @@ class Ditto:
   def __post_init__(self):
     if not self.lam >= 0:
       raise ValueError(f"Ditto's lam must be >= 0, got {self.lam}.")
+    check_optimizer(self.server_optimizer, "Ditto's server_optimizer", "optax.sgd(1.0) (plain FedAvg)")
     personal_ms = "frozen" if self.model_state == "frozen" else "local"
     object.__setattr__(self, "_global", ftl.FedAvg(self.local, self.server_optimizer, self.schedule,
                                                    trainable=self.trainable, model_state=self.model_state))

@@ -42,6 +42,7 @@ from fedjax_tl.compress.pruning import (
   prunable_leaves,
 )
 from fedjax_tl.compress.report import sparse_bits
+from fedjax_tl.core.checks import check_optimizer
 from fedjax_tl.transforms.base import UpdateTransform, identity
 from fedjax_tl.types import OptState, Params
 
@@ -120,6 +121,7 @@ class FederatedPruning:
 
   def server_optimizer(self, inner: optax.GradientTransformation) -> optax.GradientTransformation:
     """``inner`` followed by pruning to the next round's sparsity; the mask is kept in the optimizer state."""
+    check_optimizer(inner, "FederatedPruning.server_optimizer's inner optimizer", "optax.sgd(1.0)")
     def init(params):
       mask = magnitude_mask(params, self.sparsity(0), scope=self.scope, prunable=self.prunable)
       return PruningServerState(inner.init(params), mask, jnp.zeros((), jnp.int32))

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_tl.core.checks import check_optimizer
 from fedjax_tl.types import OptState, Params
 
 __all__ = ["is_kernel", "prunable_leaves", "magnitude_mask", "apply_mask", "polynomial_sparsity", "masked",
@@ -153,6 +154,7 @@ def masked(inner: optax.GradientTransformation, mask: Params) -> optax.GradientT
   """``inner`` whose updates are zero wherever ``mask`` is False, so pruned weights stay exactly zero (also
   under momentum, Adam or weight decay, which would otherwise move them). Unlike ``optax.masked`` (which
   leaves masked leaves' *gradients* as updates), the masked entries get no update at all."""
+  check_optimizer(inner, "pruning.masked's inner optimizer")
 
   def init(params):
     return MaskedState(inner.init(params))
@@ -171,6 +173,7 @@ def keep_pruned(inner: optax.GradientTransformation, prunable: Prunable = is_ker
   initialised from the broadcast model every round, so the support of the (sparse) broadcast is the server's
   mask; no separate mask needs to travel. Non-prunable leaves (e.g. biases initialised at zero) are free.
   """
+  check_optimizer(inner, "keep_pruned's inner optimizer")
   def init(params):
     which = prunable_leaves(params, prunable)
     mask = jax.tree.map(lambda p, f: (p != 0) if f else jnp.ones(p.shape, bool), params, which)

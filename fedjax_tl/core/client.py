@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
+from fedjax_tl.core.checks import check_hook_output, check_optimizer
 from fedjax_tl.core.hooks import Hooks
 from fedjax_tl.core.params import split_params
 from fedjax_tl.models.base import Model
@@ -119,6 +120,7 @@ class LocalTraining:
   fast_path: bool = True
 
   def __post_init__(self):
+    check_optimizer(self.optimizer, "LocalTraining's optimizer", "optax.sgd(0.1) or ftl.client_optimizer('adam', 1e-3)")
     if self.norm_stats not in ("batch", "frozen"):
       raise ValueError(f"norm_stats must be 'batch' or 'frozen', got {self.norm_stats!r}.")
     if self.batch_size < 1:
@@ -206,7 +208,8 @@ class LocalTraining:
     hook = state.hook
     if self.hooks is not None:
       ctx, hook_state = hook
-      grads, new_hook_state = self.hooks.grads(grads, state.params, hook_state, ctx, t)
+      out = self.hooks.grads(grads, state.params, hook_state, ctx, t)
+      grads, new_hook_state = check_hook_output(self.hooks, "grads", out, grads=grads, state=hook_state)
       hook = (ctx, keep(new_hook_state, hook_state))
     updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
@@ -232,7 +235,9 @@ class LocalTraining:
     message = None
     if self.hooks is not None:
       ctx, hook_state = state.hook
-      delta, message, parts["client"] = self.hooks.finish(delta, params, hook_state, ctx, state.steps)
+      out = self.hooks.finish(delta, params, hook_state, ctx, state.steps)
+      delta, message, parts["client"] = check_hook_output(self.hooks, "finish", out, delta=delta,
+                                                          client_state=ctx.client_state)
     if len(parts) > 1:
       model_state = parts
     seen = jnp.maximum(state.seen, 1.0)

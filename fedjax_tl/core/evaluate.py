@@ -14,7 +14,7 @@ from fedjax_tl import keys
 from fedjax_tl.core.client import LocalTraining, masked_cross_entropy, merge_params
 from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import FederatedData, check_labels
-from fedjax_tl.models.base import Model
+from fedjax_tl.models.base import Model, init_shapes
 from fedjax_tl.types import ModelState, Params
 
 __all__ = ["evaluate", "eval_batch_size", "evaluate_per_client", "client_summary"]
@@ -52,6 +52,7 @@ def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_
     raise ValueError("Cannot evaluate on an empty dataset.")
   check_labels(y, model.num_outputs(), f"evaluation labels (the model has {model.num_outputs()} outputs)")
   x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+  model.check_inputs(x.shape[1:], x.dtype, "evaluate")
   b = eval_batch_size(n, batch_size)
   total = jnp.zeros(3)
   for start in range(0, n, b):
@@ -63,11 +64,6 @@ def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_
 
 
 # ---- per-client (personalized) evaluation ----
-
-
-@functools.cache
-def _init_shapes(model: Model):
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0))
 
 
 def _is_stacked(tree, ref, num_clients: int, what: str) -> bool:
@@ -183,7 +179,8 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
     over clients).
   """
   num_clients = test.num_clients
-  shapes_params, shapes_state = _init_shapes(model)
+  model.check_inputs(test.x.shape[1:], test.x.dtype, "evaluate_per_client (test)")
+  shapes_params, shapes_state = init_shapes(model)
   stacked_params = _is_stacked(params, shapes_params, num_clients, "params")
   stacked_state = _is_stacked(model_state, shapes_state, num_clients, "model_state")
   outputs = model.num_outputs()
@@ -196,6 +193,8 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
       raise ValueError("finetune > 0 needs local (the clients' LocalTraining) and train (their training data).")
     if train.num_clients != num_clients:
       raise ValueError(f"train has {train.num_clients} clients but test has {num_clients}.")
+    if train.x is not test.x:
+      model.check_inputs(train.x.shape[1:], train.x.dtype, "evaluate_per_client (train)")
     local = dataclasses.replace(local, epochs=None, steps=finetune, personal=None, hooks=None)
   else:
     local, train, trainable = None, test, None

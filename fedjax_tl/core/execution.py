@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys as prng
+from fedjax_tl.core.checks import format_diff, tree_diff
 from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
@@ -317,10 +318,23 @@ class CohortRunner:
                      _weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
     if acc is None:
       return sums
+    self._check_message(sums.message_sum, acc.message_sum)
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     return RoundSums(add(acc.delta_sum, sums.delta_sum), add(acc.state_sum, sums.state_sum),
                      acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states, carry,
                      add(acc.message_sum, sums.message_sum))
+
+  def _check_message(self, got: Any, want: Any) -> None:
+    """At trace time: this chunk's hook messages have the structure and shapes of the previous chunks' (they are
+    summed over the cohort; jnp.add would fail on another structure and silently broadcast another shape)."""
+    diff = tree_diff(got, want)
+    if diff or jax.tree.structure(got) != jax.tree.structure(want):
+      name = type(self.local.hooks).__name__
+      raise ValueError(f"{name}.finish sent messages whose structure or shapes differ between the cohort's clients: "
+                       f"{format_diff(diff) or f'{jax.tree.structure(got)} vs {jax.tree.structure(want)}'}. A message "
+                       "must have the same structure and shapes for every client and round (it is summed over the "
+                       "cohort): build it from the shapes of finish's arguments only, not from Python state or "
+                       "values that change between calls.")
 
   def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples):
     states = jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)

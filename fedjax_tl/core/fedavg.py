@@ -22,6 +22,14 @@ import optax
 from fedjax_tl import keys
 from fedjax_tl.core import store
 from fedjax_tl.core.aggregation import Aggregator, Mean
+from fedjax_tl.core.checks import (
+  check_hashable,
+  check_hook_output,
+  check_optimizer,
+  format_diff,
+  leaf_shapes,
+  tree_diff,
+)
 from fedjax_tl.core.client import ClientOutput, LocalTraining, merge_params
 from fedjax_tl.core.execution import (
   ClientContext,
@@ -34,6 +42,7 @@ from fedjax_tl.core.execution import (
 from fedjax_tl.core.hooks import Hooks, TrainContext, tree_bits
 from fedjax_tl.core.params import split_params, tree_bytes
 from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.models.base import init_shapes
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, pseudo_gradient
 
@@ -195,6 +204,8 @@ class FedAvg:
   hooks: Hooks | None = None
 
   def __post_init__(self):
+    check_optimizer(self.server_optimizer, "FedAvg's server_optimizer",
+                    "optax.sgd(1.0) (plain FedAvg) or ftl.fed_adam(eta=1e-2)")
     if self.postprocess is not None and (self.client_transform is not None or self.aggregator != Mean()):
       raise ValueError("Give either postprocess or client_transform/aggregator, not both.")
     if self.downlink is not None and self.downlink.encoded_bits is None:
@@ -212,6 +223,7 @@ class FedAvg:
     if self.hooks is not None:
       if not isinstance(self.hooks, Hooks):
         raise TypeError(f"hooks must be a fedjax_tl.Hooks (subclass) instance, got {type(self.hooks).__name__}.")
+      check_hashable(self.hooks, "FedAvg(hooks=...)")
       object.__setattr__(self, "local", dataclasses.replace(self.local, hooks=self.hooks))
     # Not fields: the runner per pad size (their compiled programs are shared by equal configurations) and the
     # model's number of outputs (for the label check).
@@ -231,7 +243,12 @@ class FedAvg:
   # ---- state ----
   def init(self, params: Params, model_state: ModelState | None = None,
            num_clients: int | None = None) -> ServerState:
-    """Server state from initial params; ``num_clients`` (the population size) is needed for "local"."""
+    """Server state from initial params; ``num_clients`` (the population size) is needed for "local".
+
+    ``params`` and ``model_state`` must be those of the LocalTraining's model (``model.init``, or weights loaded
+    into them with :func:`fedjax_tl.pretrained.merge`): their paths and shapes are checked against an abstract
+    trace of ``model.init``."""
+    self._check_init(params, model_state)
     trainable, frozen = split_params(params, self.trainable)
     client_params = None
     if self.local_params is not None:
@@ -278,6 +295,26 @@ class FedAvg:
                        "would not cover it. Use aggregator=Mean() or UniformMean().")
     return state
 
+  def _check_init(self, params: Params, model_state: ModelState | None) -> None:
+    """Raises naming the first differing paths and shapes if ``params`` / ``model_state`` are not the model's."""
+    model = self.local.model
+    try:
+      want_params, want_state = init_shapes(model)
+    except Exception:  # noqa: BLE001  a model that cannot be initialised abstractly: nothing to compare against
+      return
+    which = f"the LocalTraining's model ({type(model.module).__name__}, sample_shape={model.sample_shape})"
+    diff = tree_diff(params, want_params)
+    if diff:
+      raise ValueError(f"FedAvg.init: the params are not those of {which}: {format_diff(diff)}. Pass the params "
+                       "of this model's own init (params, model_state = model.init(key)), or load saved or "
+                       "pretrained weights into them with ftl.pretrained.merge(params, loaded, dont_load=[...]), "
+                       "which names every missing, extra or mis-shaped parameter.")
+    diff = tree_diff(model_state or {}, want_state)
+    if diff:
+      raise ValueError(f"FedAvg.init: the model_state is not that of {which}: {format_diff(diff)}. Pass the "
+                       "model_state of this model's own init (the second value of model.init(key): e.g. BatchNorm "
+                       "statistics; {} for a model without state), or the one saved with these params.")
+
   def _one_client_state(self, state: ServerState) -> Any:
     if state.algorithm_clients is None:
       return self.hooks.client_init(state.params)
@@ -290,13 +327,17 @@ class FedAvg:
     def message(params, algorithm_state, client_state):
       ctx = TrainContext(params, h.broadcast(algorithm_state, params), client_state, jnp.int32(0), jnp.int32(0),
                          jnp.int32(1))
-      return h.finish(params, params, h.start(ctx), ctx, jnp.int32(1))[1]
+      out = check_hook_output(h, "finish", h.finish(params, params, h.start(ctx), ctx, jnp.int32(1)), delta=params,
+                              client_state=client_state)
+      return out[1]
 
     return jax.eval_shape(message, state.params, state.algorithm_state, self._one_client_state(state))
 
-  def _check_labels(self, data: FederatedData) -> None:
-    """Raises if ``data`` has labels the model has no logit for (they would give NaN losses, reported later as
-    a diverged model). The data's own labels are checked against its ``num_classes`` when it is built."""
+  def _check_data(self, data: FederatedData) -> None:
+    """Raises if ``data``'s examples do not fit the model's ``sample_shape`` (:meth:`Model.check_inputs`), or if
+    it has labels the model has no logit for (they would give NaN losses, reported later as a diverged model).
+    The data's own labels are checked against its ``num_classes`` when it is built."""
+    self.local.model.check_inputs(data.x.shape[1:], data.x.dtype, "FedAvg round (run_rounds / FedAvg.apply)")
     if self._num_outputs is None:
       object.__setattr__(self, "_num_outputs", self.local.model.num_outputs())
     k, top = self._num_outputs, data.label_range[1]
@@ -320,16 +361,22 @@ class FedAvg:
       down, up = down + hook_down, up + hook_up
     return down, up
 
-  def _hook_bits(self, state: ServerState) -> tuple[int, int]:
-    """The hooks' broadcast and message bits, traced abstractly once per shape of the state (not every round)."""
+  def _hook_shapes(self, state: ServerState) -> tuple[int, Any]:
+    """The hooks' broadcast bits and the shapes of one client's message, traced abstractly once per shape of the
+    state (not every round)."""
     parts = (state.params, state.algorithm_state, state.algorithm_clients)
     key = (jax.tree.structure(parts), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves(parts)))
     cache = self.__dict__.setdefault("_hook_bits_cache", {})
     if key not in cache:
       h = self.hooks
       cache[key] = (h.broadcast_bits(jax.eval_shape(h.broadcast, state.algorithm_state, state.params)),
-                    tree_bits(self._message_shape(state)))
+                    self._message_shape(state))
     return cache[key]
+
+  def _hook_bits(self, state: ServerState) -> tuple[int, int]:
+    """The hooks' broadcast and message bits."""
+    down, message = self._hook_shapes(state)
+    return down, tree_bits(message)
 
   def communication_bytes(self, state: ServerState) -> tuple[int, int]:
     """(bytes down, bytes up) per client per round: the bits rounded up to whole bytes."""
@@ -360,9 +407,10 @@ class FedAvg:
       server_ts = None if server_ts is None else new_ts
     algorithm_state = state.algorithm_state
     if self.hooks is not None:
-      mean_delta, algorithm_state = self.hooks.server_update(algorithm_state, mean_delta, sums.message_sum,
-                                                             real.sum().astype(jnp.int32), jnp.int32(num_clients),
-                                                             sums.client_metrics)
+      out = self.hooks.server_update(algorithm_state, mean_delta, sums.message_sum, real.sum().astype(jnp.int32),
+                                     jnp.int32(num_clients), sums.client_metrics)
+      self._check_server_update(out, mean_delta, algorithm_state)
+      mean_delta, algorithm_state = out
       mean_delta = jax.tree.map(lambda d, p: d.astype(p.dtype), mean_delta, state.params)
     updates, opt_state = self.server_optimizer.update(pseudo_gradient(mean_delta), state.opt_state,
                                                       state.params)
@@ -374,6 +422,41 @@ class FedAvg:
     return state._replace(params=params, model_state=model_state, opt_state=opt_state, round=state.round + 1,
                           server_transform_state=server_ts, aggregator_state=agg_state,
                           algorithm_state=algorithm_state), agg_metrics
+
+  def _check_server_update(self, out: Any, mean_delta: Params, algorithm_state: Any) -> None:
+    """At trace time: ``Hooks.server_update`` returned (a mean delta shaped as the params, a state shaped as the
+    one it was given)."""
+    where = f"{type(self.hooks).__name__}.server_update"
+    if not isinstance(out, tuple | list) or len(out) != 2:
+      raise TypeError(f"{where} must return a tuple (mean_delta, new algorithm state), got {type(out).__name__}.")
+    diff = tree_diff(out[0], mean_delta)
+    if diff:
+      raise ValueError(f"{where} returned a mean_delta that does not match the trainable params (the mean_delta "
+                       f"it was given): {format_diff(diff)}. Return it with the same structure and shapes (e.g. "
+                       "jax.tree.map over the given mean_delta).")
+    diff = tree_diff(out[1], algorithm_state)
+    if diff:
+      raise ValueError(f"{where} returned a new algorithm state that does not match the state it was given "
+                       f"(server_init's structure): {format_diff(diff)}. Keep the state's structure and shapes from "
+                       "round to round (they are the compiled round's and the checkpoint's).")
+
+  def _check_message(self, state: ServerState, message_sum: Any) -> None:
+    """Raises if the hooks' message in a round differs in structure or shapes from the one traced at init (to
+    count its uplink bytes and check the aggregator); checked once per shape of the round's message."""
+    got = (jax.tree.structure(message_sum), tuple(leaf_shapes(message_sum).items()))
+    checked = self.__dict__.setdefault("_messages_checked", set())
+    if got in checked:
+      return
+    want = self._hook_shapes(state)[1]
+    diff = tree_diff(message_sum, want)
+    if diff or jax.tree.structure(message_sum) != jax.tree.structure(want):
+      name = type(self.hooks).__name__
+      raise ValueError(f"{name}.finish sent a message in this round that differs from the one FedAvg traced for "
+                       f"one client at init (to count its uplink bytes): {format_diff(diff) or 'its containers'}. "
+                       "A message must have the same structure and shapes for every client and round (it is summed "
+                       "over the cohort): build it from the shapes of finish's arguments only, not from Python state "
+                       "or values that change between calls.")
+    checked.add(got)
 
   def _cohort_model_state(self, state: ServerState, rows: jax.Array, num_clients: int,
                           client_ids: jax.Array | None = None) -> Any:
@@ -402,7 +485,7 @@ class FedAvg:
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[ServerState, dict]:
     """One round: returns (new_state, metrics). Metrics are device scalars plus per-client arrays."""
-    self._check_labels(data)
+    self._check_data(data)
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
       ms = self._cohort_model_state(state, jnp.zeros((1,), jnp.int32), data.num_clients)
@@ -425,6 +508,8 @@ class FedAvg:
       own = sums.client_states.get("personal")
       algo_clients = sums.client_states.get("client")
       sums = sums._replace(state_sum=sums.state_sum["model"], client_states=sums.client_states["model"])
+    if self.hooks is not None:
+      self._check_message(state, sums.message_sum)
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
     info = dict(info)
     senders = info.pop("senders", n)

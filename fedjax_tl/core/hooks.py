@@ -21,7 +21,9 @@ uplink bytes as float32; what the server broadcasts is counted in the downlink b
 step (``steps == 0``); its hooks should leave its persistent state unchanged.
 
 The defaults are FedAvg's (nothing extra is kept, sent or changed), so a subclass overrides only what its
-algorithm needs; it must be a frozen dataclass (hashable: it is part of the compiled programs' configuration).
+algorithm needs; it must be a frozen dataclass (hashable: it is part of the compiled programs' configuration;
+``FedAvg`` names an unhashable field at construction, and checks what the hooks return against this contract once,
+by shape, at ``init`` and when it traces the round).
 SCAFFOLD in ~25 lines is :mod:`fedjax_tl.algorithms.scaffold`.
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -14,11 +15,17 @@ from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.keys import round_keys
 from fedjax_tl.types import PRNGKey
 
-__all__ = ["run_rounds", "round_keys", "CompileTimer"]
+__all__ = ["run_rounds", "round_keys", "CompileTimer", "DivergenceWarning"]
 
 # jax.monitoring time spans of tracing, lowering to MLIR and XLA compilation (jax._src.dispatch).
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
+
+
+class DivergenceWarning(UserWarning):
+  """:func:`run_rounds`'s warning that the training loss has grown far above its first value while still finite
+  (the run goes on; a non-finite loss stops it with a FloatingPointError). Turn it into an error with
+  ``warnings.simplefilter("error", ftl.DivergenceWarning)``, or off with ``run_rounds(..., divergence=None)``."""
 
 
 class CompileTimer:
@@ -68,7 +75,8 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
                eval_every: int = 1, on_round: Callable[[dict, ServerState], None] | None = None,
                round_metrics: Callable[[int], dict] | None = None,
                bytes_so_far: tuple[float, float] = (0, 0),
-               sampler: Callable[[PRNGKey, int], np.ndarray] | None = None) -> tuple[ServerState, list[dict]]:
+               sampler: Callable[[PRNGKey, int], np.ndarray] | None = None,
+               divergence: float | None = 100.0) -> tuple[ServerState, list[dict]]:
   """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
 
   Each record holds the round number, every metric the algorithm returned (device scalars as numbers, arrays as
@@ -80,7 +88,10 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
   every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
   The cohort of round r is ``sampler(key, r)`` (default: ``cohort_size`` clients uniformly without replacement,
   :func:`sample_clients`), with ``key`` derived from the seed and r (:func:`fedjax_tl.keys.sampling`).
-  A non-finite training loss stops the run with an error naming the round. ``on_round(record, state)`` is
+  A non-finite training loss stops the run with an error naming the round; a finite one more than ``divergence``
+  times the run's first round's (or than ``divergence`` times ln(num_classes), a uniform guess's loss, if that is
+  larger) warns once per run with a :class:`DivergenceWarning` naming the round and the ratio, and the run goes on
+  (``divergence=None``: no warning). ``on_round(record, state)`` is
   called after every round (metrics files, checkpoints); ``round_metrics(round)`` adds entries to a round's
   record (e.g. the privacy spent so far).
   """
@@ -88,8 +99,12 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
     if cohort_size is None:
       raise ValueError("run_rounds needs cohort_size or a sampler.")
     sampler = lambda key, r: sample_clients(key, data.num_clients, cohort_size)  # noqa: E731
+  if divergence is not None and not divergence > 1:
+    raise ValueError(f"run_rounds' divergence must be a factor > 1 (or None to turn the warning off), got "
+                     f"{divergence}.")
   history = []
   up_total, down_total = bytes_so_far
+  first_loss, warned = None, False
   start_round = int(state.round)
   for r in range(start_round, start_round + rounds):
     with CompileTimer() as compile_timer:
@@ -106,6 +121,17 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
       raise FloatingPointError(
           f"Client training loss is {loss} in round {r + 1}; the model diverged. Lower the client learning "
           "rate, clip gradients (optax.clip_by_global_norm) or check the inputs for NaNs.")
+    if first_loss is None:
+      first_loss = loss
+    reference = max(first_loss, math.log(max(getattr(data, "num_classes", 2), 2)))
+    if divergence is not None and not warned and loss > divergence * reference:
+      warned = True
+      ratio = f"{loss / first_loss:.3g}x" if first_loss > 0 else "far above"
+      warnings.warn(DivergenceWarning(
+          f"The training loss is {loss:.4g} in round {r + 1}, {ratio} its first value "
+          f"({first_loss:.4g}, round {start_round + 1}): the model is diverging. Lower the client learning rate "
+          "(LocalTraining's optimizer) or clip gradients (optax.clip_by_global_norm). run_rounds warns above "
+          f"divergence={divergence:g}x the first loss; divergence=None turns this warning off."), stacklevel=2)
     rec = {"round": r + 1, **_to_python(metrics), "client_ids": ids.tolist()}
     rec.update(train_loss=loss, num_examples=int(metrics["num_examples"]), bytes_up=int(metrics["bytes_up"]),
                bytes_down=int(metrics["bytes_down"]), wall_s=wall, compile_s=compile_s,

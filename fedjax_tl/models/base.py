@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from fedjax_tl.types import ModelState, Params, PRNGKey
 
-__all__ = ["Model", "scale_uint8", "default_preprocess"]
+__all__ = ["Model", "scale_uint8", "default_preprocess", "init_shapes"]
 
 
 def scale_uint8(x: jax.Array) -> jax.Array:
@@ -49,12 +50,54 @@ def _call_arguments(cls: type) -> tuple[bool, bool, str]:
   return "train" in params or var_kw, "mask" in params or var_kw, f"{cls.__name__}.__call__{sig}"
 
 
-@functools.cache
+def _cached(fn: Callable) -> Callable:
+  """``functools.cache`` of a function of a model, computed uncached for an unhashable model (e.g. a module
+  with a list field)."""
+  cached = functools.cache(fn)
+
+  @functools.wraps(fn)
+  def call(model, *args):
+    try:
+      return cached(model, *args)
+    except TypeError as e:
+      if "unhashable" not in str(e):
+        raise
+      return fn(model, *args)
+
+  call.cache_clear = cached.cache_clear
+  return call
+
+
+@_cached
+def init_shapes(model: Model) -> tuple[Params, ModelState]:
+  """(params, model state) of ``model.init`` as ShapeDtypeStructs, from an abstract trace (nothing computed or
+  compiled), cached per model."""
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0))
+
+
+@_cached
 def _num_outputs(model: Model) -> int:
-  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  params, state = init_shapes(model)
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   logits, _ = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
   return int(logits.shape[-1])
+
+
+@_cached
+def _input_error(model: Model, shape: tuple[int, ...], dtype: str) -> str | None:
+  """None if ``model`` (its preprocessing and module, with its own init's params) accepts examples of ``shape``
+  and ``dtype``, else the error it raises (traced abstractly; nothing is computed)."""
+  try:
+    params, state = init_shapes(model)
+  except Exception:  # noqa: BLE001  a model that cannot be traced abstractly: nothing to check against
+    return None
+  x = jax.ShapeDtypeStruct((1, *shape), dtype)
+  try:
+    jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
+  except Exception as e:  # noqa: BLE001  any error of the module on these inputs is the user's shape mismatch
+    first = re.sub(r"\s*\(https?://\S+\)", "", (str(e).strip().splitlines() or [""])[0])
+    return f"{type(e).__name__}: {first[:300]}"
+  return None
 
 
 _NEEDED_SIGNATURE = "__call__(self, x, train: bool = False, mask=None)"
@@ -87,6 +130,13 @@ class Model:
   sample_shape: tuple[int, ...]
   preprocess: Callable[[jax.Array], jax.Array] = default_preprocess
   sample_dtype: Any = jnp.uint8
+
+  def __post_init__(self):
+    try:
+      object.__setattr__(self, "sample_shape", tuple(int(d) for d in self.sample_shape))
+    except TypeError:
+      raise TypeError(f"Model's sample_shape must be the shape of one stored example, a sequence of ints such as "
+                      f"(32, 32, 3), got {self.sample_shape!r}.") from None
 
   def _kwargs(self, train: bool, mask: jax.Array | None) -> dict:
     takes_train, takes_mask, _ = _call_arguments(type(self.module))
@@ -135,10 +185,29 @@ class Model:
 
   def num_outputs(self) -> int:
     """Size of the logits' last axis (the number of classes the model can predict), from an abstract trace."""
-    try:
-      return _num_outputs(self)
-    except TypeError:  # an unhashable module (e.g. a list field): not cached
-      return _num_outputs.__wrapped__(self)
+    return _num_outputs(self)
+
+  def check_inputs(self, example_shape: tuple[int, ...], dtype: Any, where: str) -> None:
+    """Raises a ValueError naming ``where``, both shapes and the fix if stored examples of ``example_shape``
+    (one example, without the batch axis) do not fit the model.
+
+    Examples of ``sample_shape`` always pass, at no cost. Others pass if the model accepts them anyway (e.g. a
+    fully convolutional network, or a ``preprocess`` that resizes to a fixed size), checked once per shape by an
+    abstract trace of :meth:`apply` with the params of :meth:`init`.
+    """
+    example_shape = tuple(int(d) for d in example_shape)
+    if example_shape == self.sample_shape:
+      return
+    error = _input_error(self, example_shape, str(jnp.dtype(dtype)))
+    if error is None:
+      return
+    module = type(self.module).__name__
+    raise ValueError(
+        f"{where}: the examples have shape {example_shape} but the model ({module}) was built for "
+        f"Model.sample_shape={self.sample_shape}, the shape of one stored example, and fails on them ({error}). "
+        f"Resize the data to {self.sample_shape} before building the Dataset / FederatedData, or build the model "
+        f"for this data with Model(..., sample_shape={example_shape}) (a preprocess can resize it to what the "
+        f"module expects, e.g. ftl.augment.with_resize) and initialise its params again with model.init.")
 
   def apply(self, params: Params, state: ModelState, x: jax.Array, *, train: bool,
             mask: jax.Array | None = None, rng: PRNGKey | None = None) -> tuple[jax.Array, ModelState]:
