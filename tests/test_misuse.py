@@ -250,3 +250,15 @@ def test_no_divergence_warning_on_a_normal_run(tiny_local, tiny_data, tiny_param
     warnings.simplefilter("error", ftl.DivergenceWarning)
     _, hist = ftl.run_rounds(algo, algo.init(*tiny_params), tiny_data, rounds=3, cohort_size=5, seed=0)
   assert all(np.isfinite(r["train_loss"]) for r in hist)
+
+
+@pytest.mark.parametrize("ids,error,words", [
+    ([1, 1], ValueError, "repeats clients [1]"), ([2, 2, 2], ValueError, "repeats clients [2]"),
+    ([0.0, 1.0], TypeError, "client ids are integers"), ([], ValueError, "is empty"),
+    ([0, 7], ValueError, "ids [7] outside [0, 5)"), ([-1, 0], ValueError, "ids [-1] outside"),
+    ([[0, 1]], ValueError, "1-D array")])
+def test_a_bad_cohort_from_the_sampler_is_named(tiny_local, tiny_data, tiny_params, ids, error, words):
+  algo = ftl.FedAvg(tiny_local, schedule="sequential/host:1")
+  with pytest.raises(error) as e:
+    ftl.run_rounds(algo, algo.init(*tiny_params), tiny_data, rounds=1, seed=0, sampler=lambda key, r: ids)
+  assert words in str(e.value) and "round 1" in str(e.value)

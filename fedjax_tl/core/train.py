@@ -70,6 +70,30 @@ def _to_python(v):
   return a.item() if a.ndim == 0 else a.tolist()
 
 
+def _check_cohort(ids, num_clients: int, r: int) -> np.ndarray:
+  """The sampler's cohort as a 1-D integer array of distinct client ids in [0, num_clients), or an error naming
+  what is wrong (a duplicate would train and weight a client twice and write its per-client state twice; a float
+  id would be truncated; an empty cohort has nothing to average)."""
+  ids = np.asarray(ids)
+  where = f"The sampler's cohort for round {r + 1}"
+  if ids.ndim != 1:
+    raise ValueError(f"{where} has shape {ids.shape}; return a 1-D array of client ids.")
+  if ids.size == 0:
+    raise ValueError(f"{where} is empty; return at least one client id (a round needs a reporting client).")
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f"{where} has dtype {ids.dtype} ({ids[:5].tolist()}...); client ids are integers: return e.g. "
+                    "np.asarray(ids, np.int32) (floats would be truncated).")
+  bad = ids[(ids < 0) | (ids >= num_clients)]
+  if bad.size:
+    raise ValueError(f"{where} has ids {sorted(set(bad.tolist()))[:5]} outside [0, {num_clients}) (the data's "
+                     "clients).")
+  values, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    raise ValueError(f"{where} repeats clients {values[counts > 1][:5].tolist()}: each client trains once per round; "
+                     "sample without replacement (e.g. rng.choice(n, k, replace=False)).")
+  return ids
+
+
 def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int,
                cohort_size: int | None = None, seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None,
                eval_every: int = 1, on_round: Callable[[dict, ServerState], None] | None = None,
@@ -87,7 +111,8 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
   time until the new server state is computed, excluding ``compile_s``), examples/s (over ``wall_s``) and,
   every ``eval_every`` rounds and at the end, the evaluation metrics prefixed ``test_``.
   The cohort of round r is ``sampler(key, r)`` (default: ``cohort_size`` clients uniformly without replacement,
-  :func:`sample_clients`), with ``key`` derived from the seed and r (:func:`fedjax_tl.keys.sampling`).
+  :func:`sample_clients`), with ``key`` derived from the seed and r (:func:`fedjax_tl.keys.sampling`); it must
+  return distinct integer ids of the data's clients, at least one (anything else is an error naming the round).
   A non-finite training loss stops the run with an error naming the round; a finite one more than ``divergence``
   times the run's first round's (or than ``divergence`` times ln(num_classes), a uniform guess's loss, if that is
   larger) warns once per run with a :class:`DivergenceWarning` naming the round and the ratio, and the run goes on
@@ -110,7 +135,7 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
     with CompileTimer() as compile_timer:
       t0 = time.perf_counter()
       sample_key, train_key = round_keys(seed, r)
-      ids = np.asarray(sampler(sample_key, r))
+      ids = _check_cohort(sampler(sample_key, r), data.num_clients, r)
       state, metrics = algorithm.apply(state, data, ids, train_key)
       state = jax.block_until_ready(state)  # the server update is dispatched asynchronously: time it too
       loss = float(metrics["train_loss"])
