@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import time
 from typing import ClassVar
@@ -147,6 +148,22 @@ def _digits_model(cfg):
   check(bool(features) and min(features) >= 1, f"--features={cfg.features!r}: need positive channel counts.")
   check(cfg.hidden >= 1, f"--hidden must be a positive integer, got {cfg.hidden}.")
   check_regex(cfg.trainable, "trainable")
+
+
+@rule("trainable", "features", "hidden", experiments=("digits",), bad=[["--trainable=nomatch"]])
+def _trainable_matches(cfg):
+  """The regex must select some parameter of the demo's CNN (an abstract init: nothing computed)."""
+  if cfg.trainable is None:
+    return
+  from flax import traverse_util
+
+  from fedjax_tl.models.base import init_shapes
+
+  params, _ = init_shapes(make_model(cfg, len(_labels(cfg, "target_labels"))))
+  paths = ["/".join(k) for k in traverse_util.flatten_dict(params)]
+  check(any(re.search(cfg.trainable, p) for p in paths),
+        f"--trainable={cfg.trainable!r} matches no parameter of the CNN; its paths are {paths} (e.g. --trainable=head "
+        "for a linear probe).")
 
 
 @rule("algorithm", experiments=("digits",), bad=[["--algorithm=fedbn"]])
