@@ -34,7 +34,8 @@ def _dense_c(strategy: MFStrategy, n: int) -> np.ndarray:
       if strategy.kind == "toeplitz":
         c[i, j] = strategy.coefs[i - j] if i - j < len(strategy.coefs) else 0.0
       else:
-        c[i, j] = 1.0 if i == j else sum(s * d ** (i - j - 1) for d, s in zip(strategy.buf_decay, strategy.output_scale))
+        pairs = zip(strategy.buf_decay, strategy.output_scale)
+        c[i, j] = 1.0 if i == j else sum(s * d ** (i - j - 1) for d, s in pairs)
   return c
 
 

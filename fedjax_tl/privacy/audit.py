@@ -4,7 +4,7 @@ As in Andrew et al. 2023 ("One-shot Empirical Privacy Estimation for Federated L
 canary clients join the population (ids ``num_clients .. num_clients + num_canaries - 1``, no examples) and
 are sampled like every other client. Each canary is *held in* or *held out* by an independent fair coin
 (seeded): a held-in canary, whenever it is in a cohort, sends a fixed random direction u_i (unit L2 norm,
-scaled to ``canary_norm``, more than the clip so a correct aggregator clips it to exactly the clip norm); a
+scaled to ``canary_norm``, 100x the clip by default, so a correct aggregator clips it to the clip norm); a
 held-out canary sends a zero update. Both go through the run's own aggregator (``encode``: clipping,
 eligibility, masking; ``decode``: noise), so a clipping bug or a missing noise term shows. A held-out canary is
 a neighbouring population of the held-in one (its data replaced by data with a zero update: replace-one, and
@@ -49,6 +49,7 @@ from fedjax_tl.privacy._deps import jax_privacy
 __all__ = ["CanaryAudit", "CanaryAggregator", "epsilon_lower_bound", "audit_mechanism", "SCORES"]
 
 SCORES = ("sum", "max")
+CANARY_FACTOR = 100.0  # default canary norm: this many times the aggregator's clip
 
 
 def epsilon_lower_bound(in_scores, out_scores, confidence: float = 0.95, delta: float = 0.0) -> float:
@@ -92,6 +93,15 @@ def _cosines(seed: int, num_canaries: int, tree) -> jax.Array:
   return jnp.where(norm > 0, dots / jnp.maximum(norm, 1e-30), 0.0)
 
 
+def _check_uniform(aggregator) -> None:
+  weighting = getattr(aggregator, "weighting", "uniform")
+  if weighting != "uniform":
+    raise ValueError(f"The audit's canary clients have no examples: under {type(aggregator).__name__}'s "
+                     f"weighting={weighting!r} their weight would be 0 and they would never be heard. Audit a "
+                     "uniformly weighted aggregator (DPFedAvg, DPFTRL, AdaptiveClipping, UniformMean(), "
+                     "SecureAggregation(weighting='uniform')).")
+
+
 @dataclasses.dataclass(frozen=True)
 class CanaryAggregator:
   """Wraps a FedAvg aggregator for the audit: canary clients' deltas are replaced by their canary update before
@@ -106,12 +116,7 @@ class CanaryAggregator:
   score: str = "sum"
 
   def __post_init__(self):
-    weighting = getattr(self.inner, "weighting", "uniform")
-    if weighting != "uniform":
-      raise ValueError(f"The audit's canary clients have no examples: under {type(self.inner).__name__}'s "
-                       f"weighting={weighting!r} their weight would be 0 and they would never be heard. Audit a "
-                       "uniformly weighted aggregator (DPFedAvg, DPFTRL, AdaptiveClipping, UniformMean(), "
-                       "SecureAggregation(weighting='uniform')).")
+    _check_uniform(self.inner)
     if self.score not in SCORES:
       raise ValueError(f"score must be one of {SCORES}, got {self.score!r}.")
     if self.num_canaries < 2 or self.num_real < 0 or not self.canary_norm > 0:
@@ -193,8 +198,9 @@ class CanaryAudit:
     num_canaries: canary clients added to the population (about half held in).
     seed: draws the canaries' directions and which are held in.
     confidence: of the lower bound (1 - the auditor's significance).
-    canary_norm: L2 norm of a held-in canary's update; None: 10x the aggregator's ``clip`` (or its
-      ``initial_clip``), so that a correct aggregator clips it to the clip norm and a missing clip shows.
+    canary_norm: L2 norm of a held-in canary's update; None: 100x the aggregator's ``clip`` (or its
+      ``initial_clip``), so that a correct aggregator clips it to the clip norm and a missing clip shows (the
+      more, the larger the factor).
     score: "sum" (cosine with the sum of the released updates: the final model) or "max" (largest cosine with
       any round's released update: all iterates).
   """
@@ -221,6 +227,7 @@ class CanaryAudit:
 
   def wrap(self, aggregator, num_real: int) -> CanaryAggregator:
     """``aggregator`` with the canaries (ids ``num_real ..``) inserted."""
+    _check_uniform(aggregator)
     norm = self.canary_norm
     if norm is None:
       clip = getattr(aggregator, "clip", None)
@@ -228,7 +235,7 @@ class CanaryAudit:
       if clip is None or not math.isfinite(clip):
         raise ValueError(f"{type(aggregator).__name__} has no finite clip norm to scale the canaries to: give "
                          "CanaryAudit(canary_norm=...) (e.g. the clip the privacy claim assumes).")
-      norm = 10.0 * float(clip)
+      norm = CANARY_FACTOR * float(clip)
     return CanaryAggregator(aggregator, num_real, self.num_canaries, self.seed, norm, self.score)
 
   def add_canaries(self, data):
@@ -293,13 +300,13 @@ def audit_mechanism(aggregator, audit: CanaryAudit, template, *, num_clients: in
   aggregator key) for ``rounds`` rounds with the audit's canaries inserted and returns (``audit.report``, the
   per-round aggregator metrics). ``sampler(key, r)`` draws from ``num_clients + audit.num_canaries`` clients (ids
   >= num_clients are the canaries). ``client_update(key, template)`` is a real client's update, traced and
-  vmapped over the cohort (default: a uniformly random direction of norm twice the canary norm / 10, i.e. twice
+  vmapped over the cohort (default: a uniformly random direction of norm twice the canary norm / 100, i.e. twice
   the clip by default). Seconds for 10^4-10^5 parameters: the way to check a mechanism's claim, or to catch a
   bug in a new aggregator, before training with it.
   """
   agg = audit.wrap(aggregator, num_clients)
   if client_update is None:
-    norm = 2.0 * agg.canary_norm / 10.0
+    norm = 2.0 * agg.canary_norm / CANARY_FACTOR
     client_update = lambda key, tmpl: jax.tree.map(lambda u: u * norm, _unit(key, tmpl))  # noqa: E731
 
   @jax.jit
