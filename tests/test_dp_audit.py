@@ -142,3 +142,18 @@ def test_the_audit_in_a_fedavg_run(tiny_data, tiny_local, tiny_params):
     audit.attach(FedAvg(tiny_local, aggregator=UniformMean()), tiny_data)
   with pytest.raises(ValueError, match="attach returned"):
     audit.result(algo.init(params, ms), DELTA)
+
+
+def test_the_docs_example_runs(capsys):
+  """docs/privacy.md's example (DP-FTRL, audited, with its privacy statement) runs as written."""
+  import pathlib
+  import re
+
+  page = pathlib.Path(__file__).parents[1] / "docs" / "privacy.md"
+  code = re.search(r"<!-- privacy-example -->\n```python\n(.*?)```", page.read_text(), re.S).group(1)
+  namespace = {}
+  exec(compile(code, "docs/privacy.md", "exec"), namespace)  # noqa: S102
+  statement, history = namespace["statement"], namespace["history"]
+  assert statement["epsilon"] == pytest.approx(8.0) and 0 <= statement["epsilon_audit"] <= statement["epsilon"]
+  assert len(history) == 6 and all(h["dp_schema_dropped"] == 0 for h in history)
+  assert "DP-FTRL (banded Toeplitz, 3 bands)" in capsys.readouterr().out
