@@ -157,3 +157,17 @@ def test_the_docs_example_runs(capsys):
   assert statement["epsilon"] == pytest.approx(8.0) and 0 <= statement["epsilon_audit"] <= statement["epsilon"]
   assert len(history) == 6 and all(h["dp_schema_dropped"] == 0 for h in history)
   assert "DP-FTRL (banded Toeplitz, 3 bands)" in capsys.readouterr().out
+
+
+def test_the_plot_marks_the_audited_lower_bound(tmp_path):
+  import json
+  import os
+
+  from fedjax_tl.plot import epsilon_series, plot_runs
+
+  rows = [{"round": r, "test_accuracy": 0.1 * r, "bytes_up": 1, "bytes_down": 1, "epsilon": 0.5 * r} for r in (1, 2, 3)]
+  rows[-1]["epsilon_audit"] = 0.2
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  series = epsilon_series({"dp": rows})
+  assert series["dp"] == ([1, 2, 3], [0.5, 1.0, 1.5]) and series["dp audit lower bound"][:2] == ([3], [0.2])
+  assert "epsilon_vs_round.png" in [os.path.basename(p) for p in plot_runs([str(tmp_path)])]
