@@ -15,6 +15,7 @@ from scipy import optimize, stats
 
 from fedjax_tl import keys
 from fedjax_tl.aggregators import DPFedAvg, UniformMean
+from fedjax_tl.checkpoint import Checkpointer
 from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.core.train import run_rounds
 from fedjax_tl.privacy import accounting
@@ -175,7 +176,7 @@ def test_the_sampler_refuses_what_it_cannot_do():
     s.cohort(4)
 
 
-def test_dp_ftrl_in_fedavg_guard_refusals_and_composition(tiny_data, tiny_local, tiny_params):
+def test_dp_ftrl_in_fedavg_guard_refusals_composition_and_resume(tiny_data, tiny_local, tiny_params, tmp_path):
   params, ms = tiny_params
   n_clients = tiny_data.num_clients  # 5
   # no noise and a clip no update reaches: uniform FedAvg, whatever the strategy and the server optimizer
@@ -196,6 +197,13 @@ def test_dp_ftrl_in_fedavg_guard_refusals_and_composition(tiny_data, tiny_local,
   assert [h["dp_schema_dropped"] for h in hist] == [0, 1, 1]  # client 1 in round 2, client 3 in round 3
   assert hist[1]["client_metrics"]["dp_schema_ok"] == [0.0, 1.0, 1.0]
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))  # composes with a server optimizer
+  # the noise buffers and the schema record are checkpointed: a resumed run is bit for bit the uninterrupted one
+  half, _ = run_rounds(algo, algo.init(params, ms), tiny_data, rounds=2, seed=0, sampler=lambda k, r: cohorts[r])
+  Checkpointer(str(tmp_path), {"run": 1}).maybe_save(half, final=True)
+  restored = Checkpointer(str(tmp_path), {"run": 1}).restore(algo.init(params, ms))
+  resumed, _ = run_rounds(algo, restored, tiny_data, rounds=1, seed=0, sampler=lambda k, r: cohorts[r])
+  for u, v in zip(jax.tree.leaves(state), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
   with pytest.raises(ValueError, match="built .* for 3 rounds; round 4"):
     run_rounds(algo, state, tiny_data, rounds=1, seed=0, sampler=lambda k, r: np.array([4]))
   with pytest.raises(ValueError, match="weighting='uniform'"):

@@ -319,9 +319,14 @@ class DPFTRL:
             f"{self.min_sep} rounds{k}; up to {self.participations} participations), {self.neighbouring}")
 
   # ---- the aggregator protocol ----
+  @property
+  def _independent(self) -> bool:
+    """C = c I: no state to stream (and jax-privacy's would be zero-sized buffers, which checkpoints refuse)."""
+    return self.strategy.kind == "toeplitz" and len(self.strategy.coefs) == 1
+
   def init(self, template):
     n = self.population
-    noise = self.strategy.noising_matrix().init_multiply(
+    noise = None if self._independent else self.strategy.noising_matrix().init_multiply(
         jax.tree.map(lambda a: jnp.zeros(jnp.shape(a), jnp.float32), template))
     return {"noise": noise, "round": jnp.zeros((), jnp.int32),
             "last": jnp.full((n,), -(2 ** 30), jnp.int32), "count": jnp.zeros((n,), jnp.int32)}
@@ -356,7 +361,11 @@ class DPFTRL:
     return message_sum, weight_sum, {}
 
   def decode(self, total, weight_sum, state, client_metrics, real, key):
-    noise, noise_state = self.strategy.noising_matrix().multiply_next(_standard_normal(key, total), state["noise"])
+    z = _standard_normal(key, total)
+    if self._independent:
+      noise, noise_state = jax.tree.map(lambda e: e / self.strategy.coefs[0], z), None
+    else:
+      noise, noise_state = self.strategy.noising_matrix().multiply_next(z, state["noise"])
     std = self.noise_std
     if std > 0:
       total = jax.tree.map(lambda x, e: x + std * e, total, noise)
