@@ -11,8 +11,9 @@ with C an n x n lower-triangular Toeplitz *strategy* matrix (jax-privacy's bande
 linear Toeplitz (BLT) strategies) and s its sensitivity under the *participation schema*: every client takes
 part at most once every ``min_sep`` rounds and at most ``max_participations`` times (``s`` is max ||C u||_2
 over the schema's participation vectors u in {0,1}^n, computed by jax-privacy). The released stream is a
-post-processing of C x + sigma Z, one Gaussian mechanism, so no sampling assumption is needed, only the
-schema, which :class:`ParticipationSampler` guarantees and :class:`DPFTRL` enforces (a client that would
+post-processing of C x + sigma Z, one Gaussian mechanism (also when x_t depends on the rounds released before
+it, as FL's updates do, C being lower-triangular: Denisov et al. 2022), so no sampling assumption is needed, only
+the schema, which :class:`ParticipationSampler` guarantees and :class:`DPFTRL` enforces (a client that would
 break it is dropped from the round, counted in ``dp_schema_dropped``). C^-1 Z is generated streaming, one
 round at a time: the aggregator state holds (bands - 1) or (number of BLT buffers) model-sized buffers.
 
