@@ -208,8 +208,19 @@ def test_dp_ftrl_in_fedavg_guard_refusals_composition_and_resume(tiny_data, tiny
     run_rounds(algo, state, tiny_data, rounds=1, seed=0, sampler=lambda k, r: np.array([4]))
   with pytest.raises(ValueError, match="weighting='uniform'"):
     DPFTRL(1.0, 1.0, BANDED, 3, 5, weighting="num_examples")
+
+
+def test_batchnorm_statistics_in_the_clear_are_refused():
+  from fedjax_tl.core.client import LocalTraining
+  from fedjax_tl.models import resnet
+  from fedjax_tl.models.base import Model
+
+  model = Model(resnet.ClassifierHead(resnet.ResNetTiny(), num_classes=3), (8, 8, 1))
+  params, stats = model.init(jax.random.PRNGKey(0))
+  ftrl = DPFTRL(1.0, 1.0, BANDED, rounds=3, population=5)
   with pytest.raises(ValueError, match="BatchNorm statistics would be sent in the clear"):
-    algo.init(params, {"batch_stats": {"mean": jnp.zeros(3)}})
+    FedAvg(LocalTraining(model, optax.sgd(0.1), batch_size=4), aggregator=ftrl).init(params, stats)
+  FedAvg(LocalTraining(model, optax.sgd(0.1), batch_size=4), aggregator=ftrl, model_state="frozen").init(params, stats)
 
 
 def test_privacy_statement_and_its_refusals(tiny_local):
