@@ -124,10 +124,17 @@ _EXPORTS = {
     "ptq": "fedjax_tl.compress.quantize",
     "qat": "fedjax_tl.compress.quantize",
     "size_report": "fedjax_tl.compress.report",
-    # privacy accounting
+    # privacy: accounting, DP-FTRL (matrix-factorization noise), the canary audit, the run's privacy statement
     "privacy": "fedjax_tl.privacy",
     "epsilon": "fedjax_tl.privacy.accounting",
     "calibrate_noise_multiplier": "fedjax_tl.privacy.accounting",
+    "DPFTRL": "fedjax_tl.privacy.dp_ftrl",
+    "MFStrategy": "fedjax_tl.privacy.dp_ftrl",
+    "ParticipationSampler": "fedjax_tl.privacy.dp_ftrl",
+    "participation_violations": "fedjax_tl.privacy.dp_ftrl",
+    "CanaryAudit": "fedjax_tl.privacy.audit",
+    "audit_mechanism": "fedjax_tl.privacy.audit",
+    "privacy_statement": "fedjax_tl.privacy.statement",
     # running
     "run_rounds": "fedjax_tl.core.train",
     "DivergenceWarning": "fedjax_tl.core.train",

@@ -4,7 +4,9 @@
 
 Writes ``accuracy_vs_round.png``, ``accuracy_vs_megabytes.png`` (test accuracy against cumulative megabytes
 communicated, up + down) and, when any run reports ``epsilon``, ``epsilon_vs_round.png``, overlaying the runs
-(labelled by their directory names). The output directory defaults to the first WORKDIR.
+(labelled by their directory names); a run's ``epsilon_audit`` (the canary audit's lower bound,
+:mod:`fedjax_tl.privacy.audit`) is drawn on it as a marker at the round that reports it. The output directory
+defaults to the first WORKDIR.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from fedjax_tl.metrics import read_jsonl
 
-__all__ = ["plot_runs"]
+__all__ = ["plot_runs", "epsilon_series"]
 
 
 def _load(workdir: str) -> list[dict]:
@@ -44,8 +46,8 @@ def plot_runs(workdirs: list[str], out_dir: str | None = None) -> list[str]:
 
   def figure(name, xlabel, ylabel, series):
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for label, (x, y) in series.items():
-      ax.plot(x, y, marker="o", markersize=3, label=label)
+    for label, (x, y, *style) in series.items():
+      ax.plot(x, y, label=label, **(style[0] if style else {"marker": "o", "markersize": 3}))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -79,11 +81,25 @@ def plot_runs(workdirs: list[str], out_dir: str | None = None) -> list[str]:
   if personal:  # runs with --personal_eval: each client's model on its own held-out examples
     figure("personalized_accuracy_vs_round.png", "round", "accuracy (global test set / clients' own held-out)",
            personal)
-  eps = {k: ([r["round"] for r in evaluated(v, "epsilon")], [r["epsilon"] for r in evaluated(v, "epsilon")])
-         for k, v in runs.items() if evaluated(v, "epsilon")}
+  eps = epsilon_series(runs)
   if eps:
-    figure("epsilon_vs_round.png", "round", "epsilon (DP)", eps)
+    figure("epsilon_vs_round.png", "round", "epsilon (DP; markers: audited lower bound)", eps)
   return written
+
+
+def epsilon_series(runs: dict[str, list[dict]]) -> dict:
+  """The epsilon figure's series: each run's accountant ``epsilon`` per round, and its ``epsilon_audit`` (the
+  canary audit's lower bound) as unconnected markers at the rounds that report one."""
+  out = {}
+  for k, rows in runs.items():
+    eps = [r for r in rows if r.get("epsilon") is not None]
+    if eps:
+      out[k] = ([r["round"] for r in eps], [r["epsilon"] for r in eps])
+    audit = [r for r in rows if r.get("epsilon_audit") is not None]
+    if audit:
+      out[f"{k} audit lower bound"] = ([r["round"] for r in audit], [r["epsilon_audit"] for r in audit],
+                                       {"marker": "v", "markersize": 7, "linestyle": "none"})
+  return out
 
 
 def main(argv=None) -> None:
