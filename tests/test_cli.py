@@ -259,7 +259,7 @@ CASES = [(r, e, bad) for r in rules.RULES for e in r.experiments for bad in r.ba
 def test_every_rule_has_a_breaking_example():
   untested = [r.name for r in rules.RULES if not r.bad]
   # these two are broken only by a missing package; the tests below block its import
-  assert sorted(untested) == ["_tfds_installed", "quantization_installed"]
+  assert sorted(untested) == ["_tfds_installed", "privacy_installed", "quantization_installed"]
   assert len(CASES) > 100
 
 
@@ -299,6 +299,16 @@ def test_missing_qwix_is_a_usage_error_naming_the_install(no_work, capsys, monke
   assert e.value.code == 2
   err = capsys.readouterr().err
   assert len(err.strip().splitlines()) == 1 and 'pip install -e ".[compress]"' in err and "--quantize" in err
+
+
+def test_missing_jax_privacy_is_a_usage_error_naming_the_install(no_work, capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "jax_privacy", None)
+  for argv in (["--dp_clip=0.5", "--dp_epsilon=8", "--dp_mechanism=ftrl"], ["--dp_clip=0.5", "--dp_audit=50"]):
+    with pytest.raises(SystemExit) as e:
+      digits.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'pip install -e ".[privacy]"' in err, err
 
 
 def test_plan_help_lists_the_planners_own_flags(capsys):

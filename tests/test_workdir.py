@@ -173,3 +173,42 @@ def test_the_record_says_what_made_the_run(cifar10_workdir):
   assert record["experiment"] == "cifar10" and record["config"]["model"] == "tiny"
   assert record["config"]["rounds"] == 2 and record["fedjax_tl_version"]
   assert len(record["sessions"]) == 1 and record["sessions"][0]["run_id"] == record["run_id"]
+
+
+@pytest.mark.parametrize("mechanism", ["fedavg", "ftrl"])
+def test_dp_flags_build_the_audited_run_and_its_privacy_statement(tmp_path, tiny_local, tiny_data, tiny_params,
+                                                                   mechanism):
+  """--dp_mechanism / --dp_audit through the experiments' own set-up (privacy_setup, run_in_workdir): the canaries
+  join the population, the last round's record has epsilon_audit, the statement names the mechanism's schema."""
+  pytest.importorskip("jax_privacy")
+  cfg = dataclasses.replace(digits.PRESETS["smoke"], num_clients=tiny_data.num_clients, clients_per_round=6,
+                            rounds=2, dp_clip=0.5, dp_epsilon=8.0, dp_mechanism=mechanism, dp_audit=10,
+                            workdir=str(tmp_path), quiet=True)
+  digits.validate(cfg)
+  privacy = common.privacy_setup(cfg, tiny_data.num_clients, log=lambda *_: None)
+  assert privacy.population == tiny_data.num_clients + 10
+  kwargs, eps = common.transform_setup(cfg, tiny_data.num_clients, log=lambda *_: None, privacy=privacy)
+  from fedjax_tl.core.fedavg import FedAvg
+
+  algo = FedAvg(tiny_local, schedule="sequential/host:1", **common.fedavg_kwargs(kwargs))
+  algo, data = privacy.attach(algo, tiny_data)
+  assert data.num_clients == 15
+  _, hist = common.run_in_workdir(cfg, algo, algo.init(*tiny_params), data, rounds=2, cohort_size=6,
+                                  evaluate_fn=None, workdir=str(tmp_path), log=lambda *_: None,
+                                  round_metrics=eps, sampler=privacy.sampler,
+                                  state_metrics=privacy.state_metrics(2, cfg.dp_delta))
+  assert "epsilon_audit" not in hist[0] and hist[1]["audit_canaries"] == 10
+  assert 0 <= hist[1]["epsilon_audit"] <= hist[1]["epsilon_audit_max"]
+  assert hist[1]["epsilon"] == pytest.approx(8.0, rel=1e-3)
+  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert rows[1]["epsilon_audit"] == hist[1]["epsilon_audit"]
+  audit = {k: v for k, v in hist[-1].items() if k.startswith(("epsilon_audit", "audit_"))}
+  st = privacy.statement(algo, 2, cfg.dp_delta, False, audit)
+  assert st["epsilon"] == pytest.approx(8.0, rel=1e-3) and st["population"] == 15
+  assert st["epsilon_audit"] == hist[1]["epsilon_audit"]
+  if mechanism == "ftrl":
+    assert "participation schema" in st["sampling"] and privacy.sampler is not None
+    for ids in (r["client_ids"] for r in hist):
+      assert len(ids) == 6
+  else:
+    assert "fixed-size cohorts" in st["sampling"] and privacy.sampler is None

@@ -100,7 +100,8 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
                round_metrics: Callable[[int], dict] | None = None,
                bytes_so_far: tuple[float, float] = (0, 0),
                sampler: Callable[[PRNGKey, int], np.ndarray] | None = None,
-               divergence: float | None = 100.0) -> tuple[ServerState, list[dict]]:
+               divergence: float | None = 100.0,
+               state_metrics: Callable[[int, ServerState], dict] | None = None) -> tuple[ServerState, list[dict]]:
   """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
 
   Each record holds the round number, every metric the algorithm returned (device scalars as numbers, arrays as
@@ -118,7 +119,8 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
   larger) warns once per run with a :class:`DivergenceWarning` naming the round and the ratio, and the run goes on
   (``divergence=None``: no warning). ``on_round(record, state)`` is
   called after every round (metrics files, checkpoints); ``round_metrics(round)`` adds entries to a round's
-  record (e.g. the privacy spent so far).
+  record (e.g. the privacy spent so far), ``state_metrics(round, state)`` entries computed from the new state
+  (e.g. a privacy audit's lower bound in the last round).
   """
   if sampler is None:
     if cohort_size is None:
@@ -166,6 +168,8 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
     rec.update(mb_up_total=up_total / 1e6, mb_down_total=down_total / 1e6)
     if round_metrics is not None:
       rec.update(round_metrics(r + 1))
+    if state_metrics is not None:
+      rec.update(_to_python(state_metrics(r + 1, state)))
     last = r == start_round + rounds - 1
     if evaluate_fn is not None and ((r + 1) % eval_every == 0 or last):
       rec.update({f"test_{k}": v for k, v in evaluate_fn(state).items()})

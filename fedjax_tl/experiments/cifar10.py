@@ -56,6 +56,7 @@ from fedjax_tl.experiments.common import (
   fedavg_kwargs,
   format_table,
   parse_config,  # noqa: F401 (cifar10.parse_config: used by scripts and tests)
+  privacy_setup,
   run_in_workdir,
   transform_setup,
   write_results,
@@ -299,12 +300,14 @@ def run(cfg: Config, log=print) -> dict:
     data, held = data.split_clients(cfg.personal_fraction, cfg.seed)
   local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)
-  transform_kwargs, round_metrics = transform_setup(cfg, data.num_clients, log)
+  privacy = privacy_setup(cfg, data.num_clients, log)
+  transform_kwargs, round_metrics = transform_setup(cfg, data.num_clients, log, privacy=privacy)
   transform_kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local), **transform_kwargs}, log)
   params = pruning.prune(params) if pruning is not None else params
   algo = make_algorithm(cfg, fedavg_kwargs(transform_kwargs), schedule=cfg.schedule,
                         trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn)
-  server = algo.init(params, state, num_clients=data.num_clients)
+  algo, run_data = privacy.attach(algo, data)  # with --dp_audit: the canary clients join the population
+  server = algo.init(params, state, num_clients=run_data.num_clients)
   down, up = algo.communication_bytes(server)
   log(f"algorithm={cfg.algorithm} strategy={cfg.strategy} bn={cfg.bn} schedule={algo.schedule}: "
       f"{up / 1e6:.2f} MB up and "
@@ -325,9 +328,10 @@ def run(cfg: Config, log=print) -> dict:
         f"{rec.get('test_accuracy', float('nan')):8.4f}  {rec['bytes_up'] / 1e6:5.1f}  {rec['wall_s']:6.1f}  "
         f"{rec['examples_per_s']:10.1f}")
 
-  server, history = run_in_workdir(cfg, algo, server, data, rounds=cfg.rounds, cohort_size=cfg.clients_per_round,
-                                   evaluate_fn=eval_fn, workdir=cfg.workdir, log=log, on_round=on_round,
-                                   round_metrics=round_metrics)
+  server, history = run_in_workdir(cfg, algo, server, run_data, rounds=cfg.rounds,
+                                   cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=cfg.workdir,
+                                   log=log, on_round=on_round, round_metrics=round_metrics, sampler=privacy.sampler,
+                                   state_metrics=privacy.state_metrics(cfg.rounds, cfg.dp_delta))
   cols = ["round", "train_loss", "train_accuracy", "test_accuracy", "bytes_up", "wall_s", "examples_per_s"]
   log(format_table(cols, [[h.get(c, "") for c in cols] for h in history]))
   final = history[-1]["test_accuracy"]
@@ -335,6 +339,10 @@ def run(cfg: Config, log=print) -> dict:
              "mb_up_total": history[-1]["mb_up_total"], "mb_down_total": history[-1]["mb_down_total"],
              "mean_examples_per_s": float(np.mean([h["examples_per_s"] for h in history[1:] or history]))}
   log(f"final test accuracy {final:.4f} after {cfg.rounds} rounds ({summary['seconds']:.1f}s)")
+  audit = {k: v for k, v in history[-1].items() if k.startswith(("epsilon_audit", "audit_"))} or None
+  summary["privacy"] = privacy.statement(algo, cfg.rounds, cfg.dp_delta, bool(jax.tree.leaves(state)), audit)
+  if round_metrics is not None:
+    log("privacy statement: " + summary["privacy"]["text"])
   if personal:
     last = history[-1]
     summary["final_personal_accuracy"] = {k: last[f"test_personal_accuracy{s}"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import typing
@@ -37,6 +38,13 @@ class TransformFlags:
   dp_adaptive: bool = False  # adaptive clipping (Andrew et al. 2021) from dp_clip towards dp_target_quantile
   dp_target_quantile: float = 0.5
   dp_count_stddev: float = 0.0  # noise std on the count of clients within the clip; 0 = clients_per_round / 20
+  # DP mechanism: fedavg (DP-FedAvg, uniformly sampled fixed-size cohorts) | ftrl (DP-FTRL: noise correlated
+  # across rounds by a matrix factorization, clients in a participation schema instead of sampled; needs jax-privacy)
+  dp_mechanism: str = "fedavg"
+  dp_ftrl_strategy: str = "banded"  # banded (bands = --dp_min_sep) | blt | identity (independent noise)
+  dp_min_sep: int = 0  # DP-FTRL: a client takes part at most once every this many rounds; 0 = clients / cohort
+  dp_audit: int = 0  # canary clients for the one-run privacy audit (epsilon_audit, a lower bound); 0 = off
+  dp_audit_confidence: float = 0.95  # confidence of the audit's lower bound
   secure_agg: bool = False  # simulated secure aggregation (Bonawitz et al. 2017); BN statistics not averaged
   secagg_clip: float = 1.0  # bound on every coordinate of a weighted update under secure aggregation
   secagg_dropout: float = 0.0  # probability that a client drops out after masking
@@ -180,7 +188,7 @@ def write_results(workdir: str | None, config, history, summary: dict, log=print
 
 
 def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int, evaluate_fn, workdir: str | None,
-                   log=print, on_round=None, round_metrics=None):
+                   log=print, on_round=None, round_metrics=None, sampler=None, state_metrics=None):
   """``run_rounds`` to a total of ``rounds``, with metrics files and checkpoints when ``workdir`` is set.
 
   ``cfg`` must have ``seed``, ``resume``, ``checkpoint_every``, ``keep_checkpoints`` and ``quiet`` (True: no
@@ -191,6 +199,7 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
   checkpoint in ``workdir`` is restored (its config must match; a damaged newer one is moved aside with a
   warning) and the run continues to ``rounds`` (with a warning, from round 0 if there is none); a run that
   already holds ``rounds`` rounds and its results is returned as it is, with nothing written.
+  ``sampler`` and ``state_metrics`` go to ``run_rounds``.
   Returns (final state, all rounds' records, including those before the resume).
   """
   from fedjax_tl.checkpoint import Checkpointer
@@ -207,7 +216,8 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
 
     try:
       return run_rounds(algorithm, state, data, rounds=rounds, cohort_size=cohort_size, seed=cfg.seed,
-                        evaluate_fn=evaluate_fn, on_round=show, round_metrics=round_metrics)
+                        evaluate_fn=evaluate_fn, on_round=show, round_metrics=round_metrics, sampler=sampler,
+                        state_metrics=state_metrics)
     finally:
       if bar is not None:
         bar.close()
@@ -256,44 +266,127 @@ def run_in_workdir(cfg, algorithm, state, data, *, rounds: int, cohort_size: int
   try:
     state, _ = run_rounds(algorithm, state, data, rounds=max(rounds - int(state.round), 0),
                           cohort_size=cohort_size, seed=cfg.seed, evaluate_fn=evaluate_fn, on_round=save,
-                          round_metrics=round_metrics, bytes_so_far=so_far)
+                          round_metrics=round_metrics, bytes_so_far=so_far, sampler=sampler,
+                          state_metrics=state_metrics)
   finally:
     writer.close()
     ckpt.close()
   return state, writer.rows
 
 
-def dp_setup(cfg, population: int, log=print):
-  """DP-FedAvg pieces from a config with dp_clip, dp_noise_multiplier, dp_epsilon, dp_delta, dp_accountant,
-  clients_per_round and rounds: returns (FedAvg keyword arguments, round_metrics function or None).
+@dataclasses.dataclass
+class Privacy:
+  """What the DP flags ask for, built once per run by :func:`privacy_setup`.
 
-  ``dp_epsilon > 0`` calibrates the noise multiplier so that the planned rounds spend exactly that epsilon;
-  ``dp_clip > 0`` alone uses ``dp_noise_multiplier``. ``dp_adaptive`` makes dp_clip
-  the initial clip norm of adaptive clipping towards ``dp_target_quantile`` (count noise ``dp_count_stddev``,
-  0 = cohort / 20); the accountant sees the same overall noise multiplier. Accounting assumes the fixed-size
-  cohort sampling that ``sample_clients`` does (replace-one neighbouring clients, sensitivity 2 * clip) with
-  either accountant ("pld" is tighter, "rdp" faster); see ``fedjax_tl.privacy.accounting``.
+  ``kwargs``: FedAvg keyword arguments (the transform pair of DP-FedAvg, an aggregator, or adaptive clipping);
+  ``round_metrics(r)``: the epsilon spent after round r; ``sampler``: DP-FTRL's participation sampler (None: the
+  default uniform cohorts); ``audit``: the canary audit (None: off); ``population``: the clients the accountant
+  sees (the data's clients plus the canaries); ``dp_fedavg``: (clip, z, cohort) when DP-FedAvg is the transform
+  pair.
   """
+
+  kwargs: dict
+  round_metrics: typing.Any = None
+  sampler: typing.Any = None
+  audit: typing.Any = None
+  population: int = 0
+  dp_fedavg: tuple | None = None
+  accountant: str = "rdp"
+
+  def attach(self, algorithm, data):
+    """(algorithm, data) with the audit's canary clients, or both unchanged without an audit."""
+    return (algorithm, data) if self.audit is None else self.audit.attach(algorithm, data)
+
+  def state_metrics(self, rounds: int, delta: float):
+    """``(round, state) -> dict``: the audit's result in the last round's record (None without an audit)."""
+    if self.audit is None:
+      return None
+    return lambda r, state: self.audit.result(state, delta) if r == rounds else {}
+
+  def statement(self, algorithm, rounds: int, delta: float, has_model_state: bool, audit: dict | None = None):
+    """The run's privacy statement (:func:`fedjax_tl.privacy.privacy_statement`)."""
+    from fedjax_tl.privacy.statement import privacy_statement
+
+    return privacy_statement(algorithm, population=self.population, rounds=rounds, delta=delta, sampler=self.sampler,
+                             accountant=self.accountant, audit=audit, has_model_state=has_model_state,
+                             dp_fedavg=self.dp_fedavg)
+
+
+@functools.lru_cache(maxsize=8)
+def _ftrl(strategy: str, clip: float, z: float, epsilon: float, delta: float, rounds: int, population: int,
+          min_sep: int):
+  """The DP-FTRL aggregator (cached: the flag rules build it to check it, the run uses the same one)."""
+  from fedjax_tl.privacy.dp_ftrl import DPFTRL, MFStrategy
+
+  if strategy == "banded":
+    mf = MFStrategy.banded(rounds, min(min_sep, rounds))
+  elif strategy == "blt":
+    mf = MFStrategy.blt(rounds, min_sep=min_sep)
+  else:
+    mf = MFStrategy.identity()
+  if epsilon > 0:
+    return DPFTRL.calibrated(epsilon, delta, clip=clip, strategy=mf, rounds=rounds, population=population,
+                             min_sep=min_sep)
+  return DPFTRL(clip, z, mf, rounds, population, min_sep=min_sep)
+
+
+def ftrl_min_sep(cfg) -> int:
+  """DP-FTRL's participation gap: --dp_min_sep, or the population over the cohort (each client once per pass)."""
+  return cfg.dp_min_sep or (cfg.num_clients + cfg.dp_audit) // cfg.clients_per_round
+
+
+def ftrl_aggregator(cfg):
+  return _ftrl(cfg.dp_ftrl_strategy, cfg.dp_clip, cfg.dp_noise_multiplier, cfg.dp_epsilon, cfg.dp_delta, cfg.rounds,
+               cfg.num_clients + cfg.dp_audit, ftrl_min_sep(cfg))
+
+
+def privacy_setup(cfg, num_clients: int, log=print) -> Privacy:
+  """The DP pieces a config asks for (see :class:`TransformFlags`): DP-FedAvg (``dp_clip`` with
+  ``dp_noise_multiplier`` or a calibrated ``dp_epsilon``; adaptive clipping with ``dp_adaptive``), DP-FTRL
+  (``dp_mechanism=ftrl``) and the canary audit (``dp_audit``). ``num_clients``: the data's clients; with an audit
+  the canaries join them in the accountant's population.
+
+  DP-FedAvg accounting assumes the fixed-size uniform cohorts ``sample_clients`` draws (replace-one, sensitivity
+  2 * clip), with either accountant ("pld" is tighter, "rdp" faster; :mod:`fedjax_tl.privacy.accounting`).
+  Without an audit, DP-FedAvg is the transform pair (clip on the client, noise on the server), which composes
+  with secure aggregation; an audited run uses the ``DPFedAvg`` aggregator (the same clip, noise and uniform mean,
+  in the aggregator the canaries are scored at). DP-FTRL is the ``DPFTRL`` aggregator with a
+  :class:`~fedjax_tl.privacy.ParticipationSampler` (cyclic groups, each client once every ``dp_min_sep`` rounds).
+  """
+  from fedjax_tl.aggregators import DPFedAvg
   from fedjax_tl.privacy import accounting
   from fedjax_tl.transforms import dp_fedavg
 
+  population = num_clients + cfg.dp_audit
   if cfg.dp_epsilon <= 0 and cfg.dp_clip <= 0:
-    return {}, None
-  if cfg.dp_clip <= 0:
-    raise ValueError("--dp_epsilon needs a clipping norm: set --dp_clip > 0.")
-  sampling = "fixed"  # what sample_clients does
+    return Privacy({}, population=population)
   m = cfg.clients_per_round
+  audit = None
+  if cfg.dp_audit:
+    from fedjax_tl.privacy.audit import CanaryAudit
+
+    audit = CanaryAudit(cfg.dp_audit, seed=cfg.seed, confidence=cfg.dp_audit_confidence)
+    log(f"privacy audit: {cfg.dp_audit} canary clients join the {num_clients} (about half held in); epsilon_audit, "
+        f"a lower bound at {cfg.dp_audit_confidence:.0%} confidence, is reported with the last round")
+  if cfg.dp_mechanism == "ftrl":
+    from fedjax_tl.privacy.dp_ftrl import ParticipationSampler
+
+    agg = ftrl_aggregator(cfg)
+    sampler = ParticipationSampler(population, ftrl_min_sep(cfg), cohort_size=m, seed=cfg.seed)
+    log(f"DP-FTRL: {agg.describe()}; {sampler.describe()}")
+    eps = lambda r: {"epsilon": agg.epsilon(cfg.dp_delta, r), "noise_multiplier": agg.noise_multiplier}  # noqa: E731
+    return Privacy({"aggregator": agg}, eps, sampler, audit, population, accountant=cfg.dp_accountant)
   z = cfg.dp_noise_multiplier
   if cfg.dp_epsilon > 0:
-    z = rules.calibrated_noise_multiplier(cfg.dp_epsilon, population, m, cfg.rounds, cfg.dp_delta,
-                                          cfg.dp_accountant)
+    z = rules.calibrated_noise_multiplier(cfg.dp_epsilon, population, m, cfg.rounds, cfg.dp_delta, cfg.dp_accountant)
   if z == 0:
     log("warning: --dp_clip without --dp_noise_multiplier or --dp_epsilon clips the updates but adds no noise: "
         "no privacy (epsilon is infinite).")
   log(f"DP-FedAvg: clip {cfg.dp_clip}, noise multiplier {z:.4f} (noise std on the mean {z * cfg.dp_clip / m:.4g}), "
-      f"delta {cfg.dp_delta}, {cfg.dp_accountant} accountant, {sampling} sampling")
-  eps = lambda r: {"epsilon": accounting.epsilon(z, population, m, r, cfg.dp_delta, cfg.dp_accountant, sampling),
-                   "noise_multiplier": z}
+      f"delta {cfg.dp_delta}, {cfg.dp_accountant} accountant, fixed sampling")
+  eps = lambda r: {  # noqa: E731
+      "epsilon": accounting.epsilon(z, population, m, r, cfg.dp_delta, cfg.dp_accountant, "fixed"),
+      "noise_multiplier": z}
   if cfg.dp_adaptive:
     from fedjax_tl.transforms.adaptive_clip import AdaptiveClipping
 
@@ -301,18 +394,30 @@ def dp_setup(cfg, population: int, log=print):
                           count_stddev=cfg.dp_count_stddev or None)
     log(f"adaptive clipping: initial clip {cfg.dp_clip}, target quantile {cfg.dp_target_quantile}, count noise "
         f"std {ac.sigma_b:.4g}, delta noise multiplier {ac.delta_noise_multiplier:.4f}")
-    return {"adaptive_clip": ac, "weighting": "uniform"}, eps
+    return Privacy({"adaptive_clip": ac, "weighting": "uniform"}, eps, None, audit, population,
+                   accountant=cfg.dp_accountant)
+  if audit is not None:
+    return Privacy({"aggregator": DPFedAvg(cfg.dp_clip, z, m)}, eps, None, audit, population,
+                   accountant=cfg.dp_accountant)
   client, server = dp_fedavg(cfg.dp_clip, z, m)
-  return {"client_transform": client, "server_transform": server, "weighting": "uniform"}, eps
+  return Privacy({"client_transform": client, "server_transform": server, "weighting": "uniform"}, eps, None, None,
+                 population, (cfg.dp_clip, z, m), cfg.dp_accountant)
 
 
-def transform_setup(cfg, population: int, log=print):
+def dp_setup(cfg, population: int, log=print):
+  """(FedAvg keyword arguments, round_metrics) of :func:`privacy_setup` (``population``: the data's clients)."""
+  p = privacy_setup(cfg, population, log)
+  return p.kwargs, p.round_metrics
+
+
+def transform_setup(cfg, population: int, log=print, privacy: Privacy | None = None):
   """FedAvg keyword arguments for the update transforms a config asks for, and the round_metrics function.
 
   ``cfg`` has the :class:`TransformFlags` fields: the DP ones (see :func:`dp_setup`), ``compress`` (uplink
   compressor, e.g. "topk:0.01", "int8", "qsgd:4", "sign"; see ``transforms.compression.parse``), ``downlink``
   (compressor of the broadcast model, e.g. "int8") and ``secure_agg`` with ``secagg_clip`` / ``secagg_dropout``.
-  DP clipping runs before compression (the noise is added on the server).
+  DP clipping runs before compression (the noise is added on the server). ``privacy``: the run's
+  :func:`privacy_setup` (built here if not given).
   """
   import jax.numpy as jnp
 
@@ -320,7 +425,8 @@ def transform_setup(cfg, population: int, log=print):
   from fedjax_tl.transforms.base import is_stateless
   from fedjax_tl.transforms.secure_agg import SecureAggregation
 
-  kwargs, round_metrics = dp_setup(cfg, population, log)
+  privacy = privacy_setup(cfg, population, log) if privacy is None else privacy
+  kwargs, round_metrics = dict(privacy.kwargs), privacy.round_metrics
   compressor = compression.parse(cfg.compress)
   if compressor is not None:
     clip = kwargs.get("client_transform")
@@ -357,6 +463,6 @@ def fedavg_kwargs(kwargs: dict) -> dict:
     kw["aggregator"] = adaptive
   elif secure is not None:
     kw["aggregator"] = dc.replace(secure, weighting=weighting)
-  elif weighting != "num_examples":
+  elif weighting != "num_examples" and "aggregator" not in kw:
     kw["aggregator"] = aggregators.Mean(weighting)
   return kw

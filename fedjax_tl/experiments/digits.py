@@ -53,6 +53,7 @@ from fedjax_tl.experiments.common import (
   fedavg_kwargs,
   format_table,
   parse_config,  # noqa: F401 (digits.parse_config: used by scripts and tests)
+  privacy_setup,
   run_in_workdir,
   transform_setup,
   write_results,
@@ -242,8 +243,9 @@ def run(cfg: Config, log=print) -> dict:
     inits.pop("scratch")  # a frozen random backbone is not a meaningful baseline for partial fine-tuning
     inits["scratch (all trainable)"] = fresh
   histories, finals = {}, {}
-  dp_kwargs, dp_metrics = transform_setup(cfg, data.num_clients, log)
-  compression = {}
+  privacy = privacy_setup(cfg, data.num_clients, log)
+  dp_kwargs, dp_metrics = transform_setup(cfg, data.num_clients, log, privacy=privacy)
+  compression, statements = {}, {}
   for name, params in inits.items():
     local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                           epochs=cfg.local_epochs)
@@ -258,10 +260,14 @@ def run(cfg: Config, log=print) -> dict:
       return out if per_client is None else {**out, **per_client(s)}
 
     workdir = os.path.join(cfg.workdir, name.split(" ")[0]) if cfg.workdir else None
-    server, hist = run_in_workdir(cfg, algo, algo.init(params, state, data.num_clients), data, rounds=cfg.rounds,
-                                  cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn, workdir=workdir, log=log,
-                                  round_metrics=dp_metrics)
+    algo, run_data = privacy.attach(algo, data)  # with --dp_audit: the canary clients join the population
+    server, hist = run_in_workdir(cfg, algo, algo.init(params, state, run_data.num_clients), run_data,
+                                  rounds=cfg.rounds, cohort_size=cfg.clients_per_round, evaluate_fn=eval_fn,
+                                  workdir=workdir, log=log, round_metrics=dp_metrics, sampler=privacy.sampler,
+                                  state_metrics=privacy.state_metrics(cfg.rounds, cfg.dp_delta))
     histories[name], finals[name] = hist, hist[-1]["test_accuracy"]
+    audit = {k: v for k, v in hist[-1].items() if k.startswith(("epsilon_audit", "audit_"))} or None
+    statements[name] = privacy.statement(algo, cfg.rounds, cfg.dp_delta, bool(jax.tree.leaves(state)), audit)
     if cfg.quantize != "none" or cfg.prune > 0:
       compression[name] = compress_report(cfg, model, server.full_params(), server.model_state, test.x, test.y)
 
@@ -288,6 +294,11 @@ def run(cfg: Config, log=print) -> dict:
                     for n, v in personal_finals.items()))
   if dp_metrics is not None:
     log(f"privacy spent: epsilon {dp_metrics(cfg.rounds)['epsilon']:.3f} at delta {cfg.dp_delta}")
+    if privacy.audit is not None:
+      log("privacy audit (a lower bound on epsilon; the accountant's epsilon is the claim): " + ", ".join(
+          f"{n} epsilon_audit {st['epsilon_audit']:.3f} (at most {st['epsilon_audit_max']:.3f} can be shown with "
+          f"{cfg.dp_audit} canaries)" for n, st in statements.items()))
+    log("privacy statement: " + statements[names[0]]["text"])
   if compression:
     rows = [{"run": n, **r} for n, rs in compression.items() for r in rs]
     log("compressed models:\n" + format_table(list(rows[0]), [list(r.values()) for r in rows]))
@@ -296,6 +307,7 @@ def run(cfg: Config, log=print) -> dict:
              "seconds": time.perf_counter() - t_start}
   last5 = lambda n, key: float(np.mean([h[key] for h in histories[n][-5:]]))  # noqa: E731 (noisy non-IID rounds)
   summary["last5_test_accuracy"] = {n: last5(n, "test_accuracy") for n in names}
+  summary["privacy"] = statements
   if personal:
     summary["final_personal_accuracy"] = {n: {"weighted_mean": v[""], "mean": v["_mean"], "p10": v["_p10"]}
                                           for n, v in personal_finals.items()}

@@ -108,9 +108,10 @@ def positive_counts(cfg):
 
 @rule("clients_per_round", "num_clients", bad=[["--clients_per_round=500"]])
 def cohort_within_population(cfg):
-  check(cfg.clients_per_round <= cfg.num_clients,
-        f"--clients_per_round={cfg.clients_per_round} exceeds --num_clients={cfg.num_clients}; lower it or add "
-        "clients.")
+  canaries = getattr(cfg, "dp_audit", 0)  # the audit's canary clients are drawn with the others
+  check(cfg.clients_per_round <= cfg.num_clients + canaries,
+        f"--clients_per_round={cfg.clients_per_round} exceeds --num_clients={cfg.num_clients}"
+        + (f" plus --dp_audit={canaries} canaries" if canaries else "") + "; lower it or add clients.")
 
 
 @rule("client_lr", "server_lr", bad=[["--client_lr=0"], ["--server_lr=-1"], ["--client_lr=nan"]])
@@ -187,6 +188,11 @@ def dp_parameters(cfg):
 _DEFAULTS: dict = {}
 
 
+def _population(cfg) -> int:
+  """The clients the accountant sees: the data's and the audit's canaries."""
+  return cfg.num_clients + getattr(cfg, "dp_audit", 0)
+
+
 def _default(cfg, name):
   cls = type(cfg)
   if cls not in _DEFAULTS:
@@ -224,7 +230,7 @@ def dp_epsilon_reachable(cfg):
   from fedjax_tl.privacy import accounting
 
   top = 1000.0
-  eps = accounting.epsilon(top, cfg.num_clients, cfg.clients_per_round, cfg.rounds, cfg.dp_delta, "rdp", "fixed")
+  eps = accounting.epsilon(top, _population(cfg), cfg.clients_per_round, cfg.rounds, cfg.dp_delta, "rdp", "fixed")
   check(eps <= cfg.dp_epsilon,
         f"--dp_epsilon={cfg.dp_epsilon} at --dp_delta={cfg.dp_delta} is out of reach over --rounds={cfg.rounds} of "
         f"--clients_per_round={cfg.clients_per_round} of --num_clients={cfg.num_clients}: even noise multiplier "
@@ -239,7 +245,7 @@ def adaptive_clip_count_noise(cfg):
     return
   z = cfg.dp_noise_multiplier
   if cfg.dp_epsilon > 0:
-    z = calibrated_noise_multiplier(cfg.dp_epsilon, cfg.num_clients, cfg.clients_per_round, cfg.rounds,
+    z = calibrated_noise_multiplier(cfg.dp_epsilon, _population(cfg), cfg.clients_per_round, cfg.rounds,
                                     cfg.dp_delta, "rdp")
   sigma_b = cfg.dp_count_stddev or cfg.clients_per_round / 20
   check(z == 0 or 2 * sigma_b > z,
@@ -253,6 +259,89 @@ def adaptive_clip_not_under_secure_agg(cfg):
   check(not (cfg.dp_adaptive and cfg.secure_agg),
         "--dp_adaptive=true with --secure_agg=true: adaptive clipping's clip-count bits would be sent in the "
         "clear; use one of them.")
+
+
+@rule("dp_mechanism", "dp_ftrl_strategy", "dp_min_sep",
+      bad=[["--dp_clip=0.5", "--dp_mechanism=dpsgd"], ["--dp_mechanism=ftrl"], ["--dp_ftrl_strategy=blt"],
+           ["--dp_min_sep=2"], ["--dp_clip=0.5", "--dp_mechanism=ftrl", "--dp_ftrl_strategy=toeplitz"],
+           ["--dp_clip=0.5", "--dp_mechanism=ftrl", "--dp_min_sep=-1"]])
+def dp_mechanism_flags(cfg):
+  check(cfg.dp_mechanism in ("fedavg", "ftrl"), f"--dp_mechanism must be fedavg (DP-FedAvg) or ftrl (DP-FTRL), got "
+        f"{cfg.dp_mechanism!r}.")
+  ftrl = cfg.dp_mechanism == "ftrl"
+  check(not ftrl or cfg.dp_clip > 0, "--dp_mechanism=ftrl needs a clipping norm: set --dp_clip > 0 (and "
+        "--dp_epsilon or --dp_noise_multiplier).")
+  for name in ("dp_ftrl_strategy", "dp_min_sep"):
+    check(ftrl or not _set(cfg, name), f"--{name} is for DP-FTRL: add --dp_mechanism=ftrl (or drop --{name}).")
+  check(cfg.dp_ftrl_strategy in ("banded", "blt", "identity"),
+        f"--dp_ftrl_strategy must be banded, blt or identity, got {cfg.dp_ftrl_strategy!r}.")
+  check(cfg.dp_min_sep >= 0, f"--dp_min_sep must be >= 0 (0 = clients / cohort), got {cfg.dp_min_sep}.")
+
+
+@rule("dp_mechanism", "dp_adaptive", "secure_agg", "dp_min_sep", "clients_per_round", "num_clients",
+      bad=[["--dp_clip=0.5", "--dp_mechanism=ftrl", "--dp_adaptive=true"],
+           ["--dp_clip=0.5", "--dp_mechanism=ftrl", "--secure_agg=true"],
+           ["--dp_clip=0.5", "--dp_mechanism=ftrl", "--dp_min_sep=500"]])
+def dp_ftrl_combinations(cfg):
+  if cfg.dp_mechanism != "ftrl" or cfg.dp_clip <= 0:
+    return
+  check(not cfg.dp_adaptive, "--dp_mechanism=ftrl with --dp_adaptive=true: DP-FTRL's sensitivity needs a fixed clip; "
+        "use one of them.")
+  check(not cfg.secure_agg, "--dp_mechanism=ftrl with --secure_agg=true: the server adds DP-FTRL's noise to the "
+        "sum it sees, which secure aggregation hides (it would need distributed noise); use one of them.")
+  population = _population(cfg)
+  min_sep = cfg.dp_min_sep or population // cfg.clients_per_round
+  check(min_sep >= 1 and population // min_sep >= cfg.clients_per_round,
+        f"--dp_min_sep={min_sep} splits the {population} clients into groups of {population // max(min_sep, 1)}, "
+        f"fewer than --clients_per_round={cfg.clients_per_round}: lower --dp_min_sep (at most "
+        f"{max(population // cfg.clients_per_round, 1)}) or --clients_per_round.")
+
+
+@rule("dp_epsilon", "dp_noise_multiplier", "dp_ftrl_strategy", "rounds",
+      bad=[["--dp_clip=0.5", "--dp_mechanism=ftrl", "--dp_noise_multiplier=0"]])
+def dp_ftrl_builds(cfg):
+  """DP-FTRL's strategy is optimised and its noise calibrated here, before the data (cached for the run)."""
+  if cfg.dp_mechanism != "ftrl" or cfg.dp_clip <= 0 or not installed("jax_privacy"):
+    return
+  check(cfg.dp_epsilon > 0 or cfg.dp_noise_multiplier > 0, "--dp_mechanism=ftrl needs noise: set --dp_epsilon "
+        "(calibrated) or --dp_noise_multiplier.")
+  from fedjax_tl.experiments.common import ftrl_aggregator
+
+  try:
+    ftrl_aggregator(cfg)
+  except ValueError as e:
+    raise ConfigError(f"--dp_mechanism=ftrl: {e}") from None
+
+
+@rule("dp_audit", "dp_audit_confidence", "dp_clip", "secure_agg", "personal_eval", "algorithm",
+      bad=[["--dp_audit=100"], ["--dp_clip=0.5", "--dp_audit=1"], ["--dp_clip=0.5", "--dp_audit=-5"],
+           ["--dp_audit_confidence=0.9"], ["--dp_clip=0.5", "--dp_audit=100", "--dp_audit_confidence=1"],
+           ["--dp_clip=0.5", "--dp_audit=100", "--secure_agg=true"],
+           ["--dp_clip=0.5", "--dp_audit=100", "--personal_eval=true"]])
+def dp_audit_flags(cfg):
+  check(cfg.dp_audit == 0 or cfg.dp_audit >= 2, f"--dp_audit is the number of canary clients, at least 2 (some "
+        f"held in, some held out; hundreds for a useful bound), got {cfg.dp_audit}.")
+  check(cfg.dp_audit == 0 or cfg.dp_clip > 0, "--dp_audit checks a DP run: add --dp_clip and --dp_epsilon (the "
+        "canaries are scaled to the clip).")
+  check(cfg.dp_audit > 0 or not _set(cfg, "dp_audit_confidence"), "--dp_audit_confidence is for the audit: add "
+        "--dp_audit=N (or drop --dp_audit_confidence).")
+  check(0 < cfg.dp_audit_confidence < 1, f"--dp_audit_confidence must be in (0, 1), got {cfg.dp_audit_confidence}.")
+  if cfg.dp_audit:
+    from fedjax_tl.experiments.algorithms import PERSONALIZED
+
+    check(not cfg.secure_agg, "--dp_audit with --secure_agg=true: the audit scores the DP aggregator's released "
+          "update, and DP-FedAvg under secure aggregation is clipped and noised outside it; audit without "
+          "--secure_agg.")
+    check(not (cfg.personal_eval or cfg.algorithm in PERSONALIZED), "--dp_audit with a personalized evaluation: "
+          "the canary clients hold no examples to evaluate; drop --personal_eval (and use a global algorithm).")
+
+
+@rule("dp_mechanism", "dp_audit", bad=[])  # broken only without jax-privacy: tests/test_cli.py blocks the import
+def privacy_installed(cfg):
+  needs = [f for f, on in (("--dp_mechanism=ftrl", cfg.dp_mechanism == "ftrl"), ("--dp_audit", cfg.dp_audit > 0))
+           if on]
+  check(not needs or installed("jax_privacy"), f"{' and '.join(needs)} need jax-privacy, which is not installed: "
+        "pip install -e \".[privacy]\" (the privacy extra).")
 
 
 @rule("secagg_clip", "secagg_dropout", bad=[["--secure_agg=true", "--secagg_clip=0"],
