@@ -82,3 +82,25 @@ def _fresh_compilation_caches():
 def pytest_unconfigure(config):
   if _OWN_CACHE and not hasattr(config, "workerinput"):
     shutil.rmtree(os.environ["FEDJAX_TL_TEST_CACHE"], ignore_errors=True)
+
+
+class WorkStarted(Exception):
+  """Raised by the ``no_work`` fixture's stubs where an entry point starts loading data, weights, pretraining or
+  compiling: validation must have finished before this."""
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+  """The experiments' loaders (digits data and pretraining, cifar10 weights and data, the planner's compiles)
+  raise :class:`WorkStarted`."""
+  from fedjax_tl.experiments import cifar10, digits
+  from fedjax_tl.experiments import plan as plan_cli
+
+  def stop(*_, **__):
+    raise WorkStarted
+
+  monkeypatch.setattr(digits, "load_digits", stop)
+  monkeypatch.setattr(digits, "pretrain", stop)
+  monkeypatch.setattr(cifar10, "load_pretrained", stop)
+  monkeypatch.setattr(cifar10, "load_data", stop)
+  monkeypatch.setattr(plan_cli, "run", stop)

@@ -9,26 +9,10 @@ import sys
 import time
 
 import pytest
+from conftest import WorkStarted as _WorkStarted
 
 from fedjax_tl.experiments import cifar10, common, digits, rules
 from fedjax_tl.experiments import plan as plan_cli
-
-
-class _WorkStarted(Exception):
-  """Raised where an entry point starts loading data: validation must have finished before this."""
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-  def stop(*_, **__):
-    raise _WorkStarted
-
-  monkeypatch.setattr(digits, "load_digits", stop)
-  monkeypatch.setattr(digits, "pretrain", stop)
-  monkeypatch.setattr(cifar10, "load_pretrained", stop)
-  monkeypatch.setattr(cifar10, "load_data", stop)
-  monkeypatch.setattr(plan_cli, "run", stop)  # the planner's compiles
-
 
 BAD_FLAGS = [
     (digits, ["--rounds=0"], "--rounds must be a positive integer"),

@@ -7,6 +7,7 @@ import json
 import os
 
 import pytest
+from conftest import WorkStarted as _WorkStarted
 
 from fedjax_tl.experiments import cifar10, common, digits, workdir
 
@@ -20,20 +21,6 @@ def _snapshot(root) -> dict:
       with open(path, "rb") as f:
         out[os.path.relpath(path, root)] = f.read()
   return out
-
-
-class _WorkStarted(Exception):
-  pass
-
-
-@pytest.fixture
-def no_work(monkeypatch):
-  def stop(*_, **__):
-    raise _WorkStarted
-
-  monkeypatch.setattr(digits, "load_digits", stop)
-  monkeypatch.setattr(cifar10, "load_pretrained", stop)
-  monkeypatch.setattr(cifar10, "load_data", stop)
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ def _mechanism(algorithm, dp_fedavg):
   from fedjax_tl.privacy.audit import CanaryAggregator
   from fedjax_tl.privacy.dp_ftrl import DPFTRL
 
-  agg = algorithm.aggregator
+  agg = getattr(algorithm, "aggregator", None)  # e.g. Ditto has none (and no DP)
   audited = isinstance(agg, CanaryAggregator)
   if audited:
     agg = agg.inner
@@ -129,14 +129,14 @@ def _not_covered(algorithm, kind: str, has_model_state: bool | None, audited: bo
   items = []
   if kind == "none":
     items.append("everything: the run has no differential privacy")
-  mode = algorithm.model_state
+  mode = getattr(algorithm, "model_state", None)
   if mode == "average" and has_model_state is not False:
     items.append("BatchNorm statistics (model_state='average') are averaged in the clear, neither clipped nor "
                  "noised" + ("" if has_model_state else " (if the model has any)"))
   if mode == "local" and has_model_state is not False:
     items.append("each client's own BatchNorm statistics (model_state='local') stay on the client; the global model's "
                  "statistics are the latest cohort's mean, in the clear")
-  if algorithm.hooks is not None:
+  if getattr(algorithm, "hooks", None) is not None:
     items.append(f"what {type(algorithm.hooks).__name__}'s hooks keep per client or broadcast besides the model")
   items += [
       "metrics computed on clients' data and written to the log and metrics files (train loss and accuracy, "
