@@ -39,6 +39,7 @@ from fedjax_tl import keys as prng
 from fedjax_tl.core.checks import format_diff, tree_diff
 from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
+from fedjax_tl.tree import abstract_init, iter_eqns
 from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
 
 __all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution", "iter_eqns",
@@ -137,25 +138,13 @@ def default_schedule(backend: str | None = None, local: LocalTraining | None = N
   return Schedule(1, "host", 8)
 
 
-def iter_eqns(jaxpr):
-  """Every equation of ``jaxpr`` and, recursively, of the jaxprs inside it (jit, scan, custom_vjp, ...)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for v in eqn.params.values():
-      for item in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(item, "jaxpr") and hasattr(item, "consts"):  # ClosedJaxpr
-          yield from iter_eqns(item.jaxpr)
-        elif hasattr(item, "eqns"):  # Jaxpr
-          yield from iter_eqns(item)
-
-
 def has_convolution(local: LocalTraining) -> bool:
   """Whether one local step of ``local`` (its model's training forward pass, traced abstractly on one example:
   nothing is computed or compiled) contains an XLA convolution. The model is the one the steps run
   (``local.train_model``): on CPU the fast-path rewrite has turned its supported convolutions into matrix
   products."""
   model = local.train_model
-  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  params, state = abstract_init(model)
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   mask = jax.ShapeDtypeStruct((1,), jnp.bool_)
   fn = lambda p, s, xb, m: model.apply(p, s, xb, train=True, mask=m, rng=jax.random.PRNGKey(0))  # noqa: E731
