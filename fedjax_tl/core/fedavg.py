@@ -39,11 +39,11 @@ from fedjax_tl.core.execution import (
   Schedule,
   default_schedule,
 )
-from fedjax_tl.core.hooks import Hooks, TrainContext, tree_bits
-from fedjax_tl.core.params import split_params, tree_bytes
+from fedjax_tl.core.hooks import Hooks, TrainContext
+from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import FederatedData
-from fedjax_tl.models.base import init_shapes
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
+from fedjax_tl.tree import abstract_init, tree_bits
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, pseudo_gradient
 
 __all__ = ["FedAvg", "ServerState", "sample_clients", "client_mesh", "MODEL_STATE_MODES"]
@@ -299,7 +299,7 @@ class FedAvg:
     """Raises naming the first differing paths and shapes if ``params`` / ``model_state`` are not the model's."""
     model = self.local.model
     try:
-      want_params, want_state = init_shapes(model)
+      want_params, want_state = abstract_init(model)
     except Exception:  # noqa: BLE001  a model that cannot be initialised abstractly: nothing to compare against
       return
     which = f"the LocalTraining's model ({type(model.module).__name__}, sample_shape={model.sample_shape})"
@@ -350,7 +350,7 @@ class FedAvg:
     """(bits down, bits up) per client per round, exact: the trainable params as encoded by ``downlink`` /
     ``client_transform`` or the aggregator's encoding (dense float32 without one), plus the averaged model
     state."""
-    extra = 8 * tree_bytes(state.model_state) if self.model_state == "average" else 0
+    extra = tree_bits(state.model_state) if self.model_state == "average" else 0
     down = encoded_bits(self.downlink, state.params) + extra
     up = self.aggregator.bits(state.params)
     if up is None:
