@@ -25,7 +25,8 @@ import jax
 from fedjax_tl.tree import tree_bits
 from fedjax_tl.types import PRNGKey, Updates
 
-__all__ = ["UpdateTransform", "EmptyState", "chain", "identity", "is_stateless", "encoded_bits", "dense_bits"]
+__all__ = ["UpdateTransform", "EmptyState", "chain", "identity", "stateless", "is_stateless", "encoded_bits",
+           "dense_bits"]
 
 
 class EmptyState(NamedTuple):
@@ -48,16 +49,24 @@ def encoded_bits(t: UpdateTransform | None, template: Updates) -> int:
   return int(t.encoded_bits(template))
 
 
-def identity() -> UpdateTransform:
+def stateless(fn: Callable[[Updates, PRNGKey], Updates],
+              bits: Callable[[Updates], int] | None = None) -> UpdateTransform:
+  """The transform of ``fn(updates, key) -> updates``, which keeps no state (:class:`EmptyState`); ``bits`` is its
+  ``encoded_bits`` (None: it sends the update as it is)."""
+
   def init(updates):
     del updates
     return EmptyState()
 
   def apply(updates, state, key):
-    del key
-    return updates, state
+    return fn(updates, key), state
 
-  return UpdateTransform(init, apply)
+  return UpdateTransform(init, apply, bits)
+
+
+def identity() -> UpdateTransform:
+  """Sends the update unchanged."""
+  return stateless(lambda updates, key: updates)
 
 
 def chain(*transforms: UpdateTransform) -> UpdateTransform:
