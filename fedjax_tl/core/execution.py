@@ -42,9 +42,8 @@ from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.tree import abstract_init, iter_eqns
 from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
 
-__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution", "iter_eqns",
-           "SCHEDULE_PRESETS"]
-
+__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution",
+           "iter_eqns"]
 
 
 class ClientContext(NamedTuple):
@@ -86,17 +85,15 @@ class Schedule:
   @classmethod
   def parse(cls, spec: str) -> Schedule:
     """Parses ``CLIENTS[/LOOP[:UNROLL]]``: CLIENTS is ``vmap``, ``sequential`` or ``chunked:K``; LOOP is
-    ``scan`` or ``host``. Examples: ``vmap``, ``sequential/host:8``, ``chunked:4/scan:2``. Presets:
-    ``auto`` (the measured default for the current backend) and the names in ``SCHEDULE_PRESETS``."""
+    ``scan`` or ``host``. Examples: ``vmap``, ``sequential/host:8``, ``chunked:4/scan:2``; ``auto`` is the
+    measured default for the current backend (:func:`default_schedule`)."""
     spec = spec.strip()
     if spec == "auto":
       return default_schedule()
-    if spec in SCHEDULE_PRESETS:
-      return SCHEDULE_PRESETS[spec]
     m = re.fullmatch(r"(vmap|sequential|chunked:(\d+|auto))(?:/(scan|host)(?::(\d+))?)?", spec)
     if not m:
       raise ValueError(f"Cannot parse schedule {spec!r}; expected e.g. 'vmap', 'sequential/host:8', "
-                       f"'chunked:4/scan:2', 'auto' or one of {sorted(SCHEDULE_PRESETS)}.")
+                       "'chunked:4/scan:2' or 'auto'.")
     clients, k, loop, unroll = m.groups()
     chunk = 0 if clients == "vmap" else 1 if clients == "sequential" else -1 if k == "auto" else int(k)
     if clients.startswith("chunked") and chunk == 0:
@@ -107,14 +104,6 @@ class Schedule:
     clients = "vmap" if self.chunk_size == 0 else "sequential" if self.chunk_size == 1 else \
         "chunked:auto" if self.chunk_size == -1 else f"chunked:{self.chunk_size}"
     return f"{clients}/{self.loop}:{self.unroll}"
-
-
-SCHEDULE_PRESETS = {
-    "vmap_scan": Schedule(0, "scan", 1),
-    "sequential_scan": Schedule(1, "scan", 1),
-    "sequential_host": Schedule(1, "host", 8),
-    "vmap_host": Schedule(0, "host", 8),
-}
 
 
 def default_schedule(backend: str | None = None, local: LocalTraining | None = None) -> Schedule:
@@ -196,10 +185,6 @@ class RoundSums(NamedTuple):
   client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
   client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
   message_sum: Any = None  # sum_i message_i over real clients: what the algorithm's hooks send besides the delta
-
-
-def _zeros_like(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)
 
 
 def _weighted_sum(tree: PyTree, w: jax.Array) -> PyTree:
