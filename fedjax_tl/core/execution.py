@@ -14,7 +14,10 @@ A schedule has two independent axes:
 Measured on a 2-core x86 CPU, JAX 0.10.2, the workload-P CNN at batch 32 (see experiments/bench_schedules.py
 and the table in docs/performance.md): convolutions inside a rolled ``lax.scan`` are ~15x slower than the same steps
 unrolled (jax issue 12868), and vmap over clients is ~3x slower than sequential. So the CPU default is
-sequential clients with a host loop over unrolled blocks; accelerators default to one program per round.
+sequential clients: the whole round in one program (steps in a ``lax.scan``) when the model as trained has no XLA
+convolution (after the fast path's rewrite of its convolutions to matrix products), a host loop over unrolled
+blocks when it has one; accelerators default to the whole cohort vmapped in one program
+(:func:`default_schedule`).
 
 Every schedule computes the same thing as a plain per-client Python loop (tests/test_execution.py). Nothing
 recompiles between rounds: shapes depend on the cohort size and the population's padded client size only,
@@ -52,7 +55,7 @@ class ClientContext(NamedTuple):
   client_id: jax.Array  # int32 scalar; -1 for a padding client
   position: jax.Array  # int32 scalar: the client's index in the padded cohort
   key: PRNGKey  # the client's own postprocessing key
-  shared: Any  # round-wide data broadcast to every client (e.g. secure-aggregation seeds); None if unused
+  shared: Any  # round-wide data for every client (FedAvg: the aggregator's state and its setup's output); or None
 
 
 # Applied to each client's output before aggregation (clipping, compression, secure-aggregation masking); pure
@@ -67,7 +70,7 @@ class Schedule:
 
   Attributes:
     chunk_size: clients trained together with vmap; 0 = the whole cohort, 1 = sequential, -1 ("chunked:auto")
-      = as many as fit a memory budget, resolved on the first round (:meth:`CohortRunner.resolve_chunk_size`).
+      = as many as fit a memory budget, resolved on the first round (:meth:`CohortRunner.resolve`).
     loop: "scan" (one XLA program per round) or "host" (Python loop over jitted blocks of steps).
     unroll: local steps unrolled per scan iteration or per host block.
   """
