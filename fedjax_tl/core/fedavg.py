@@ -1,6 +1,6 @@
 """FedAvg with a server optimizer (Reddi et al. 2021, "Adaptive Federated Optimization"), as init + apply.
 
-``apply`` trains the cohort (any :class:`Schedule`), lets the aggregator (:mod:`fedjax_tl.core.aggregation`;
+``apply`` trains the cohort (any :class:`Schedule`), lets the aggregator (:mod:`fedjax_tl.aggregators`;
 default: the mean weighted by the clients' numbers of examples, McMahan et al. 2017) turn the client deltas
 into one mean update and feeds its negation to an optax server optimizer; plain FedAvg is ``optax.sgd(1.0)``.
 Only the trainable part of the params is trained and communicated; the frozen part is fixed for the whole run,
@@ -20,8 +20,8 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
+from fedjax_tl.aggregators.base import Aggregator, Mean
 from fedjax_tl.core import store
-from fedjax_tl.core.aggregation import Aggregator, Mean
 from fedjax_tl.core.checks import (
   check_hashable,
   check_hook_output,
