@@ -1,7 +1,8 @@
 """Aggregators, in one home: what turns the cohort's updates into the server's mean update.
 
-* :mod:`~fedjax_tl.aggregators.base` - the protocol (:class:`Aggregator`) and the means: :class:`Mean`
-  (``WeightedMean()`` = FedAvg, ``UniformMean()``).
+* :mod:`~fedjax_tl.aggregators.base` - the protocol (:class:`Aggregator`), how messages are reduced over the
+  cohort (:data:`SUM`, :class:`ModularSum`) and the means:
+  :class:`Mean` (``WeightedMean()`` = FedAvg, ``UniformMean()``).
 * :mod:`~fedjax_tl.aggregators.dp` - :class:`DPFedAvg` (clip + Gaussian noise, McMahan et al. 2018) and
   :class:`AdaptiveClipping` (Andrew et al. 2021).
 * :mod:`~fedjax_tl.aggregators.secure` - :class:`SecureAggregation` (Bonawitz et al. 2017, simulated).
@@ -16,17 +17,24 @@ load when one of their names is first used (as the flat ``fedjax_tl`` API does).
 import importlib
 
 from fedjax_tl.aggregators.base import (
+  SUM,
   WEIGHTINGS,
   Aggregator,
   Mean,
+  ModularSum,
+  Reducer,
+  Sum,
   UniformMean,
   WeightedMean,
   client_weight,
+  covers_model_state,
   mean_of,
+  reducer_of,
 )
 
-__all__ = ["Aggregator", "Mean", "WeightedMean", "UniformMean", "DPFedAvg", "AdaptiveClipping",
-           "SecureAggregation", "WEIGHTINGS", "client_weight", "mean_of"]
+__all__ = ["Aggregator", "Reducer", "Sum", "SUM", "ModularSum", "Mean", "WeightedMean", "UniformMean",
+           "DPFedAvg", "AdaptiveClipping", "SecureAggregation", "WEIGHTINGS", "client_weight", "mean_of",
+           "reducer_of", "covers_model_state"]
 
 _MECHANISMS = {"DPFedAvg": "dp", "AdaptiveClipping": "dp", "SecureAggregation": "secure"}
 

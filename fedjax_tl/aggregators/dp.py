@@ -31,7 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_tl.aggregators.base import Mean, client_weight, mean_of
+from fedjax_tl.aggregators.base import SUM, Mean, client_weight, mean_of
 from fedjax_tl.transforms.privacy import add_noise, clip_by_norm
 from fedjax_tl.types import PRNGKey, Updates
 
@@ -59,6 +59,8 @@ class DPFedAvg:
                        f"{self.noise_multiplier}, {self.cohort_size}.")
 
   _MEAN = Mean("uniform")
+  reducer = SUM
+  covers_model_state = True  # BatchNorm statistics averaged beside it are neither clipped nor noised
 
   def init(self, template):
     return self._MEAN.init(template)
@@ -132,7 +134,8 @@ class AdaptiveClipping:
     return (z ** -2 - (2 * self.sigma_b) ** -2) ** -0.5
 
   # ---- the aggregator protocol (fedjax_tl.aggregators.base): the state is the clip norm ----
-  covers_model_state = True
+  reducer = SUM
+  covers_model_state = True  # as DPFedAvg: BatchNorm statistics averaged beside it are neither clipped nor noised
 
   def init(self, template=None) -> jax.Array:
     del template

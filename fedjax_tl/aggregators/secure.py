@@ -10,11 +10,11 @@ Per round, for a cohort of n clients (host side, :meth:`SecureAggregation.setup_
 3. Client i (on device, :meth:`client_encode`) clips every coordinate of its weighted update to [-R, R],
    scales it to fixed point and rounds stochastically (unbiased) into the field Z_(2^32), then adds
    sum_{j > i} PRG(s_ij) - sum_{j < i} PRG(s_ij). The masked vector is uniformly distributed on its own.
-4. Clients drop out at random (``dropout``) after masking; the survivors' vectors are summed (mod 2^32), so
-   every pairwise mask between two survivors cancels. For each dropped client the server collects t shares of
-   its secret key from survivors, reconstructs it, recomputes its seeds with the survivors and removes the
-   masks those left behind (:meth:`unmask`). Fewer than t survivors: the round is aborted (no update), as in
-   the protocol.
+4. Clients drop out at random (``dropout``) after masking; the survivors' vectors are summed mod 2^32 (the
+   aggregator declares ``reducer = ModularSum(32)``), so every pairwise mask between two survivors cancels. For
+   each dropped client the server collects t shares of its secret key from survivors, reconstructs it,
+   recomputes its seeds with the survivors and removes the masks those left behind (:meth:`unmask`). Fewer
+   than t survivors: the round is aborted (no update), as in the protocol.
 
 The sum of n clipped values must stay inside the signed range of the field, |sum| <= 2^31 - 1, or it wraps
 around and decodes with the wrong sign. The fixed-point scale leaves headroom for every rounding on the way:
@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys
-from fedjax_tl.aggregators.base import WEIGHTINGS, client_weight, mean_of
+from fedjax_tl.aggregators.base import WEIGHTINGS, ModularSum, client_weight, mean_of
 
 __all__ = ["SecureAggregation", "SecAggShared", "shamir_share", "shamir_reconstruct", "fixed_point_scale", "FIELD_BITS"]
 
@@ -162,6 +162,7 @@ class SecureAggregation:
       raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}.")
 
   # ---- the aggregator protocol (fedjax_tl.aggregators.base) ----
+  reducer = ModularSum(FIELD_BITS)  # masked field elements, summed in Z_(2^32)
   covers_model_state = False  # averaged model state (BatchNorm statistics) would bypass the masking
 
   def init(self, template):

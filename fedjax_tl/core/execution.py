@@ -39,11 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys as prng
+from fedjax_tl.aggregators.base import SUM, Reducer, weighted_sum
 from fedjax_tl.core.checks import format_diff, tree_diff
 from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.tree import abstract_init, iter_eqns
-from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
+from fedjax_tl.types import ModelState, Params, PRNGKey
 
 __all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution",
            "iter_eqns"]
@@ -181,25 +182,13 @@ class _SharedJit:
 class RoundSums(NamedTuple):
   """What a cohort sends up, already reduced: weighted sums over clients, plus per-client metrics."""
 
-  delta_sum: Params  # sum_i w_i * delta_i
+  delta_sum: Params  # the reducer's sum of the clients' messages (sum_i w_i * delta_i for SUM)
   state_sum: ModelState  # sum_i w_i * model_state_i
   weight_sum: jax.Array  # sum_i w_i
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
   client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
   client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
   message_sum: Any = None  # sum_i message_i over real clients: what the algorithm's hooks send besides the delta
-
-
-def _weighted_sum(tree: PyTree, w: jax.Array) -> PyTree:
-  """sum_i w_i * tree_i over the leading (client) axis. Unsigned-integer leaves (secure aggregation's masked
-  field elements, which carry their weight inside) are summed unweighted with wrap-around, i.e. mod 2^bits."""
-
-  def one(a):
-    if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
-      return jnp.sum(a, axis=0, dtype=a.dtype)
-    return jnp.tensordot(w, a.astype(jnp.float32), axes=1)
-
-  return jax.tree.map(one, tree)
 
 
 class CohortRunner:
@@ -212,8 +201,12 @@ class CohortRunner:
 
   def __init__(self, local: LocalTraining, schedule: Schedule, pad_size: int,
                postprocess: ClientPostprocess | None = None, per_client_state: bool = False,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, reducer: Reducer = SUM):
     self.local = local
+    # reducer: how the clients' (postprocessed) deltas are summed, as the aggregator declares it
+    # (fedjax_tl.aggregators.base: SUM, or ModularSum for secure aggregation's field elements). The model states
+    # and the hooks' messages, sent in the clear, are weighted sums.
+    self.reducer = reducer
     # mesh: shard each chunk's clients over the mesh axis "clients" (data and params replicated); XLA's SPMD
     # partitioner turns the weighted sums over clients into a cross-device reduction. "scan" loop only.
     if mesh is not None:
@@ -245,7 +238,8 @@ class CohortRunner:
     self._compiled: dict[tuple[str, int], Any] = _COMPILED.setdefault(self, {})
 
   def _config(self) -> tuple:
-    return (self.local, self.schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh)
+    return (self.local, self.schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh,
+            self.reducer)
 
   def __eq__(self, other) -> bool:
     return type(other) is type(self) and self._config() == other._config()
@@ -255,7 +249,8 @@ class CohortRunner:
 
   def with_schedule(self, schedule: Schedule) -> CohortRunner:
     """A runner like this one with another schedule (e.g. a resolved "chunked:auto")."""
-    return CohortRunner(self.local, schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh)
+    return CohortRunner(self.local, schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh,
+                        self.reducer)
 
   # ---- helpers over one chunk (leading axis k) ----
   def _client_keys(self, round_key: PRNGKey, client_ids: jax.Array) -> jax.Array:
@@ -290,9 +285,9 @@ class CohortRunner:
       ctx_axes = ClientContext(0, 0, 0, None)
       out, carry = jax.vmap(self.postprocess, (0, 0, ctx_axes))(out, carry, ctx)
     client_states = out.model_state if self.per_client_state else None
-    sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
+    sums = RoundSums(self.reducer(out.delta, out.num_examples), weighted_sum(out.model_state, out.num_examples),
                      out.num_examples.sum(), out.metrics, client_states, carry,
-                     _weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
+                     weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
     if acc is None:
       return sums
     self._check_message(sums.message_sum, acc.message_sum)

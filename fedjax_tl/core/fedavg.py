@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
-from fedjax_tl.aggregators.base import Aggregator, Mean
+from fedjax_tl.aggregators.base import Aggregator, Mean, covers_model_state, reducer_of
 from fedjax_tl.core import store
 from fedjax_tl.core.checks import (
   check_hashable,
@@ -236,8 +236,8 @@ class FedAvg:
       if post is None and (self.client_transform is not None or self.aggregator != Mean()):
         post = _ClientPostprocess(self.client_transform, self.aggregator)  # (plain FedAvg's encoding is identity)
       per_client = self.model_state == "local" or self.local_params is not None or self.hooks is not None
-      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post,
-                                             per_client_state=per_client, mesh=self.mesh)
+      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post, per_client_state=per_client,
+                                             mesh=self.mesh, reducer=reducer_of(self.aggregator))
     return self._runners[pad_size]
 
   # ---- state ----
@@ -259,8 +259,7 @@ class FedAvg:
     if self.downlink is not None and not is_stateless(self.downlink, trainable):
       raise ValueError("downlink must be stateless (every client decodes the broadcast on its own).")
     model_state = model_state or {}
-    if not getattr(self.aggregator, "covers_model_state", True) and self.model_state == "average" and \
-        jax.tree.leaves(model_state):
+    if not covers_model_state(self.aggregator) and self.model_state == "average" and jax.tree.leaves(model_state):
       raise ValueError(f'{type(self.aggregator).__name__} covers the params only; with model_state="average" the '
                        'BatchNorm statistics would be sent in the clear. Use model_state="frozen" or "local".')
     transform_states = server_transform_state = None
