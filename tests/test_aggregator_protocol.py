@@ -1,5 +1,6 @@
 """The aggregator protocol's declarations: each aggregator says how its messages are reduced (the runner never
-guesses from dtypes) and whether averaged model state may travel beside them."""
+guesses from dtypes) and whether averaged model state may travel beside them; aggregate reports a RoundInfo (an
+aggregator written for the old dict protocol still works)."""
 
 import dataclasses
 
@@ -10,7 +11,7 @@ import pytest
 
 import fedjax_tl as ftl
 from fedjax_tl import aggregators
-from fedjax_tl.aggregators import SUM, Mean, ModularSum, covers_model_state, reducer_of
+from fedjax_tl.aggregators import SUM, Mean, ModularSum, RoundInfo, covers_model_state, reducer_of
 from fedjax_tl.privacy.audit import CanaryAudit
 from fedjax_tl.privacy.dp_ftrl import DPFTRL, MFStrategy
 
@@ -75,3 +76,28 @@ def test_a_wrapper_without_a_reducer_runs_secure_aggregation_as_the_wrapped_one(
   for u, v in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):  # few fixed-point units off)
     np.testing.assert_allclose(u, v, atol=1e-6)
   assert ma["secagg_survivors"] == mb["secagg_survivors"] and ma["bytes_up"] == mb["bytes_up"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _DictProtocol(Mean):
+  """An aggregator written for the dict protocol: ``aggregate`` reports senders in a dict, None aborts."""
+
+  abort: bool = False
+
+  def aggregate(self, message_sum, weight_sum, shared, host):
+    del shared, host
+    return (None if self.abort else message_sum), weight_sum, {"senders": 2, "heard": 2}
+
+
+def test_round_info_and_the_dict_protocol(tiny_local, tiny_data, tiny_params):
+  info = RoundInfo(senders=2, metrics={"heard": 2})
+  assert {**info} == {"heard": 2} and RoundInfo.of(None, info).aborted and not RoundInfo.of(1.0, None).aborted
+  algo = ftl.FedAvg(tiny_local, schedule="vmap", aggregator=_DictProtocol())
+  state, m = _round(algo, tiny_data, tiny_params)
+  up = algo.communication_bytes(state)[1]
+  assert m["bytes_up"] == 2 * up and m["heard"] == 2 and "senders" not in m
+  aborted = ftl.FedAvg(tiny_local, schedule="vmap", aggregator=_DictProtocol(abort=True))
+  state, m = _round(aborted, tiny_data, tiny_params)
+  assert int(state.round) == 1
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(tiny_params[0]), strict=True):
+    np.testing.assert_array_equal(a, b)

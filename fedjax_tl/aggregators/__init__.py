@@ -1,7 +1,7 @@
 """Aggregators, in one home: what turns the cohort's updates into the server's mean update.
 
 * :mod:`~fedjax_tl.aggregators.base` - the protocol (:class:`Aggregator`), how messages are reduced over the
-  cohort (:data:`SUM`, :class:`ModularSum`) and the means:
+  cohort (:data:`SUM`, :class:`ModularSum`), what ``aggregate`` reports (:class:`RoundInfo`) and the means:
   :class:`Mean` (``WeightedMean()`` = FedAvg, ``UniformMean()``).
 * :mod:`~fedjax_tl.aggregators.dp` - :class:`DPFedAvg` (clip + Gaussian noise, McMahan et al. 2018) and
   :class:`AdaptiveClipping` (Andrew et al. 2021).
@@ -23,6 +23,7 @@ from fedjax_tl.aggregators.base import (
   Mean,
   ModularSum,
   Reducer,
+  RoundInfo,
   Sum,
   UniformMean,
   WeightedMean,
@@ -32,7 +33,7 @@ from fedjax_tl.aggregators.base import (
   reducer_of,
 )
 
-__all__ = ["Aggregator", "Reducer", "Sum", "SUM", "ModularSum", "Mean", "WeightedMean", "UniformMean",
+__all__ = ["Aggregator", "Reducer", "Sum", "SUM", "ModularSum", "RoundInfo", "Mean", "WeightedMean", "UniformMean",
            "DPFedAvg", "AdaptiveClipping", "SecureAggregation", "WEIGHTINGS", "client_weight", "mean_of",
            "reducer_of", "covers_model_state"]
 

@@ -9,7 +9,7 @@ mask recovery). Like pfl-research's postprocessors, the algorithm never knows wh
     message, weight, mets = agg.encode(delta, num_examples, state, shared, ctx)   traced, per client (vmapped)
         (the runner reduces the messages with agg.reducer - SUM: sum_i weight_i * message_i in float32;
          ModularSum(bits): field elements summed unweighted modulo 2^bits - and sums the weights)
-    total, weight, info   = agg.aggregate(message_sum, weight_sum, shared, host)  host; total None = aborted
+    total, weight, info   = agg.aggregate(message_sum, weight_sum, shared, host)  host; info: a RoundInfo
     mean, state, metrics  = agg.decode(total, weight, state, client_metrics, real, key)   traced, server side
     agg.bits(template)    -> exact uplink bits per client, or None: what the update transform sends
 
@@ -23,7 +23,8 @@ and two declarations, class attributes of the aggregator:
 
 ``ctx`` is the client's :class:`~fedjax_tl.core.execution.ClientContext` (client id, cohort position, its own
 key); ``real`` marks the real clients of the padded cohort; ``key`` is the round's "aggregator" stream
-(:mod:`fedjax_tl.keys`). Update transforms (compression, clipping as a transform)
+(:mod:`fedjax_tl.keys`). ``aggregate`` returns a :class:`RoundInfo`: how many clients were heard (the uplink
+bytes count them) and whether the round was aborted. Update transforms (compression, clipping as a transform)
 run on each client's delta *before* ``encode``, so any transform composes with any aggregator.
 
 This module imports no other layer of the library than its floor (types), so the round (core) imports it
@@ -33,6 +34,7 @@ without importing a privacy mechanism.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
 import jax
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 
 from fedjax_tl.types import PRNGKey, PyTree, Updates
 
-__all__ = ["Aggregator", "Reducer", "Sum", "SUM", "ModularSum", "Mean", "WeightedMean", "UniformMean",
+__all__ = ["Aggregator", "Reducer", "Sum", "SUM", "ModularSum", "RoundInfo", "Mean", "WeightedMean", "UniformMean",
            "WEIGHTINGS", "client_weight", "mean_of", "weighted_sum", "reducer_of", "covers_model_state"]
 
 WEIGHTINGS = ("num_examples", "uniform")
@@ -95,6 +97,46 @@ class ModularSum:
     return jax.tree.map(lambda a: jnp.sum(a, axis=0, dtype=a.dtype), messages)
 
 
+# ---- what aggregate tells the round ----
+@dataclasses.dataclass(frozen=True)
+class RoundInfo(Mapping):
+  """What ``aggregate`` reports besides the total (host side).
+
+  Attributes:
+    senders: the clients whose messages reached the server (the round's uplink bytes count them); None: every
+      real client of the cohort.
+    aborted: no total could be formed (e.g. too few secure-aggregation survivors to unmask): the round changes
+      nothing but the round count.
+    metrics: host-side round metrics (e.g. ``secagg_survivors``), reported with the round's.
+
+  A read-only mapping of ``metrics``, so code written when ``aggregate`` returned a dict (``{**info}``) reads it.
+  """
+
+  senders: int | None = None
+  aborted: bool = False
+  metrics: dict = dataclasses.field(default_factory=dict)
+
+  __hash__ = None  # unhashable: its metrics are a dict
+
+  def __getitem__(self, key: str) -> Any:
+    return self.metrics[key]
+
+  def __iter__(self) -> Iterator[str]:
+    return iter(self.metrics)
+
+  def __len__(self) -> int:
+    return len(self.metrics)
+
+  @classmethod
+  def of(cls, total: Any, info: RoundInfo | Mapping | None) -> RoundInfo:
+    """The RoundInfo of ``aggregate``'s result, also from an aggregator written for the dict protocol (its
+    ``"senders"`` key, a None total for an aborted round)."""
+    if not isinstance(info, RoundInfo):
+      metrics = dict(info or {})
+      info = cls(metrics.pop("senders", None), False, metrics)
+    return dataclasses.replace(info, aborted=True) if total is None and not info.aborted else info
+
+
 # ---- the protocol ----
 class Aggregator(Protocol):
   """The aggregation protocol (see the module docstring); implementations are frozen dataclasses that declare
@@ -109,7 +151,8 @@ class Aggregator(Protocol):
 
   def encode(self, delta: Updates, num_examples: jax.Array, state: Any, shared: Any, ctx) -> tuple: ...
 
-  def aggregate(self, message_sum: Any, weight_sum: jax.Array, shared: Any, host: Any) -> tuple: ...
+  def aggregate(self, message_sum: Any, weight_sum: jax.Array, shared: Any, host: Any) -> tuple[Any, jax.Array,
+                                                                                                   RoundInfo]: ...
 
   def decode(self, total: Updates, weight_sum: jax.Array, state: Any, client_metrics: dict, real: jax.Array,
              key: PRNGKey) -> tuple[Updates, Any, dict]: ...
@@ -176,7 +219,7 @@ class Mean:
 
   def aggregate(self, message_sum, weight_sum, shared, host):
     del shared, host
-    return message_sum, weight_sum, {}
+    return message_sum, weight_sum, RoundInfo()
 
   def decode(self, total, weight_sum, state, client_metrics, real, key):
     del client_metrics, real, key

@@ -31,7 +31,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_tl.aggregators.base import SUM, Mean, client_weight, mean_of
+from fedjax_tl.aggregators.base import SUM, Mean, RoundInfo, client_weight, mean_of
 from fedjax_tl.transforms.privacy import add_noise, clip_by_norm
 from fedjax_tl.types import PRNGKey, Updates
 
@@ -153,7 +153,7 @@ class AdaptiveClipping:
 
   def aggregate(self, message_sum, weight_sum, shared, host):
     del shared, host
-    return message_sum, weight_sum, {}
+    return message_sum, weight_sum, RoundInfo()
 
   def decode(self, total, weight_sum, clip_norm, client_metrics, real, key):
     below = (client_metrics["below_clip"] * real).sum()  # real clients within the clip norm

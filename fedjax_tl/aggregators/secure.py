@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys
-from fedjax_tl.aggregators.base import WEIGHTINGS, ModularSum, client_weight, mean_of
+from fedjax_tl.aggregators.base import WEIGHTINGS, ModularSum, RoundInfo, client_weight, mean_of
 
 __all__ = ["SecureAggregation", "SecAggShared", "shamir_share", "shamir_reconstruct", "fixed_point_scale", "FIELD_BITS"]
 
@@ -180,8 +180,8 @@ class SecureAggregation:
     return masked, jnp.where(shared.alive[ctx.position], w, 0.0), {"secagg_clipped": clipped}
 
   def aggregate(self, message_sum, weight_sum, shared: SecAggShared, host):
-    recovery, info = self.recover(host)
-    info = {**info, "senders": info["secagg_survivors"]}
+    recovery, metrics = self.recover(host)
+    info = RoundInfo(senders=metrics["secagg_survivors"], aborted=recovery is None, metrics=metrics)
     if recovery is None:  # too few survivors to unmask: the round is aborted
       return None, weight_sum, info
     return self.unmask(message_sum, recovery, shared.scale, shared.max_weight), weight_sum, info

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
-from fedjax_tl.aggregators.base import Aggregator, Mean, covers_model_state, reducer_of
+from fedjax_tl.aggregators.base import Aggregator, Mean, RoundInfo, covers_model_state, reducer_of
 from fedjax_tl.core import store
 from fedjax_tl.core.checks import (
   check_hashable,
@@ -510,9 +510,8 @@ class FedAvg:
     if self.hooks is not None:
       self._check_message(state, sums.message_sum)
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
-    info = dict(info)
-    senders = info.pop("senders", n)
-    if total is None:  # the aggregator aborted the round: nothing changes but the count
+    info = RoundInfo.of(total, info)
+    if info.aborted:  # the aggregator aborted the round: nothing changes but the count
       new_state, agg_metrics = state._replace(round=state.round + 1), {}
       sums = sums._replace(client_carry=carry)
     else:
@@ -531,13 +530,13 @@ class FedAvg:
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
     metrics = {
-        **info,
+        **info.metrics,
         **agg_metrics,
         "train_loss": (cm["loss"] * w).sum() / jnp.maximum(w.sum(), 1.0),
         "train_accuracy": (cm["accuracy"] * w).sum() / jnp.maximum(w.sum(), 1.0),
         "num_examples": w.sum(),
         "bytes_down": down * n,
-        "bytes_up": up * senders,
+        "bytes_up": up * (n if info.senders is None else info.senders),
         "client_metrics": {k: v[:n] for k, v in cm.items()},
     }
     return new_state, metrics
