@@ -41,7 +41,6 @@ from fedjax_tl.compress.report import latency_ms, size_report
 from fedjax_tl.core.client import LocalTraining
 from fedjax_tl.core.evaluate import evaluate
 from fedjax_tl.core.fedavg import FedAvg
-from fedjax_tl.core.params import tree_bytes
 from fedjax_tl.core.train import run_rounds
 from fedjax_tl.data import partition
 from fedjax_tl.data.client_data import FederatedData
@@ -51,6 +50,7 @@ from fedjax_tl.experiments.common import format_table, parse_config
 from fedjax_tl.models import pretrained
 from fedjax_tl.models.base import Model
 from fedjax_tl.models.resnet import ClassifierHead, ResNet50
+from fedjax_tl.tree import tree_bits
 
 SPARSITIES = (0.5, 0.8, 0.9)
 
@@ -74,7 +74,7 @@ def federated(cfg, model, params, state, data, test, rounds):
 def row(name, model, params, state, test, batch, fl=(None, None), q=None, runs=20):
   mb_up, last3 = fl
   sizes = size_report(params)
-  extra = tree_bytes(state)
+  extra = tree_bits(state) // 8
   if q is None:
     fwd = jax.jit(lambda xb: model.apply(params, state, xb, train=False)[0])
     acc = accuracy(fwd, test.x, test.y) if test is not None else None

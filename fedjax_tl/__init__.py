@@ -8,9 +8,9 @@ first use, so ``import fedjax_tl`` stays cheap and importing one submodule does 
   state = algo.init(params, model_state)
   state, history = ftl.run_rounds(algo, state, data, rounds=10, cohort_size=5, seed=0)
 
-Layers, bottom to top (each imports only from below; nothing imports ``fedjax_tl.experiments``): types/keys,
-data, models, transforms, core (client, execution, aggregators, fedavg), algorithms, privacy, run (train,
-checkpoint, metrics).
+Layers, bottom to top (each imports only from below; nothing imports ``fedjax_tl.experiments``):
+types/keys/tree, data, models, transforms, aggregators, core (client, execution, fedavg), algorithms, privacy,
+run (train, checkpoint, metrics).
 """
 
 from __future__ import annotations
@@ -75,10 +75,10 @@ _EXPORTS = {
     "clip_l2": "fedjax_tl.transforms.privacy",
     "gaussian_noise": "fedjax_tl.transforms.privacy",
     "dp_fedavg": "fedjax_tl.transforms.privacy",
-    "AdaptiveClipping": "fedjax_tl.transforms.adaptive_clip",
-    "SecureAggregation": "fedjax_tl.transforms.secure_agg",
     # aggregators
     "aggregators": "fedjax_tl.aggregators",
+    "AdaptiveClipping": "fedjax_tl.aggregators",
+    "SecureAggregation": "fedjax_tl.aggregators",
     "Mean": "fedjax_tl.aggregators",
     "WeightedMean": "fedjax_tl.aggregators",
     "UniformMean": "fedjax_tl.aggregators",

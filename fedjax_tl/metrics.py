@@ -145,10 +145,6 @@ class MetricsWriter:
       w.writerows(rows)
     os.replace(tmp, self.csv_path)
 
-  def summary(self, columns: Sequence[str] = ("round", "train_loss", "test_accuracy", "bytes_up", "wall_s")) -> str:
-    cols = [c for c in columns if any(c in r for r in self.rows)]
-    return format_table(cols, [[r.get(c, "") for c in cols] for r in self.rows])
-
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()

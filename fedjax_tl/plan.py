@@ -40,6 +40,7 @@ from fedjax_tl.core.client import LocalTraining
 from fedjax_tl.core.execution import CohortRunner, Schedule, default_schedule
 from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import Cohort
+from fedjax_tl.tree import abstract_init
 
 __all__ = ["Target", "TARGETS", "PlanError", "target_devices", "compile_round", "plan_round", "TPU_INSTALL_HINT"]
 
@@ -150,7 +151,7 @@ def compile_round(local: LocalTraining, devices: Sequence, *, cohort_size: int, 
   mesh = jax.sharding.Mesh(np.asarray(devices), ("clients",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   model = local.model
-  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  params, state = abstract_init(model)
   train, frozen = split_params(params, trainable)
   runner = CohortRunner(local, schedule, pad_size, mesh=mesh if n_dev > 1 else None)
   c = runner.padded_cohort_size(cohort_size)

@@ -13,9 +13,9 @@ from fedjax_tl.compress import quantize as quant
 from fedjax_tl.compress.federated import FederatedPruning, sparse_uplink
 from fedjax_tl.compress.pruning import apply_mask, magnitude_mask
 from fedjax_tl.compress.report import latency_ms, size_report
-from fedjax_tl.core.params import tree_bytes
 from fedjax_tl.models.base import Model
 from fedjax_tl.transforms.base import chain
+from fedjax_tl.tree import tree_bits
 
 __all__ = ["CompressFlags", "QUANTIZE", "compress_setup", "compress_report", "accuracy", "parse_prune_schedule"]
 
@@ -108,7 +108,7 @@ def compress_report(cfg, model: Model, params, state, x, y, runs: int = 20) -> l
   batch = jnp.asarray(x[: min(256, len(y))])
   fwd = jax.jit(lambda p, s, xb: model.apply(p, s, xb, train=False)[0])
   sizes = size_report(params)
-  state_bytes = tree_bytes(state)  # e.g. BatchNorm statistics, float32 in every format
+  state_bytes = tree_bits(state) // 8  # e.g. BatchNorm statistics, float32 in every format
   best = min(sizes["float32_bytes"], sizes["sparse_bytes"]) + state_bytes
   rows.append({"model": "float32" + (f" pruned {sizes['sparsity']:.0%}" if cfg.prune > 0 else ""),
                "test_accuracy": accuracy(lambda xb: fwd(params, state, xb), x, y),

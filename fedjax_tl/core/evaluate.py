@@ -14,7 +14,8 @@ from fedjax_tl import keys
 from fedjax_tl.core.client import LocalTraining, masked_cross_entropy, merge_params
 from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import FederatedData, check_labels
-from fedjax_tl.models.base import Model, init_shapes
+from fedjax_tl.models.base import Model
+from fedjax_tl.tree import abstract_init
 from fedjax_tl.types import ModelState, Params
 
 __all__ = ["evaluate", "eval_batch_size", "evaluate_per_client", "client_summary"]
@@ -180,7 +181,7 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
   """
   num_clients = test.num_clients
   model.check_inputs(test.x.shape[1:], test.x.dtype, "evaluate_per_client (test)")
-  shapes_params, shapes_state = init_shapes(model)
+  shapes_params, shapes_state = abstract_init(model)
   stacked_params = _is_stacked(params, shapes_params, num_clients, "params")
   stacked_state = _is_stacked(model_state, shapes_state, num_clients, "model_state")
   outputs = model.num_outputs()

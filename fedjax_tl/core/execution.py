@@ -14,7 +14,10 @@ A schedule has two independent axes:
 Measured on a 2-core x86 CPU, JAX 0.10.2, the workload-P CNN at batch 32 (see experiments/bench_schedules.py
 and the table in docs/performance.md): convolutions inside a rolled ``lax.scan`` are ~15x slower than the same steps
 unrolled (jax issue 12868), and vmap over clients is ~3x slower than sequential. So the CPU default is
-sequential clients with a host loop over unrolled blocks; accelerators default to one program per round.
+sequential clients: the whole round in one program (steps in a ``lax.scan``) when the model as trained has no XLA
+convolution (after the fast path's rewrite of its convolutions to matrix products), a host loop over unrolled
+blocks when it has one; accelerators default to the whole cohort vmapped in one program
+(:func:`default_schedule`).
 
 Every schedule computes the same thing as a plain per-client Python loop (tests/test_execution.py). Nothing
 recompiles between rounds: shapes depend on the cohort size and the population's padded client size only,
@@ -36,14 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys as prng
+from fedjax_tl.aggregators.base import SUM, Reducer, weighted_sum
 from fedjax_tl.core.checks import format_diff, tree_diff
 from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
-from fedjax_tl.types import ModelState, Params, PRNGKey, PyTree
+from fedjax_tl.tree import abstract_init, iter_eqns
+from fedjax_tl.types import ModelState, Params, PRNGKey
 
-__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution", "iter_eqns",
-           "SCHEDULE_PRESETS"]
-
+__all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution",
+           "iter_eqns"]
 
 
 class ClientContext(NamedTuple):
@@ -52,7 +56,7 @@ class ClientContext(NamedTuple):
   client_id: jax.Array  # int32 scalar; -1 for a padding client
   position: jax.Array  # int32 scalar: the client's index in the padded cohort
   key: PRNGKey  # the client's own postprocessing key
-  shared: Any  # round-wide data broadcast to every client (e.g. secure-aggregation seeds); None if unused
+  shared: Any  # round-wide data for every client (FedAvg: the aggregator's state and its setup's output); or None
 
 
 # Applied to each client's output before aggregation (clipping, compression, secure-aggregation masking); pure
@@ -67,7 +71,7 @@ class Schedule:
 
   Attributes:
     chunk_size: clients trained together with vmap; 0 = the whole cohort, 1 = sequential, -1 ("chunked:auto")
-      = as many as fit a memory budget, resolved on the first round (:meth:`CohortRunner.resolve_chunk_size`).
+      = as many as fit a memory budget, resolved on the first round (:meth:`CohortRunner.resolve`).
     loop: "scan" (one XLA program per round) or "host" (Python loop over jitted blocks of steps).
     unroll: local steps unrolled per scan iteration or per host block.
   """
@@ -85,17 +89,15 @@ class Schedule:
   @classmethod
   def parse(cls, spec: str) -> Schedule:
     """Parses ``CLIENTS[/LOOP[:UNROLL]]``: CLIENTS is ``vmap``, ``sequential`` or ``chunked:K``; LOOP is
-    ``scan`` or ``host``. Examples: ``vmap``, ``sequential/host:8``, ``chunked:4/scan:2``. Presets:
-    ``auto`` (the measured default for the current backend) and the names in ``SCHEDULE_PRESETS``."""
+    ``scan`` or ``host``. Examples: ``vmap``, ``sequential/host:8``, ``chunked:4/scan:2``; ``auto`` is the
+    measured default for the current backend (:func:`default_schedule`)."""
     spec = spec.strip()
     if spec == "auto":
       return default_schedule()
-    if spec in SCHEDULE_PRESETS:
-      return SCHEDULE_PRESETS[spec]
     m = re.fullmatch(r"(vmap|sequential|chunked:(\d+|auto))(?:/(scan|host)(?::(\d+))?)?", spec)
     if not m:
       raise ValueError(f"Cannot parse schedule {spec!r}; expected e.g. 'vmap', 'sequential/host:8', "
-                       f"'chunked:4/scan:2', 'auto' or one of {sorted(SCHEDULE_PRESETS)}.")
+                       "'chunked:4/scan:2' or 'auto'.")
     clients, k, loop, unroll = m.groups()
     chunk = 0 if clients == "vmap" else 1 if clients == "sequential" else -1 if k == "auto" else int(k)
     if clients.startswith("chunked") and chunk == 0:
@@ -106,14 +108,6 @@ class Schedule:
     clients = "vmap" if self.chunk_size == 0 else "sequential" if self.chunk_size == 1 else \
         "chunked:auto" if self.chunk_size == -1 else f"chunked:{self.chunk_size}"
     return f"{clients}/{self.loop}:{self.unroll}"
-
-
-SCHEDULE_PRESETS = {
-    "vmap_scan": Schedule(0, "scan", 1),
-    "sequential_scan": Schedule(1, "scan", 1),
-    "sequential_host": Schedule(1, "host", 8),
-    "vmap_host": Schedule(0, "host", 8),
-}
 
 
 def default_schedule(backend: str | None = None, local: LocalTraining | None = None) -> Schedule:
@@ -137,25 +131,13 @@ def default_schedule(backend: str | None = None, local: LocalTraining | None = N
   return Schedule(1, "host", 8)
 
 
-def iter_eqns(jaxpr):
-  """Every equation of ``jaxpr`` and, recursively, of the jaxprs inside it (jit, scan, custom_vjp, ...)."""
-  for eqn in jaxpr.eqns:
-    yield eqn
-    for v in eqn.params.values():
-      for item in v if isinstance(v, (tuple, list)) else (v,):
-        if hasattr(item, "jaxpr") and hasattr(item, "consts"):  # ClosedJaxpr
-          yield from iter_eqns(item.jaxpr)
-        elif hasattr(item, "eqns"):  # Jaxpr
-          yield from iter_eqns(item)
-
-
 def has_convolution(local: LocalTraining) -> bool:
   """Whether one local step of ``local`` (its model's training forward pass, traced abstractly on one example:
   nothing is computed or compiled) contains an XLA convolution. The model is the one the steps run
   (``local.train_model``): on CPU the fast-path rewrite has turned its supported convolutions into matrix
   products."""
   model = local.train_model
-  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  params, state = abstract_init(model)
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   mask = jax.ShapeDtypeStruct((1,), jnp.bool_)
   fn = lambda p, s, xb, m: model.apply(p, s, xb, train=True, mask=m, rng=jax.random.PRNGKey(0))  # noqa: E731
@@ -200,29 +182,13 @@ class _SharedJit:
 class RoundSums(NamedTuple):
   """What a cohort sends up, already reduced: weighted sums over clients, plus per-client metrics."""
 
-  delta_sum: Params  # sum_i w_i * delta_i
+  delta_sum: Params  # the reducer's sum of the clients' messages (sum_i w_i * delta_i for SUM)
   state_sum: ModelState  # sum_i w_i * model_state_i
   weight_sum: jax.Array  # sum_i w_i
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
   client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
   client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
   message_sum: Any = None  # sum_i message_i over real clients: what the algorithm's hooks send besides the delta
-
-
-def _zeros_like(tree: PyTree) -> PyTree:
-  return jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), tree)
-
-
-def _weighted_sum(tree: PyTree, w: jax.Array) -> PyTree:
-  """sum_i w_i * tree_i over the leading (client) axis. Unsigned-integer leaves (secure aggregation's masked
-  field elements, which carry their weight inside) are summed unweighted with wrap-around, i.e. mod 2^bits."""
-
-  def one(a):
-    if jnp.issubdtype(a.dtype, jnp.unsignedinteger):
-      return jnp.sum(a, axis=0, dtype=a.dtype)
-    return jnp.tensordot(w, a.astype(jnp.float32), axes=1)
-
-  return jax.tree.map(one, tree)
 
 
 class CohortRunner:
@@ -235,8 +201,12 @@ class CohortRunner:
 
   def __init__(self, local: LocalTraining, schedule: Schedule, pad_size: int,
                postprocess: ClientPostprocess | None = None, per_client_state: bool = False,
-               mesh: jax.sharding.Mesh | None = None):
+               mesh: jax.sharding.Mesh | None = None, reducer: Reducer = SUM):
     self.local = local
+    # reducer: how the clients' (postprocessed) deltas are summed, as the aggregator declares it
+    # (fedjax_tl.aggregators.base: SUM, or ModularSum for secure aggregation's field elements). The model states
+    # and the hooks' messages, sent in the clear, are weighted sums.
+    self.reducer = reducer
     # mesh: shard each chunk's clients over the mesh axis "clients" (data and params replicated); XLA's SPMD
     # partitioner turns the weighted sums over clients into a cross-device reduction. "scan" loop only.
     if mesh is not None:
@@ -268,7 +238,8 @@ class CohortRunner:
     self._compiled: dict[tuple[str, int], Any] = _COMPILED.setdefault(self, {})
 
   def _config(self) -> tuple:
-    return (self.local, self.schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh)
+    return (self.local, self.schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh,
+            self.reducer)
 
   def __eq__(self, other) -> bool:
     return type(other) is type(self) and self._config() == other._config()
@@ -278,7 +249,8 @@ class CohortRunner:
 
   def with_schedule(self, schedule: Schedule) -> CohortRunner:
     """A runner like this one with another schedule (e.g. a resolved "chunked:auto")."""
-    return CohortRunner(self.local, schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh)
+    return CohortRunner(self.local, schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh,
+                        self.reducer)
 
   # ---- helpers over one chunk (leading axis k) ----
   def _client_keys(self, round_key: PRNGKey, client_ids: jax.Array) -> jax.Array:
@@ -313,9 +285,9 @@ class CohortRunner:
       ctx_axes = ClientContext(0, 0, 0, None)
       out, carry = jax.vmap(self.postprocess, (0, 0, ctx_axes))(out, carry, ctx)
     client_states = out.model_state if self.per_client_state else None
-    sums = RoundSums(_weighted_sum(out.delta, out.num_examples), _weighted_sum(out.model_state, out.num_examples),
+    sums = RoundSums(self.reducer(out.delta, out.num_examples), weighted_sum(out.model_state, out.num_examples),
                      out.num_examples.sum(), out.metrics, client_states, carry,
-                     _weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
+                     weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
     if acc is None:
       return sums
     self._check_message(sums.message_sum, acc.message_sum)

@@ -1,6 +1,6 @@
 """FedAvg with a server optimizer (Reddi et al. 2021, "Adaptive Federated Optimization"), as init + apply.
 
-``apply`` trains the cohort (any :class:`Schedule`), lets the aggregator (:mod:`fedjax_tl.core.aggregation`;
+``apply`` trains the cohort (any :class:`Schedule`), lets the aggregator (:mod:`fedjax_tl.aggregators`;
 default: the mean weighted by the clients' numbers of examples, McMahan et al. 2017) turn the client deltas
 into one mean update and feeds its negation to an optax server optimizer; plain FedAvg is ``optax.sgd(1.0)``.
 Only the trainable part of the params is trained and communicated; the frozen part is fixed for the whole run,
@@ -20,8 +20,8 @@ import numpy as np
 import optax
 
 from fedjax_tl import keys
+from fedjax_tl.aggregators.base import Aggregator, Mean, RoundInfo, covers_model_state, reducer_of
 from fedjax_tl.core import store
-from fedjax_tl.core.aggregation import Aggregator, Mean
 from fedjax_tl.core.checks import (
   check_hashable,
   check_hook_output,
@@ -39,11 +39,11 @@ from fedjax_tl.core.execution import (
   Schedule,
   default_schedule,
 )
-from fedjax_tl.core.hooks import Hooks, TrainContext, tree_bits
-from fedjax_tl.core.params import split_params, tree_bytes
+from fedjax_tl.core.hooks import Hooks, TrainContext
+from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import FederatedData
-from fedjax_tl.models.base import init_shapes
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
+from fedjax_tl.tree import abstract_init, tree_bits
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, pseudo_gradient
 
 __all__ = ["FedAvg", "ServerState", "sample_clients", "client_mesh", "MODEL_STATE_MODES"]
@@ -236,8 +236,8 @@ class FedAvg:
       if post is None and (self.client_transform is not None or self.aggregator != Mean()):
         post = _ClientPostprocess(self.client_transform, self.aggregator)  # (plain FedAvg's encoding is identity)
       per_client = self.model_state == "local" or self.local_params is not None or self.hooks is not None
-      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post,
-                                             per_client_state=per_client, mesh=self.mesh)
+      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post, per_client_state=per_client,
+                                             mesh=self.mesh, reducer=reducer_of(self.aggregator))
     return self._runners[pad_size]
 
   # ---- state ----
@@ -259,8 +259,7 @@ class FedAvg:
     if self.downlink is not None and not is_stateless(self.downlink, trainable):
       raise ValueError("downlink must be stateless (every client decodes the broadcast on its own).")
     model_state = model_state or {}
-    if not getattr(self.aggregator, "covers_model_state", True) and self.model_state == "average" and \
-        jax.tree.leaves(model_state):
+    if not covers_model_state(self.aggregator) and self.model_state == "average" and jax.tree.leaves(model_state):
       raise ValueError(f'{type(self.aggregator).__name__} covers the params only; with model_state="average" the '
                        'BatchNorm statistics would be sent in the clear. Use model_state="frozen" or "local".')
     transform_states = server_transform_state = None
@@ -299,7 +298,7 @@ class FedAvg:
     """Raises naming the first differing paths and shapes if ``params`` / ``model_state`` are not the model's."""
     model = self.local.model
     try:
-      want_params, want_state = init_shapes(model)
+      want_params, want_state = abstract_init(model)
     except Exception:  # noqa: BLE001  a model that cannot be initialised abstractly: nothing to compare against
       return
     which = f"the LocalTraining's model ({type(model.module).__name__}, sample_shape={model.sample_shape})"
@@ -350,7 +349,7 @@ class FedAvg:
     """(bits down, bits up) per client per round, exact: the trainable params as encoded by ``downlink`` /
     ``client_transform`` or the aggregator's encoding (dense float32 without one), plus the averaged model
     state."""
-    extra = 8 * tree_bytes(state.model_state) if self.model_state == "average" else 0
+    extra = tree_bits(state.model_state) if self.model_state == "average" else 0
     down = encoded_bits(self.downlink, state.params) + extra
     up = self.aggregator.bits(state.params)
     if up is None:
@@ -511,9 +510,8 @@ class FedAvg:
     if self.hooks is not None:
       self._check_message(state, sums.message_sum)
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
-    info = dict(info)
-    senders = info.pop("senders", n)
-    if total is None:  # the aggregator aborted the round: nothing changes but the count
+    info = RoundInfo.of(total, info)
+    if info.aborted:  # the aggregator aborted the round: nothing changes but the count
       new_state, agg_metrics = state._replace(round=state.round + 1), {}
       sums = sums._replace(client_carry=carry)
     else:
@@ -532,13 +530,13 @@ class FedAvg:
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
     metrics = {
-        **info,
+        **info.metrics,
         **agg_metrics,
         "train_loss": (cm["loss"] * w).sum() / jnp.maximum(w.sum(), 1.0),
         "train_accuracy": (cm["accuracy"] * w).sum() / jnp.maximum(w.sum(), 1.0),
         "num_examples": w.sum(),
         "bytes_down": down * n,
-        "bytes_up": up * senders,
+        "bytes_up": up * (n if info.senders is None else info.senders),
         "client_metrics": {k: v[:n] for k, v in cm.items()},
     }
     return new_state, metrics

@@ -30,15 +30,14 @@ SCAFFOLD in ~25 lines is :mod:`fedjax_tl.algorithms.scaffold`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
+from fedjax_tl.tree import tree_bits
 from fedjax_tl.types import Params, PyTree
 
-__all__ = ["Hooks", "TrainContext", "tree_bits"]
+__all__ = ["Hooks", "TrainContext", "tree_bits"]  # tree_bits: re-exported from fedjax_tl.tree, its home
 
 
 class TrainContext(NamedTuple):
@@ -96,8 +95,3 @@ class Hooks:
     scalars); ``client_metrics`` holds per-client arrays ``[C]`` (loss, accuracy, num_examples; padding clients
     last, with 0 examples)."""
     return mean_delta, state
-
-
-def tree_bits(tree: PyTree) -> int:
-  """Bits of a pytree of arrays (or ShapeDtypeStructs) sent dense: 8 x the bytes of each leaf's dtype."""
-  return sum(8 * jnp.dtype(a.dtype).itemsize * math.prod(a.shape) for a in jax.tree.leaves(tree))

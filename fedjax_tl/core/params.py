@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
-import jax
-import numpy as np
 from flax import traverse_util
 
+from fedjax_tl.tree import tree_bits
 from fedjax_tl.types import Params
 
 __all__ = ["split_params", "param_paths", "tree_bytes"]
@@ -33,5 +32,5 @@ def split_params(params: Params, trainable: str | None) -> tuple[Params, Params]
 
 
 def tree_bytes(tree) -> int:
-  """Bytes of all array leaves (what sending the tree uncompressed costs)."""
-  return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+  """Bytes of all array leaves (what sending the tree uncompressed costs): :func:`fedjax_tl.tree.tree_bits` / 8."""
+  return tree_bits(tree) // 8

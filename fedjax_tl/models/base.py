@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fedjax_tl.tree import abstract_init, cached
 from fedjax_tl.types import ModelState, Params, PRNGKey
 
 __all__ = ["Model", "scale_uint8", "default_preprocess", "init_shapes"]
@@ -50,45 +51,24 @@ def _call_arguments(cls: type) -> tuple[bool, bool, str]:
   return "train" in params or var_kw, "mask" in params or var_kw, f"{cls.__name__}.__call__{sig}"
 
 
-def _cached(fn: Callable) -> Callable:
-  """``functools.cache`` of a function of a model, computed uncached for an unhashable model (e.g. a module
-  with a list field)."""
-  cached = functools.cache(fn)
-
-  @functools.wraps(fn)
-  def call(model, *args):
-    try:
-      return cached(model, *args)
-    except TypeError as e:
-      if "unhashable" not in str(e):
-        raise
-      return fn(model, *args)
-
-  call.cache_clear = cached.cache_clear
-  return call
+# The abstract init lives on the floor (fedjax_tl.tree), with the per-model cache; the old name stays.
+init_shapes = abstract_init
 
 
-@_cached
-def init_shapes(model: Model) -> tuple[Params, ModelState]:
-  """(params, model state) of ``model.init`` as ShapeDtypeStructs, from an abstract trace (nothing computed or
-  compiled), cached per model."""
-  return jax.eval_shape(model.init, jax.random.PRNGKey(0))
-
-
-@_cached
+@cached
 def _num_outputs(model: Model) -> int:
-  params, state = init_shapes(model)
+  params, state = abstract_init(model)
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   logits, _ = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
   return int(logits.shape[-1])
 
 
-@_cached
+@cached
 def _input_error(model: Model, shape: tuple[int, ...], dtype: str) -> str | None:
   """None if ``model`` (its preprocessing and module, with its own init's params) accepts examples of ``shape``
   and ``dtype``, else the error it raises (traced abstractly; nothing is computed)."""
   try:
-    params, state = init_shapes(model)
+    params, state = abstract_init(model)
   except Exception:  # noqa: BLE001  a model that cannot be traced abstractly: nothing to check against
     return None
   x = jax.ShapeDtypeStruct((1, *shape), dtype)

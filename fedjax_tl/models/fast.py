@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from fedjax_tl.models.base import Model
+from fedjax_tl.tree import abstract_init, iter_eqns
 
 __all__ = ["fast_cpu", "FastModel", "rewrite", "rewrite_jaxpr_stats"]
 
@@ -156,7 +157,6 @@ def _is_jaxpr(v) -> bool:
 
 
 def _contains_target(jaxpr) -> bool:
-  from fedjax_tl.core.execution import iter_eqns  # noqa: PLC0415 (execution imports models)
   return any(e.primitive.name in ("conv_general_dilated", "reduce_window_max") for e in iter_eqns(jaxpr))
 
 
@@ -210,7 +210,7 @@ def rewrite(fn, stats: dict | None = None):
 def rewrite_jaxpr_stats(model: Model) -> dict:
   """How many convolutions and max pools the rewrite replaces in ``model``'s training forward pass (traced
   abstractly on one example)."""
-  params, state = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+  params, state = abstract_init(model)
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   mask = jax.ShapeDtypeStruct((1,), jnp.bool_)
   stats: dict = {}

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fedjax_tl.core.aggregation import client_weight, mean_of
+from fedjax_tl.aggregators.base import client_weight, mean_of
 from fedjax_tl.privacy._deps import jax_privacy
 from fedjax_tl.transforms.privacy import clip_by_norm
 

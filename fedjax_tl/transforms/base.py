@@ -22,9 +22,11 @@ from typing import Any, NamedTuple
 
 import jax
 
+from fedjax_tl.tree import tree_bits
 from fedjax_tl.types import PRNGKey, Updates
 
-__all__ = ["UpdateTransform", "EmptyState", "chain", "identity", "is_stateless", "encoded_bits", "dense_bits"]
+__all__ = ["UpdateTransform", "EmptyState", "chain", "identity", "stateless", "is_stateless", "encoded_bits",
+           "dense_bits"]
 
 
 class EmptyState(NamedTuple):
@@ -37,28 +39,34 @@ class UpdateTransform(NamedTuple):
   encoded_bits: Callable[[Updates], int] | None = None  # exact size of what is sent; None = dense as given
 
 
-def dense_bits(template: Updates) -> int:
-  """Bits of ``template`` sent as it is (every array at its own dtype)."""
-  return sum(int(a.size) * jax.numpy.dtype(a.dtype).itemsize * 8 for a in jax.tree.leaves(template))
+dense_bits = tree_bits  # the old name: bits of ``template`` sent as it is (every array at its own dtype)
 
 
 def encoded_bits(t: UpdateTransform | None, template: Updates) -> int:
   """Bits that ``t`` sends for an update shaped like ``template`` (dense when ``t`` does not compress)."""
   if t is None or t.encoded_bits is None:
-    return dense_bits(template)
+    return tree_bits(template)
   return int(t.encoded_bits(template))
 
 
-def identity() -> UpdateTransform:
+def stateless(fn: Callable[[Updates, PRNGKey], Updates],
+              bits: Callable[[Updates], int] | None = None) -> UpdateTransform:
+  """The transform of ``fn(updates, key) -> updates``, which keeps no state (:class:`EmptyState`); ``bits`` is its
+  ``encoded_bits`` (None: it sends the update as it is)."""
+
   def init(updates):
     del updates
     return EmptyState()
 
   def apply(updates, state, key):
-    del key
-    return updates, state
+    return fn(updates, key), state
 
-  return UpdateTransform(init, apply)
+  return UpdateTransform(init, apply, bits)
+
+
+def identity() -> UpdateTransform:
+  """Sends the update unchanged."""
+  return stateless(lambda updates, key: updates)
 
 
 def chain(*transforms: UpdateTransform) -> UpdateTransform:

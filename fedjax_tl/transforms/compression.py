@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-from fedjax_tl.transforms.base import EmptyState, UpdateTransform
+from fedjax_tl.transforms.base import UpdateTransform, stateless
 from fedjax_tl.types import Updates
 
 __all__ = ["qsgd", "int8", "top_k", "random_k", "scaled_sign", "error_feedback", "parse", "COMPRESSORS"]
@@ -41,19 +41,6 @@ __all__ = ["qsgd", "int8", "top_k", "random_k", "scaled_sign", "error_feedback",
 
 def _num_coords(template: Updates) -> int:
   return sum(int(a.size) for a in jax.tree.leaves(template))
-
-
-def _stateless(fn, bits) -> UpdateTransform:
-  """A stateless transform from ``fn(updates, key) -> updates``."""
-
-  def init(updates):
-    del updates
-    return EmptyState()
-
-  def apply(updates, state, key):
-    return fn(updates, key), state
-
-  return UpdateTransform(init, apply, bits)
 
 
 def _per_leaf(fn):
@@ -96,7 +83,7 @@ def qsgd(bits: int, bucket_size: int = 512) -> UpdateTransform:
   def size(template):
     return sum(int(a.size) * bits + 32 * -(-int(a.size) // bucket_size) for a in jax.tree.leaves(template))
 
-  return _stateless(_per_leaf(leaf), size)
+  return stateless(_per_leaf(leaf), size)
 
 
 def int8() -> UpdateTransform:
@@ -108,7 +95,7 @@ def int8() -> UpdateTransform:
     safe = jnp.where(scale > 0, scale, 1.0)
     return jnp.clip(jnp.round(u / safe), -127, 127) * scale
 
-  return _stateless(_per_leaf(leaf), lambda t: sum(8 * int(a.size) + 32 for a in jax.tree.leaves(t)))
+  return stateless(_per_leaf(leaf), lambda t: sum(8 * int(a.size) + 32 for a in jax.tree.leaves(t)))
 
 
 def _num_kept(fraction: float, d: int) -> int:
@@ -137,7 +124,7 @@ def top_k(fraction: float) -> UpdateTransform:
     d = _num_coords(template)
     return _num_kept(fraction, d) * (32 + max(1, math.ceil(math.log2(d))))
 
-  return _stateless(fn, size)
+  return stateless(fn, size)
 
 
 def random_k(fraction: float, rescale: bool = False) -> UpdateTransform:
@@ -155,7 +142,7 @@ def random_k(fraction: float, rescale: bool = False) -> UpdateTransform:
     kept = flat[idx] * (d / k if rescale else 1.0)
     return unravel(jnp.zeros_like(flat).at[idx].set(kept.astype(flat.dtype)))
 
-  return _stateless(fn, lambda t: 32 * _num_kept(fraction, _num_coords(t)) + 64)
+  return stateless(fn, lambda t: 32 * _num_kept(fraction, _num_coords(t)) + 64)
 
 
 def scaled_sign() -> UpdateTransform:
@@ -165,7 +152,7 @@ def scaled_sign() -> UpdateTransform:
     del key
     return jnp.mean(jnp.abs(u)) * jnp.where(u >= 0, 1.0, -1.0)
 
-  return _stateless(_per_leaf(leaf), lambda t: sum(int(a.size) + 32 for a in jax.tree.leaves(t)))
+  return stateless(_per_leaf(leaf), lambda t: sum(int(a.size) + 32 for a in jax.tree.leaves(t)))
 
 
 def error_feedback(compressor: UpdateTransform) -> UpdateTransform:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fedjax_tl.transforms.base import EmptyState, UpdateTransform
+from fedjax_tl.transforms.base import UpdateTransform, stateless
 
 __all__ = ["clip_l2", "gaussian_noise", "dp_fedavg", "clip_by_norm", "add_noise"]
 
@@ -37,31 +37,14 @@ def clip_l2(clip: float) -> UpdateTransform:
   """Scales the whole update down to global L2 norm <= ``clip`` (unchanged if already within)."""
   if not clip > 0:
     raise ValueError(f"clip must be > 0, got {clip}.")
-
-  def init(updates):
-    del updates
-    return EmptyState()
-
-  def apply(updates, state, key):
-    del key
-    return clip_by_norm(updates, clip)[0], state
-
-  return UpdateTransform(init, apply)
+  return stateless(lambda updates, key: clip_by_norm(updates, clip)[0])
 
 
 def gaussian_noise(std: float) -> UpdateTransform:
   """Adds independent N(0, std^2) noise to every coordinate."""
   if std < 0:
     raise ValueError(f"noise std must be >= 0, got {std}.")
-
-  def init(updates):
-    del updates
-    return EmptyState()
-
-  def apply(updates, state, key):
-    return add_noise(updates, std, key), state
-
-  return UpdateTransform(init, apply)
+  return stateless(lambda updates, key: add_noise(updates, std, key))
 
 
 def dp_fedavg(clip: float, noise_multiplier: float, cohort_size: int) -> tuple[UpdateTransform, UpdateTransform]:
