@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys
+from fedjax_tl.aggregators.base import reducer_of
 from fedjax_tl.core.execution import ClientContext
 from fedjax_tl.privacy._deps import jax_privacy
 
@@ -122,6 +123,11 @@ class CanaryAggregator:
     if self.num_canaries < 2 or self.num_real < 0 or not self.canary_norm > 0:
       raise ValueError(f"Need num_canaries >= 2, num_real >= 0 and canary_norm > 0, got {self.num_canaries}, "
                        f"{self.num_real}, {self.canary_norm}.")
+
+  @property
+  def reducer(self):
+    """The wrapped aggregator's reduction (the canaries' messages are encoded by it)."""
+    return reducer_of(self.inner)
 
   @property
   def covers_model_state(self) -> bool:
@@ -317,8 +323,7 @@ def audit_mechanism(aggregator, audit: CanaryAudit, template, *, num_clients: in
       return agg.encode(client_update(ckey, template), jnp.int32(0), state, shared, ctx)
 
     msgs, weights, metrics = jax.vmap(one)(ids, jnp.arange(ids.shape[0], dtype=jnp.int32))
-    total = jax.tree.map(lambda m: jnp.sum(m, 0, dtype=m.dtype) if jnp.issubdtype(m.dtype, jnp.unsignedinteger)
-                         else jnp.tensordot(weights, m.astype(jnp.float32), axes=1), msgs)
+    total = reducer_of(agg)(msgs, weights)  # as the round reduces: declared by the aggregator
     return total, weights.sum(), metrics
 
   decode = jax.jit(agg.decode)
