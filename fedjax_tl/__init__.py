@@ -135,6 +135,8 @@ _EXPORTS = {
     "CanaryAudit": "fedjax_tl.privacy.audit",
     "audit_mechanism": "fedjax_tl.privacy.audit",
     "privacy_statement": "fedjax_tl.privacy.statement",
+    # several processes (JAX's multi-controller runtime): initialize, process_clients, allreduce_sum
+    "distributed": "fedjax_tl.distributed",
     # running
     "run_rounds": "fedjax_tl.core.train",
     "DivergenceWarning": "fedjax_tl.core.train",
