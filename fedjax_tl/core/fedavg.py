@@ -57,13 +57,40 @@ class ServerState(NamedTuple):
   model_state: ModelState  # e.g. batch_stats
   opt_state: OptState  # server optimizer state
   round: jax.Array  # int32 scalar: rounds completed
-  client_states: ModelState = None  # model_state="local": every client's own state, [num_clients, ...]
-  transform_states: Any = None  # stateful client_transform: every client's own state, [num_clients, ...]
+  # Everything kept per client, one row per client of the population, stacked [num_clients, ...]
+  # (:mod:`fedjax_tl.core.store`): a dict with only the parts this configuration uses, None if none:
+  # "model_state" (model_state="local": the client's own BatchNorm statistics), "params" (local_params: its own
+  # params), "algorithm" (the hooks' per-client state, Hooks.client_init), "uplink" (a stateful
+  # client_transform's state, e.g. error-feedback residuals). Until the rows were one store these were four
+  # fields, now read-only properties of the same names (client_states, client_params, algorithm_clients,
+  # transform_states); fedjax_tl.checkpoint restores checkpoints of that layout (LEGACY_CLIENT_ROWS).
+  clients: Any = None
   server_transform_state: Any = None  # stateful server_transform's state
   aggregator_state: Any = None  # the aggregator's server state (e.g. adaptive clipping's clip norm)
-  client_params: Params = None  # local_params: every client's own params, [num_clients, ...]
   algorithm_state: Any = None  # the hooks' server state (Hooks.server_init)
-  algorithm_clients: Any = None  # the hooks' per-client persistent state, [num_clients, ...] (Hooks.client_init)
+
+  def _row_part(self, part: str) -> Any:
+    return None if self.clients is None else self.clients.get(part)
+
+  @property
+  def client_states(self) -> ModelState:
+    """model_state="local": every client's own model state ``[num_clients, ...]`` (``clients["model_state"]``)."""
+    return self._row_part("model_state")
+
+  @property
+  def client_params(self) -> Params:
+    """local_params: every client's own params ``[num_clients, ...]`` (``clients["params"]``)."""
+    return self._row_part("params")
+
+  @property
+  def algorithm_clients(self) -> Any:
+    """The hooks' per-client persistent state ``[num_clients, ...]`` (``clients["algorithm"]``)."""
+    return self._row_part("algorithm")
+
+  @property
+  def transform_states(self) -> Any:
+    """A stateful client_transform's state of every client ``[num_clients, ...]`` (``clients["uplink"]``)."""
+    return self._row_part("uplink")
 
   def full_params(self) -> Params:
     """The global model. With ``local_params`` (FedPer, FedRep, FedBN) it has no parameters of its own for
@@ -284,9 +311,12 @@ class FedAvg:
         if not num_clients:
           raise ValueError(f"{type(self.hooks).__name__} keeps a state per client: pass num_clients to init().")
         algorithm_clients = store.population(one, num_clients)
+    rows = {"model_state": client_states, "params": client_params, "algorithm": algorithm_clients,
+            "uplink": transform_states}
+    clients = {part: r for part, r in rows.items() if r is not None} or None
     state = ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
-                        jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state,
-                        self.aggregator.init(trainable), client_params, algorithm_state, algorithm_clients)
+                        jnp.zeros((), jnp.int32), clients, server_transform_state, self.aggregator.init(trainable),
+                        algorithm_state)
     if self.hooks is not None and jax.tree.leaves(self._message_shape(state)) and (
         self.postprocess is not None or not isinstance(self.aggregator, Mean)):
       raise ValueError(f"{type(self.hooks).__name__} sends a message besides the delta, which is averaged in the "
@@ -457,14 +487,16 @@ class FedAvg:
                        "or values that change between calls.")
     checked.add(got)
 
-  def _cohort_model_state(self, state: ServerState, rows: jax.Array, num_clients: int,
+  def _cohort_model_state(self, state: ServerState, row: Any, rows: jax.Array,
                           client_ids: jax.Array | None = None) -> Any:
-    """What the runner gets as model state: shared, or per client ([C, ...]: FedBN's own statistics, and under
-    ``{"model", "personal", "ctx"}`` the clients' own params and their hooks' context)."""
+    """What the runner gets as model state from the cohort's ``row`` (the gathered client rows): shared, or per
+    client ([C, ...]: FedBN's own statistics, and under ``{"model", "personal", "ctx"}`` the clients' own params
+    and their hooks' context)."""
     c = rows.shape[0]
     per_client = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (c, *jnp.shape(a))), tree)  # noqa: E731
+    row = row or {}
     if self.model_state == "local":
-      ms = store.gather(state.client_states, rows, num_clients, "client states")
+      ms = row["model_state"]
     elif self.local_params is not None or self.hooks is not None:
       ms = per_client(state.model_state)
     else:
@@ -473,9 +505,9 @@ class FedAvg:
       return ms
     parts = {"model": ms}
     if self.local_params is not None:
-      parts["personal"] = store.gather(state.client_params, rows, num_clients, "clients' own params")
+      parts["personal"] = row["params"]
     if self.hooks is not None:
-      own = store.gather(state.algorithm_clients, rows, num_clients, "algorithm client states")
+      own = row.get("algorithm")
       sent = per_client(self._hook_broadcast(state.algorithm_state, state.params))
       ids = rows if client_ids is None else client_ids
       parts["ctx"] = TrainContext(None, sent, own, ids.astype(jnp.int32), per_client(state.round), None)
@@ -483,18 +515,24 @@ class FedAvg:
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[ServerState, dict]:
-    """One round: returns (new_state, metrics). Metrics are device scalars plus per-client arrays."""
+    """One round: returns (new_state, metrics). Metrics are device scalars plus per-client arrays.
+
+    The cohort's client rows (``state.clients``) are gathered once before local training and their new values
+    scattered once after it, here and nowhere else."""
     self._check_data(data)
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
-      ms = self._cohort_model_state(state, jnp.zeros((1,), jnp.int32), data.num_clients)
+      first = jnp.zeros((1,), jnp.int32)
+      ms = self._cohort_model_state(state, store.gather(state.clients, first, data.num_clients, "client rows"),
+                                    first)
       runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, ms, data.x, data.y,
                                                              len(client_ids), self.memory_budget)
     n = len(client_ids)
     cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(n))
     rows, ids = jnp.maximum(cohort.client_ids, 0), jnp.asarray(client_ids)
-    model_state = self._cohort_model_state(state, rows, data.num_clients, cohort.client_ids)
-    carry = store.gather(state.transform_states, rows, data.num_clients, "client transform states")
+    row = store.gather(state.clients, rows, data.num_clients, "client rows")  # the cohort's rows: [C, ...]
+    model_state = self._cohort_model_state(state, row, rows, cohort.client_ids)
+    carry = None if row is None else row.get("uplink")
     params = state.params
     if self.downlink is not None:  # what the clients receive and train from
       params = self._broadcast(state.params, keys.server(round_key, "downlink"))
@@ -518,14 +556,11 @@ class FedAvg:
       real = (cohort.client_ids >= 0).astype(jnp.float32)
       new_state, agg_metrics = self._server_update(state, sums._replace(delta_sum=total, weight_sum=weight_sum),
                                                    round_key, real, data.num_clients)
-    if self.model_state == "local":
-      new_state = new_state._replace(client_states=store.scatter(state.client_states, ids, sums.client_states))
-    if own is not None:
-      new_state = new_state._replace(client_params=store.scatter(state.client_params, ids, own))
-    if state.algorithm_clients is not None:
-      new_state = new_state._replace(algorithm_clients=store.scatter(state.algorithm_clients, ids, algo_clients))
-    if carry is not None:
-      new_state = new_state._replace(transform_states=store.scatter(state.transform_states, ids, sums.client_carry))
+    if state.clients is not None:  # the cohort's new rows, written back at once
+      new_rows = {"model_state": sums.client_states, "params": own, "algorithm": algo_clients,
+                  "uplink": sums.client_carry}
+      new_state = new_state._replace(clients=store.scatter(state.clients, ids,
+                                                           {part: new_rows[part] for part in state.clients}))
     cm = sums.client_metrics
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
