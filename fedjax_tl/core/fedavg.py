@@ -262,8 +262,7 @@ class FedAvg:
       post = self.postprocess
       if post is None and (self.client_transform is not None or self.aggregator != Mean()):
         post = _ClientPostprocess(self.client_transform, self.aggregator)  # (plain FedAvg's encoding is identity)
-      per_client = self.model_state == "local" or self.local_params is not None or self.hooks is not None
-      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post, per_client_state=per_client,
+      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post, row_parts=self._row_parts(),
                                              mesh=self.mesh, reducer=reducer_of(self.aggregator))
     return self._runners[pad_size]
 
@@ -487,31 +486,28 @@ class FedAvg:
                        "or values that change between calls.")
     checked.add(got)
 
-  def _cohort_model_state(self, state: ServerState, row: Any, rows: jax.Array,
-                          client_ids: jax.Array | None = None) -> Any:
-    """What the runner gets as model state from the cohort's ``row`` (the gathered client rows): shared, or per
-    client ([C, ...]: FedBN's own statistics, and under ``{"model", "personal", "ctx"}`` the clients' own params
-    and their hooks' context)."""
+  def _row_parts(self) -> tuple[str, ...]:
+    """The parts of a client's row that local training reads and writes (all but the client transform's)."""
+    return tuple(part for part, used in (("model_state", self.model_state == "local"),
+                                         ("params", self.local_params is not None),
+                                         ("algorithm", self.hooks is not None)) if used)
+
+  def _cohort_inputs(self, state: ServerState, row: Any, rows: jax.Array,
+                     client_ids: jax.Array | None = None) -> tuple[Any, Any]:
+    """What local training gets per client besides the broadcast, from the cohort's ``row`` (the gathered
+    client rows): its own row (the parts "model_state" and "params", or None) and, with hooks, its
+    :class:`TrainContext` ([C, ...] each)."""
     c = rows.shape[0]
     per_client = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (c, *jnp.shape(a))), tree)  # noqa: E731
     row = row or {}
-    if self.model_state == "local":
-      ms = row["model_state"]
-    elif self.local_params is not None or self.hooks is not None:
-      ms = per_client(state.model_state)
-    else:
-      return state.model_state
-    if self.local_params is None and self.hooks is None:
-      return ms
-    parts = {"model": ms}
-    if self.local_params is not None:
-      parts["personal"] = row["params"]
+    own = {part: row[part] for part in ("model_state", "params") if part in row} or None
+    contexts = None
     if self.hooks is not None:
-      own = row.get("algorithm")
       sent = per_client(self._hook_broadcast(state.algorithm_state, state.params))
       ids = rows if client_ids is None else client_ids
-      parts["ctx"] = TrainContext(None, sent, own, ids.astype(jnp.int32), per_client(state.round), None)
-    return parts
+      contexts = TrainContext(None, sent, row.get("algorithm"), ids.astype(jnp.int32), per_client(state.round),
+                              None)
+    return own, contexts
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[ServerState, dict]:
@@ -523,28 +519,24 @@ class FedAvg:
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
       first = jnp.zeros((1,), jnp.int32)
-      ms = self._cohort_model_state(state, store.gather(state.clients, first, data.num_clients, "client rows"),
-                                    first)
-      runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, ms, data.x, data.y,
-                                                             len(client_ids), self.memory_budget)
+      own, contexts = self._cohort_inputs(state, store.gather(state.clients, first, data.num_clients, "client rows"),
+                                          first)
+      runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, state.model_state, data.x,
+                                                             data.y, len(client_ids), self.memory_budget, own,
+                                                             contexts)
     n = len(client_ids)
     cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(n))
     rows, ids = jnp.maximum(cohort.client_ids, 0), jnp.asarray(client_ids)
     row = store.gather(state.clients, rows, data.num_clients, "client rows")  # the cohort's rows: [C, ...]
-    model_state = self._cohort_model_state(state, row, rows, cohort.client_ids)
+    own, contexts = self._cohort_inputs(state, row, rows, cohort.client_ids)
     carry = None if row is None else row.get("uplink")
     params = state.params
     if self.downlink is not None:  # what the clients receive and train from
       params = self._broadcast(state.params, keys.server(round_key, "downlink"))
     agg = self.aggregator
     shared, host = agg.setup(state.aggregator_state, n, cohort.size, float(data.pad_size), round_key)
-    sums = runner(params, state.frozen, model_state, data.x, data.y, cohort, round_key, carry,
-                  (state.aggregator_state, shared))
-    own = algo_clients = None
-    if self.local_params is not None or self.hooks is not None:  # came back with the clients' model states
-      own = sums.client_states.get("personal")
-      algo_clients = sums.client_states.get("client")
-      sums = sums._replace(state_sum=sums.state_sum["model"], client_states=sums.client_states["model"])
+    sums = runner(params, state.frozen, state.model_state, data.x, data.y, cohort, round_key, carry,
+                  (state.aggregator_state, shared), own, contexts)
     if self.hooks is not None:
       self._check_message(state, sums.message_sum)
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
@@ -557,8 +549,7 @@ class FedAvg:
       new_state, agg_metrics = self._server_update(state, sums._replace(delta_sum=total, weight_sum=weight_sum),
                                                    round_key, real, data.num_clients)
     if state.clients is not None:  # the cohort's new rows, written back at once
-      new_rows = {"model_state": sums.client_states, "params": own, "algorithm": algo_clients,
-                  "uplink": sums.client_carry}
+      new_rows = {**(sums.client_rows or {}), "uplink": sums.client_carry}
       new_state = new_state._replace(clients=store.scatter(state.clients, ids,
                                                            {part: new_rows[part] for part in state.clients}))
     cm = sums.client_metrics
