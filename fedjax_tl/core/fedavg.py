@@ -276,46 +276,38 @@ class FedAvg:
     trace of ``model.init``."""
     self._check_init(params, model_state)
     trainable, frozen = split_params(params, self.trainable)
-    client_params = None
+    row, keeps = {}, []  # one client's row: what every client keeps across rounds (stored for the population)
     if self.local_params is not None:
-      if not num_clients:
-        raise ValueError("local_params are kept per client: pass num_clients to init().")
-      own, trainable = split_params(trainable, self.local_params)
-      client_params = store.population(own, num_clients)
+      row["params"], trainable = split_params(trainable, self.local_params)
+      keeps.append("local_params are kept per client")
     if self.downlink is not None and not is_stateless(self.downlink, trainable):
       raise ValueError("downlink must be stateless (every client decodes the broadcast on its own).")
     model_state = model_state or {}
     if not covers_model_state(self.aggregator) and self.model_state == "average" and jax.tree.leaves(model_state):
       raise ValueError(f'{type(self.aggregator).__name__} covers the params only; with model_state="average" the '
                        'BatchNorm statistics would be sent in the clear. Use model_state="frozen" or "local".')
-    transform_states = server_transform_state = None
+    server_transform_state = None
     t = self.client_transform
     if t is not None and not is_stateless(t, trainable):
-      if not num_clients:
-        raise ValueError("client_transform keeps a state per client (e.g. error feedback): pass num_clients "
-                         "to init().")
-      transform_states = store.population(t.init(trainable), num_clients)
+      row["uplink"] = t.init(trainable)
+      keeps.append("client_transform keeps a state per client (e.g. error feedback)")
     if self.server_transform is not None and not is_stateless(self.server_transform, trainable):
       server_transform_state = self.server_transform.init(trainable)
-    client_states = None
     if self.model_state == "local":
-      if not num_clients:
-        raise ValueError('model_state="local" keeps a state per client: pass num_clients to init().')
-      client_states = store.population(model_state, num_clients)
-    algorithm_state = algorithm_clients = None
+      row["model_state"] = model_state
+      keeps.append('model_state="local" keeps a state per client')
+    algorithm_state = None
     if self.hooks is not None:
       algorithm_state = self.hooks.server_init(trainable)
       one = self.hooks.client_init(trainable)
       if jax.tree.leaves(one):
-        if not num_clients:
-          raise ValueError(f"{type(self.hooks).__name__} keeps a state per client: pass num_clients to init().")
-        algorithm_clients = store.population(one, num_clients)
-    rows = {"model_state": client_states, "params": client_params, "algorithm": algorithm_clients,
-            "uplink": transform_states}
-    clients = {part: r for part, r in rows.items() if r is not None} or None
+        row["algorithm"] = one
+        keeps.append(f"{type(self.hooks).__name__} keeps a state per client")
+    if row and not num_clients:
+      raise ValueError(f"{'; '.join(keeps)}: pass num_clients to init().")
     state = ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
-                        jnp.zeros((), jnp.int32), clients, server_transform_state, self.aggregator.init(trainable),
-                        algorithm_state)
+                        jnp.zeros((), jnp.int32), store.population(row, num_clients) if row else None,
+                        server_transform_state, self.aggregator.init(trainable), algorithm_state)
     if self.hooks is not None and jax.tree.leaves(self._message_shape(state)) and (
         self.postprocess is not None or not isinstance(self.aggregator, Mean)):
       raise ValueError(f"{type(self.hooks).__name__} sends a message besides the delta, which is averaged in the "
