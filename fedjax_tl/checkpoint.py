@@ -96,6 +96,46 @@ def _from_tree(tree: dict, template: PyTree) -> PyTree:
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+# Where the arrays of an older layout of a state lie now, so that its checkpoints still restore: FedAvg's four
+# per-client stores (ServerState fields client_states, client_params, algorithm_clients, transform_states)
+# became the parts of one store, ServerState.clients (a part of it: "clients/<part>" was "<old field>"), at any
+# depth of the state (Ditto's "personal/clients/params" was "personal/client_params").
+LEGACY_CLIENT_ROWS = {"model_state": "client_states", "params": "client_params", "algorithm": "algorithm_clients",
+                      "uplink": "transform_states"}
+
+
+def _to_legacy(tree: dict) -> dict:
+  """``tree`` (nested dicts, as :func:`_to_tree` gives) in the layout before the client rows were one store:
+  every ``clients`` dict whose keys are row parts becomes the old fields beside it."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: _to_legacy(v) for k, v in tree.items()}
+  rows = out.get("clients")
+  if isinstance(rows, dict) and rows and set(rows) <= set(LEGACY_CLIENT_ROWS) and not (
+      set(LEGACY_CLIENT_ROWS.values()) & set(out)):
+    del out["clients"]
+    out.update({LEGACY_CLIENT_ROWS[part]: v for part, v in rows.items()})
+  return out
+
+
+def _from_legacy(saved: dict, like: dict) -> dict:
+  """``saved`` (restored in the old layout) back in the layout of ``like`` (the template's tree), the inverse
+  of :func:`_to_legacy`."""
+  if not isinstance(like, dict) or not isinstance(saved, dict):
+    return saved
+  out = {}
+  for k, v in like.items():
+    if k == "clients" and k not in saved and isinstance(v, dict) and set(v) <= set(LEGACY_CLIENT_ROWS):
+      out[k] = {part: _from_legacy(saved[LEGACY_CLIENT_ROWS[part]], v[part]) for part in v}
+    else:
+      out[k] = _from_legacy(saved[k], v)
+  return out
+
+
+def _shapes(tree) -> dict:
+  return {_path(k): f"{tuple(v.shape)} {np.dtype(v.dtype)}" for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 class Checkpointer:
   """Saves and restores a run's server state under ``WORKDIR/checkpoints``.
 
@@ -186,20 +226,24 @@ class Checkpointer:
                for k, m in jax.tree_util.tree_leaves_with_path(getattr(metadata, "tree", metadata))}
     except Exception as e:
       raise _Damaged(f"its array metadata cannot be read: {type(e).__name__}: {_short(e)}") from e
-    wanted = {_path(k): f"{v.shape} {v.dtype}" for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-    if saved != wanted:
+    wanted = _shapes(tree)
+    legacy = None
+    if saved != wanted and saved == _shapes(_to_legacy(tree)):  # written before the client rows were one store
+      legacy = _to_legacy(tree)
+    if saved != wanted and legacy is None:
       diffs = [f"{k}: checkpoint {saved.get(k, 'missing')} vs model {wanted.get(k, 'missing')}"
                for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
       raise ConfigMismatchError(
           f"Checkpoint {step} in {self.directory} does not fit this model ({len(diffs)} arrays differ: "
           + "; ".join(diffs[:5]) + (" ..." if len(diffs) > 5 else "")
           + "). Resume with the code and settings that wrote it, or use a new --workdir.")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree if legacy is None else legacy)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
     except Exception as e:  # the arrays' structure matched: what fails now is the data (truncated, deleted)
       raise _Damaged(f"its arrays cannot be read: {type(e).__name__}: {_short(e)}") from e
-    return _from_tree(restored["state"], template)
+    restored = restored["state"]
+    return _from_tree(restored if legacy is None else _from_legacy(restored, tree), template)
 
   def _move_aside(self, step: int) -> str:
     target = os.path.join(self.directory + ".damaged", str(step))

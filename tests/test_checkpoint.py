@@ -227,3 +227,51 @@ def test_no_intact_checkpoint_and_a_different_model_are_named(two_checkpoints, t
                      "round 1: its config cannot be read"):
     ck.restore(template, log=lambda _: None)
   ck.close()
+
+
+def _old_layout(state):
+  """A FedAvg ServerState as the dict tree of its layout before the client rows were one store: the fields
+  client_states, transform_states, client_params and algorithm_clients instead of clients (None where unused)."""
+  return {"params": state.params, "frozen": state.frozen, "model_state": state.model_state,
+          "opt_state": state.opt_state, "round": state.round, "client_states": state.client_states,
+          "transform_states": state.transform_states, "server_transform_state": state.server_transform_state,
+          "aggregator_state": state.aggregator_state, "client_params": state.client_params,
+          "algorithm_state": state.algorithm_state, "algorithm_clients": state.algorithm_clients}
+
+
+def test_a_checkpoint_of_the_layout_before_one_client_row_restores_bit_for_bit(tmp_path):
+  import optax
+
+  import fedjax_tl as ftl
+  from fedjax_tl.algorithms import Ditto, Scaffold
+  from fedjax_tl.transforms import compression
+
+  cfg = resume_worker.Config(workdir=str(tmp_path))
+  _, _, data = resume_worker.build(cfg)
+  model = resume_worker.Model(resume_worker.Net(), (8, 8, 1))
+  params, ms = model.init(jax.random.PRNGKey(0))
+  local = ftl.LocalTraining(model, optax.sgd(0.05), 16, steps=2)
+  # FedBN statistics, SCAFFOLD's c_i and error-feedback residuals in one row; Ditto's personal params (and their
+  # statistics) one level down, in DittoState.personal
+  algo = ftl.FedAvg(local, schedule="vmap", model_state="local", hooks=Scaffold(lr=0.05),
+                    client_transform=compression.error_feedback(compression.top_k(0.1)))
+  template = algo.init(params, ms, num_clients=data.num_clients)
+  assert set(template.clients) == {"model_state", "algorithm", "uplink"}
+  state, _ = algo.apply(template, data, np.array([1, 4, 6]), jax.random.PRNGKey(1))
+  ditto = Ditto(local, lam=0.1, schedule="vmap")
+  d_template = ditto.init(params, ms, num_clients=data.num_clients)
+  d_state, _ = ditto.apply(d_template, data, np.array([0, 5]), jax.random.PRNGKey(2))
+  for name, old, new, tmpl in [("fedavg", _old_layout(state), state, template),
+                               ("ditto", {"server": _old_layout(d_state.server),
+                                          "personal": _old_layout(d_state.personal)}, d_state, d_template)]:
+    d = str(tmp_path / name)
+    ck = Checkpointer(d, cfg)
+    assert ck.maybe_save(old, round_num=1)  # through orbax, as the Checkpointer of the older code saved it
+    restored = ck.restore(tmpl)
+    ck.close()
+    assert type(restored) is type(new)
+    _assert_bit_identical(restored, new)
+    assert jax.tree.structure(restored) == jax.tree.structure(new)
+  assert set(d_template.personal.clients) == {"model_state", "params"}
+  np.testing.assert_array_equal(restored.personal.client_params["Dense_0"]["kernel"],
+                                d_state.personal.client_params["Dense_0"]["kernel"])

@@ -27,7 +27,7 @@ import optax
 
 from fedjax_tl import keys
 from fedjax_tl.core.checks import check_hook_output, check_optimizer
-from fedjax_tl.core.hooks import Hooks
+from fedjax_tl.core.hooks import Hooks, TrainContext
 from fedjax_tl.core.params import split_params
 from fedjax_tl.models.base import Model
 from fedjax_tl.models.fast import fast_cpu
@@ -56,6 +56,9 @@ class ClientOutput(NamedTuple):
   num_examples: jax.Array  # float32 scalar, the aggregation weight
   metrics: dict[str, jax.Array]  # scalars: loss, accuracy, num_examples
   message: Any = None  # what the algorithm's hooks send besides the delta (averaged like it), None if nothing
+  # The client's new row (what it keeps across rounds, ServerState.clients): "model_state" (its final model
+  # state), "params" (its own params, with ``personal``), "algorithm" (its hooks' new persistent state, with hooks).
+  row: Any = None
 
 
 def merge_params(trainable: Params, frozen: Params) -> Params:
@@ -96,12 +99,13 @@ class LocalTraining:
       (training mode); "frozen": they use the running statistics they were given and leave them unchanged
       (inference mode, as a Keras BatchNormalization with trainable=False).
     personal: regex of params that are the client's own (set by ``FedAvg(local_params=...)``): ``init`` takes
-      them from ``model_state["personal"]`` (the client's stored copy) and trains them with the rest; ``finish``
-      returns them in ``model_state["personal"]`` and leaves them out of the delta, so they are never sent.
+      them from the client's row (``row["params"]``, its stored copy) and trains them with the rest; ``finish``
+      returns them in its new row (``ClientOutput.row["params"]``) and leaves them out of the delta, so they are
+      never sent.
     hooks: the algorithm's client-side hooks (set by ``FedAvg(hooks=...)``, :class:`~fedjax_tl.Hooks`): ``init``
-      takes the client's :class:`~fedjax_tl.TrainContext` from ``model_state["ctx"]``, ``step`` lets them change
-      the gradient, ``finish`` lets them change the delta, add a message and return the client's new persistent
-      state in ``model_state["client"]``.
+      takes the client's :class:`~fedjax_tl.TrainContext` (``ctx``), ``step`` lets them change the gradient,
+      ``finish`` lets them change the delta, add a message and return the client's new persistent state
+      (``ClientOutput.row["algorithm"]``).
     fast_path: on CPU, train the model through :func:`fedjax_tl.models.fast.fast_cpu` (its convolutions as
       matrix products, its non-overlapping max pools as reshape-max, with hand-written gradients: the same
       function, up to float rounding, 2-3x faster for a plain ``nn.Conv`` CNN on XLA:CPU). False trains the
@@ -155,16 +159,22 @@ class LocalTraining:
     return self.epochs * -(-n // self.batch_size)
 
   # ---- pure pieces (traced) ----
-  def init(self, params: Params, model_state: ModelState, key: PRNGKey, num_examples: jax.Array) -> ClientState:
+  def init(self, params: Params, model_state: ModelState, key: PRNGKey, num_examples: jax.Array,
+           row: Any = None, ctx: TrainContext | None = None) -> ClientState:
+    """The client's training state from the broadcast ``params`` and ``model_state``, and from its own ``row``
+    (a dict of what it keeps across rounds, or None): ``row["model_state"]`` replaces the broadcast model state
+    (FedBN's own statistics), ``row["params"]`` joins the params (``personal``). ``ctx`` is the hooks'
+    :class:`~fedjax_tl.TrainContext` for this client (needed with hooks)."""
     z = jnp.zeros((), jnp.float32)
     hook = None
-    if self.personal is not None or self.hooks is not None:
-      parts, model_state = model_state, model_state["model"]
-      if self.hooks is not None:  # the context sees what the client received (its own params excluded)
-        ctx = parts["ctx"]._replace(global_params=params, num_examples=jnp.asarray(num_examples, jnp.int32))
-        hook = (ctx, self.hooks.start(ctx))
-      if self.personal is not None:  # the client's own params join the broadcast ones
-        params = merge_params(params, parts["personal"])
+    row = row or {}
+    if "model_state" in row:
+      model_state = row["model_state"]
+    if self.hooks is not None:  # the context sees what the client received (its own params excluded)
+      ctx = ctx._replace(global_params=params, num_examples=jnp.asarray(num_examples, jnp.int32))
+      hook = (ctx, self.hooks.start(ctx))
+    if self.personal is not None:  # the client's own params join the broadcast ones
+      params = merge_params(params, row["params"])
     return ClientState(params, self.optimizer.init(params), model_state, key,
                        jnp.asarray(num_examples, jnp.int32), z, z, z, jnp.zeros((), jnp.int32), hook)
 
@@ -228,22 +238,20 @@ class LocalTraining:
 
   def finish(self, state: ClientState, server_params: Params) -> ClientOutput:
     params, model_state = state.params, state.model_state
-    parts = {"model": model_state}
+    row = {"model_state": model_state}
     if self.personal is not None:  # kept by the client, never sent
-      parts["personal"], params = split_params(params, self.personal)
+      row["params"], params = split_params(params, self.personal)
     delta = jax.tree.map(lambda c, s: (c - s).astype(s.dtype), params, server_params)
     message = None
     if self.hooks is not None:
       ctx, hook_state = state.hook
       out = self.hooks.finish(delta, params, hook_state, ctx, state.steps)
-      delta, message, parts["client"] = check_hook_output(self.hooks, "finish", out, delta=delta,
-                                                          client_state=ctx.client_state)
-    if len(parts) > 1:
-      model_state = parts
+      delta, message, row["algorithm"] = check_hook_output(self.hooks, "finish", out, delta=delta,
+                                                           client_state=ctx.client_state)
     seen = jnp.maximum(state.seen, 1.0)
     n = state.num_examples.astype(jnp.float32)
     metrics = {"loss": state.loss_sum / seen, "accuracy": state.correct / seen, "num_examples": n}
-    return ClientOutput(delta, model_state, n, metrics, message)
+    return ClientOutput(delta, model_state, n, metrics, message, row)
 
 
 # Client optimizers by name (the experiments' --client_optimizer): name -> (learning rate -> optax optimizer).

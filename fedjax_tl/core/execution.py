@@ -186,7 +186,7 @@ class RoundSums(NamedTuple):
   state_sum: ModelState  # sum_i w_i * model_state_i
   weight_sum: jax.Array  # sum_i w_i
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
-  client_states: ModelState = None  # [C, ...] final model state per client (per-client state runners only)
+  client_rows: Any = None  # [C, ...] each client's new row: the parts of ClientOutput.row the runner keeps (row_parts)
   client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
   message_sum: Any = None  # sum_i message_i over real clients: what the algorithm's hooks send besides the delta
 
@@ -200,7 +200,7 @@ class CohortRunner:
   """
 
   def __init__(self, local: LocalTraining, schedule: Schedule, pad_size: int,
-               postprocess: ClientPostprocess | None = None, per_client_state: bool = False,
+               postprocess: ClientPostprocess | None = None, row_parts: tuple[str, ...] = (),
                mesh: jax.sharding.Mesh | None = None, reducer: Reducer = SUM):
     self.local = local
     # reducer: how the clients' (postprocessed) deltas are summed, as the aggregator declares it
@@ -219,10 +219,9 @@ class CohortRunner:
       if schedule.chunk_size and schedule.chunk_size % n_dev:
         raise ValueError(f"chunk_size {schedule.chunk_size} must be a multiple of the {n_dev} devices.")
     self.mesh = mesh
-    # per_client_state: model_state arrives stacked [C, ...] (each client starts from its own, e.g. FedBN) and
-    # the clients' final states come back in RoundSums.client_states.
-    self.per_client_state = per_client_state
-    self._state_axis = 0 if per_client_state else None
+    # row_parts: which parts of the clients' new rows (ClientOutput.row: "model_state", "params", "algorithm")
+    # come back in RoundSums.client_rows, [C, ...]; their rows go in as __call__'s ``rows``.
+    self.row_parts = tuple(row_parts)
     self.schedule = schedule
     self.pad_size = pad_size
     self.num_steps = local.num_steps(pad_size)
@@ -238,7 +237,7 @@ class CohortRunner:
     self._compiled: dict[tuple[str, int], Any] = _COMPILED.setdefault(self, {})
 
   def _config(self) -> tuple:
-    return (self.local, self.schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh,
+    return (self.local, self.schedule, self.pad_size, self.postprocess, self.row_parts, self.mesh,
             self.reducer)
 
   def __eq__(self, other) -> bool:
@@ -249,16 +248,22 @@ class CohortRunner:
 
   def with_schedule(self, schedule: Schedule) -> CohortRunner:
     """A runner like this one with another schedule (e.g. a resolved "chunked:auto")."""
-    return CohortRunner(self.local, schedule, self.pad_size, self.postprocess, self.per_client_state, self.mesh,
+    return CohortRunner(self.local, schedule, self.pad_size, self.postprocess, self.row_parts, self.mesh,
                         self.reducer)
 
   # ---- helpers over one chunk (leading axis k) ----
   def _client_keys(self, round_key: PRNGKey, client_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda c: prng.client(round_key, c))(client_ids)
 
-  def _init_chunk(self, params, model_state, keys, num_examples):
+  def _init_chunk(self, params, model_state, keys, num_examples, client_in):
     self.trace_count += 1
-    return jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
+    return self._init(params, model_state, keys, num_examples, client_in)
+
+  def _init(self, params, model_state, keys, num_examples, client_in):
+    """Every client's training state; ``client_in`` = (rows, contexts), each [k, ...] or None."""
+    rows, contexts = client_in
+    return jax.vmap(self.local.init, (None, None, 0, 0, 0, 0))(params, model_state, keys, num_examples, rows,
+                                                                contexts)
 
   def _steps(self, states, t0, frozen, x, y, indices, n_steps: int):
     if indices.shape[0] == 1:
@@ -284,16 +289,16 @@ class CohortRunner:
     if self.postprocess is not None:
       ctx_axes = ClientContext(0, 0, 0, None)
       out, carry = jax.vmap(self.postprocess, (0, 0, ctx_axes))(out, carry, ctx)
-    client_states = out.model_state if self.per_client_state else None
+    client_rows = {p: out.row[p] for p in self.row_parts} if self.row_parts else None
     sums = RoundSums(self.reducer(out.delta, out.num_examples), weighted_sum(out.model_state, out.num_examples),
-                     out.num_examples.sum(), out.metrics, client_states, carry,
+                     out.num_examples.sum(), out.metrics, client_rows, carry,
                      weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
     if acc is None:
       return sums
     self._check_message(sums.message_sum, acc.message_sum)
     add = lambda a, b: jax.tree.map(jnp.add, a, b)
     return RoundSums(add(acc.delta_sum, sums.delta_sum), add(acc.state_sum, sums.state_sum),
-                     acc.weight_sum + sums.weight_sum, sums.client_metrics, client_states, carry,
+                     acc.weight_sum + sums.weight_sum, sums.client_metrics, client_rows, carry,
                      add(acc.message_sum, sums.message_sum))
 
   def _check_message(self, got: Any, want: Any) -> None:
@@ -308,8 +313,8 @@ class CohortRunner:
                        "cohort): build it from the shapes of finish's arguments only, not from Python state or "
                        "values that change between calls.")
 
-  def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples):
-    states = jax.vmap(self.local.init, (None, self._state_axis, 0, 0))(params, model_state, keys, num_examples)
+  def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples, client_in):
+    states = self._init(params, model_state, keys, num_examples, client_in)
     u = self.schedule.unroll
     full, rest = divmod(self.num_steps, u)
 
@@ -321,23 +326,23 @@ class CohortRunner:
       states = self._steps(states, full * u, frozen, x, y, indices, rest)
     return states
 
-  def _round_scan(self, params, frozen, model_state, x, y, cohort: Cohort, round_key, carry, shared):
+  def _round_scan(self, params, frozen, model_state, x, y, cohort: Cohort, round_key, carry, shared,
+                  client_in=(None, None)):
     """The whole round as one program: a scan over chunks, each chunk vmapped, steps scanned."""
     self.trace_count += 1
     c = cohort.client_ids.shape[0]
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
     keys = self._client_keys(round_key, cohort.client_ids)
     ctx = ClientContext(cohort.client_ids, jnp.arange(c, dtype=jnp.int32), self._post_keys(keys), None)
-    per_client = model_state if self.per_client_state else None
     chunked = jax.tree.map(lambda a: a.reshape(c // k, k, *a.shape[1:]),
-                           (cohort.indices, cohort.num_examples, keys, ctx, per_client, carry))
+                           (cohort.indices, cohort.num_examples, keys, ctx, client_in, carry))
     if self.mesh is not None:  # clients of a chunk across devices; chunks still run one after another
       spec = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(None, "clients"))
       chunked = jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), chunked)
 
     def chunk_sums(acc, chunk):
-      indices, n, ck, cctx, ms, cc = chunk
-      states = self._train_chunk_scan(params, frozen, model_state if ms is None else ms, x, y, indices, ck, n)
+      indices, n, ck, cctx, ci, cc = chunk
+      states = self._train_chunk_scan(params, frozen, model_state, x, y, indices, ck, n, ci)
       return self._finish_chunk(states, params, acc, cctx._replace(shared=shared), cc)
 
     # The accumulator's dtypes follow what the postprocessing sends (floats, or field elements for secure
@@ -350,13 +355,13 @@ class CohortRunner:
 
     def body(acc, chunk):
       sums = chunk_sums(acc, chunk)
-      per_client_out = (sums.client_metrics, sums.client_states, sums.client_carry)
-      return sums._replace(client_metrics=None, client_states=None, client_carry=None), per_client_out
+      per_client_out = (sums.client_metrics, sums.client_rows, sums.client_carry)
+      return sums._replace(client_metrics=None, client_rows=None, client_carry=None), per_client_out
 
-    acc, (metrics, client_states, new_carry) = jax.lax.scan(body, zero, chunked)
+    acc, (metrics, client_rows, new_carry) = jax.lax.scan(body, zero, chunked)
     unchunk = lambda a: a.reshape(c, *a.shape[2:])
     return acc._replace(client_metrics=jax.tree.map(unchunk, metrics),
-                        client_states=jax.tree.map(unchunk, client_states),
+                        client_rows=jax.tree.map(unchunk, client_rows),
                         client_carry=jax.tree.map(unchunk, new_carry))
 
   @staticmethod
@@ -365,7 +370,8 @@ class CohortRunner:
 
   # ---- public ----
   def resolve(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
-              cohort_size: int, budget_bytes: int | None = None) -> CohortRunner:
+              cohort_size: int, budget_bytes: int | None = None, rows: Any = None,
+              contexts: Any = None) -> CohortRunner:
     """For "chunked:auto": a new runner whose chunk size is the number of clients whose training fits
     ``budget_bytes`` (default: half the device's free memory where the backend reports it, else a quarter of
     the host's RAM), from XLA's memory analysis of one client's compiled step (temporaries + the client's
@@ -377,8 +383,8 @@ class CohortRunner:
     if budget_bytes is None:
       budget_bytes = default_memory_budget()
     n1 = jnp.ones((1,), jnp.int32)
-    ms = jax.tree.map(lambda a: a[:1], model_state) if self.per_client_state else model_state
-    states = self._init_jit(params, ms, jax.random.split(jax.random.PRNGKey(0), 1), n1)
+    first = jax.tree.map(lambda a: a[:1], (rows, contexts))  # one client's row and context
+    states = self._init_jit(params, model_state, jax.random.split(jax.random.PRNGKey(0), 1), n1, first)
     indices = jnp.zeros((1, self.pad_size), jnp.int32)
     mem = self._block_jit.lower(states, jnp.int32(0), frozen, x, y, indices, 1).compile().memory_analysis()
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(states))
@@ -400,12 +406,16 @@ class CohortRunner:
     return math.ceil(cohort_size / k) * k
 
   def __call__(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
-               cohort: Cohort, round_key: PRNGKey, carry: Any = None, shared: Any = None) -> RoundSums:
+               cohort: Cohort, round_key: PRNGKey, carry: Any = None, shared: Any = None, rows: Any = None,
+               contexts: Any = None) -> RoundSums:
     """Trains every client of ``cohort`` from ``params`` and returns the reduced sums.
 
     ``cohort`` must already be padded to :meth:`padded_cohort_size` (``FederatedData.cohort(ids,
     pad_clients_to=...)``); padding clients have no examples and weight 0. ``carry`` ([C, ...] per client) and
-    ``shared`` (round-wide) are handed to the postprocessing (:class:`ClientContext`).
+    ``shared`` (round-wide) are handed to the postprocessing (:class:`ClientContext`). ``rows`` ([C, ...]: each
+    client's row, what it keeps across rounds) and ``contexts`` ([C, ...]: each client's hooks'
+    :class:`~fedjax_tl.TrainContext`) go to :meth:`LocalTraining.init`; the parts ``row_parts`` of the clients'
+    new rows come back in ``RoundSums.client_rows``.
     """
     c = cohort.size
     if c != self.padded_cohort_size(c):
@@ -419,8 +429,8 @@ class CohortRunner:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         params, frozen, model_state, x, y, round_key, shared = jax.device_put(
             (params, frozen, model_state, x, y, round_key, shared), replicated)
-      return self._round_jit(params, frozen, model_state, x, y, cohort, round_key, carry, shared)
-    return self._round_host(params, frozen, model_state, x, y, cohort, round_key, carry, shared)
+      return self._round_jit(params, frozen, model_state, x, y, cohort, round_key, carry, shared, (rows, contexts))
+    return self._round_host(params, frozen, model_state, x, y, cohort, round_key, carry, shared, (rows, contexts))
 
   def _block_exe(self, sig: str, states, frozen, x, y, indices, n_steps: int):
     """The compiled block of ``n_steps`` unrolled steps for this chunk shape, compiled on first use.
@@ -435,19 +445,19 @@ class CohortRunner:
       self._compiled[key] = self._block_jit.lower(states, jnp.int32(0), frozen, x, y, indices, n_steps).compile()
     return self._compiled[key]
 
-  def _round_host(self, params, frozen, model_state, x, y, cohort, round_key, carry, shared):
+  def _round_host(self, params, frozen, model_state, x, y, cohort, round_key, carry, shared, client_in):
     c = cohort.size
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
     u = self.schedule.unroll
     keys = self._client_keys(round_key, cohort.client_ids)
     ctx = ClientContext(cohort.client_ids, jnp.arange(c, dtype=jnp.int32), self._post_keys(keys), shared)
     active = self.local.active_steps(np.asarray(cohort.num_examples))
-    acc, metrics, client_states, carries = None, [], [], []
+    acc, metrics, client_rows, carries = None, [], [], []
     for start in range(0, c, k):
       sl = slice(start, start + k)
       indices = cohort.indices[sl]
-      ms = jax.tree.map(lambda a, sl=sl: a[sl], model_state) if self.per_client_state else model_state
-      states = self._init_jit(params, ms, keys[sl], cohort.num_examples[sl])
+      states = self._init_jit(params, model_state, keys[sl], cohort.num_examples[sl],
+                              jax.tree.map(lambda a, sl=sl: a[sl], client_in))
       chunk_steps = int(active[sl].max(initial=0))
       full, rest = divmod(chunk_steps, u)
       sig = str((jax.tree.map(lambda a: (a.shape, a.dtype), states), indices.shape, x.shape))
@@ -460,9 +470,9 @@ class CohortRunner:
       chunk_ctx = ClientContext(ctx.client_id[sl], ctx.position[sl], ctx.key[sl], shared)
       acc = self._finish_jit(states, params, acc, chunk_ctx, jax.tree.map(lambda a, sl=sl: a[sl], carry))
       metrics.append(acc.client_metrics)
-      client_states.append(acc.client_states)
+      client_rows.append(acc.client_rows)
       carries.append(acc.client_carry)
     cat = lambda parts: jax.tree.map(lambda *m: jnp.concatenate(m), *parts)
     return acc._replace(client_metrics=cat(metrics),
-                        client_states=cat(client_states) if self.per_client_state else None,
+                        client_rows=cat(client_rows) if self.row_parts else None,
                         client_carry=cat(carries) if carry is not None else None)

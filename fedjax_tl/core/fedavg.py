@@ -57,13 +57,40 @@ class ServerState(NamedTuple):
   model_state: ModelState  # e.g. batch_stats
   opt_state: OptState  # server optimizer state
   round: jax.Array  # int32 scalar: rounds completed
-  client_states: ModelState = None  # model_state="local": every client's own state, [num_clients, ...]
-  transform_states: Any = None  # stateful client_transform: every client's own state, [num_clients, ...]
+  # Everything kept per client, one row per client of the population, stacked [num_clients, ...]
+  # (:mod:`fedjax_tl.core.store`): a dict with only the parts this configuration uses, None if none:
+  # "model_state" (model_state="local": the client's own BatchNorm statistics), "params" (local_params: its own
+  # params), "algorithm" (the hooks' per-client state, Hooks.client_init), "uplink" (a stateful
+  # client_transform's state, e.g. error-feedback residuals). Until the rows were one store these were four
+  # fields, now read-only properties of the same names (client_states, client_params, algorithm_clients,
+  # transform_states); fedjax_tl.checkpoint restores checkpoints of that layout (LEGACY_CLIENT_ROWS).
+  clients: Any = None
   server_transform_state: Any = None  # stateful server_transform's state
   aggregator_state: Any = None  # the aggregator's server state (e.g. adaptive clipping's clip norm)
-  client_params: Params = None  # local_params: every client's own params, [num_clients, ...]
   algorithm_state: Any = None  # the hooks' server state (Hooks.server_init)
-  algorithm_clients: Any = None  # the hooks' per-client persistent state, [num_clients, ...] (Hooks.client_init)
+
+  def _row_part(self, part: str) -> Any:
+    return None if self.clients is None else self.clients.get(part)
+
+  @property
+  def client_states(self) -> ModelState:
+    """model_state="local": every client's own model state ``[num_clients, ...]`` (``clients["model_state"]``)."""
+    return self._row_part("model_state")
+
+  @property
+  def client_params(self) -> Params:
+    """local_params: every client's own params ``[num_clients, ...]`` (``clients["params"]``)."""
+    return self._row_part("params")
+
+  @property
+  def algorithm_clients(self) -> Any:
+    """The hooks' per-client persistent state ``[num_clients, ...]`` (``clients["algorithm"]``)."""
+    return self._row_part("algorithm")
+
+  @property
+  def transform_states(self) -> Any:
+    """A stateful client_transform's state of every client ``[num_clients, ...]`` (``clients["uplink"]``)."""
+    return self._row_part("uplink")
 
   def full_params(self) -> Params:
     """The global model. With ``local_params`` (FedPer, FedRep, FedBN) it has no parameters of its own for
@@ -235,8 +262,7 @@ class FedAvg:
       post = self.postprocess
       if post is None and (self.client_transform is not None or self.aggregator != Mean()):
         post = _ClientPostprocess(self.client_transform, self.aggregator)  # (plain FedAvg's encoding is identity)
-      per_client = self.model_state == "local" or self.local_params is not None or self.hooks is not None
-      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post, per_client_state=per_client,
+      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post, row_parts=self._row_parts(),
                                              mesh=self.mesh, reducer=reducer_of(self.aggregator))
     return self._runners[pad_size]
 
@@ -250,43 +276,38 @@ class FedAvg:
     trace of ``model.init``."""
     self._check_init(params, model_state)
     trainable, frozen = split_params(params, self.trainable)
-    client_params = None
+    row, keeps = {}, []  # one client's row: what every client keeps across rounds (stored for the population)
     if self.local_params is not None:
-      if not num_clients:
-        raise ValueError("local_params are kept per client: pass num_clients to init().")
-      own, trainable = split_params(trainable, self.local_params)
-      client_params = store.population(own, num_clients)
+      row["params"], trainable = split_params(trainable, self.local_params)
+      keeps.append("local_params are kept per client")
     if self.downlink is not None and not is_stateless(self.downlink, trainable):
       raise ValueError("downlink must be stateless (every client decodes the broadcast on its own).")
     model_state = model_state or {}
     if not covers_model_state(self.aggregator) and self.model_state == "average" and jax.tree.leaves(model_state):
       raise ValueError(f'{type(self.aggregator).__name__} covers the params only; with model_state="average" the '
                        'BatchNorm statistics would be sent in the clear. Use model_state="frozen" or "local".')
-    transform_states = server_transform_state = None
+    server_transform_state = None
     t = self.client_transform
     if t is not None and not is_stateless(t, trainable):
-      if not num_clients:
-        raise ValueError("client_transform keeps a state per client (e.g. error feedback): pass num_clients "
-                         "to init().")
-      transform_states = store.population(t.init(trainable), num_clients)
+      row["uplink"] = t.init(trainable)
+      keeps.append("client_transform keeps a state per client (e.g. error feedback)")
     if self.server_transform is not None and not is_stateless(self.server_transform, trainable):
       server_transform_state = self.server_transform.init(trainable)
-    client_states = None
     if self.model_state == "local":
-      if not num_clients:
-        raise ValueError('model_state="local" keeps a state per client: pass num_clients to init().')
-      client_states = store.population(model_state, num_clients)
-    algorithm_state = algorithm_clients = None
+      row["model_state"] = model_state
+      keeps.append('model_state="local" keeps a state per client')
+    algorithm_state = None
     if self.hooks is not None:
       algorithm_state = self.hooks.server_init(trainable)
       one = self.hooks.client_init(trainable)
       if jax.tree.leaves(one):
-        if not num_clients:
-          raise ValueError(f"{type(self.hooks).__name__} keeps a state per client: pass num_clients to init().")
-        algorithm_clients = store.population(one, num_clients)
+        row["algorithm"] = one
+        keeps.append(f"{type(self.hooks).__name__} keeps a state per client")
+    if row and not num_clients:
+      raise ValueError(f"{'; '.join(keeps)}: pass num_clients to init().")
     state = ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
-                        jnp.zeros((), jnp.int32), client_states, transform_states, server_transform_state,
-                        self.aggregator.init(trainable), client_params, algorithm_state, algorithm_clients)
+                        jnp.zeros((), jnp.int32), store.population(row, num_clients) if row else None,
+                        server_transform_state, self.aggregator.init(trainable), algorithm_state)
     if self.hooks is not None and jax.tree.leaves(self._message_shape(state)) and (
         self.postprocess is not None or not isinstance(self.aggregator, Mean)):
       raise ValueError(f"{type(self.hooks).__name__} sends a message besides the delta, which is averaged in the "
@@ -457,56 +478,57 @@ class FedAvg:
                        "or values that change between calls.")
     checked.add(got)
 
-  def _cohort_model_state(self, state: ServerState, rows: jax.Array, num_clients: int,
-                          client_ids: jax.Array | None = None) -> Any:
-    """What the runner gets as model state: shared, or per client ([C, ...]: FedBN's own statistics, and under
-    ``{"model", "personal", "ctx"}`` the clients' own params and their hooks' context)."""
+  def _row_parts(self) -> tuple[str, ...]:
+    """The parts of a client's row that local training reads and writes (all but the client transform's)."""
+    return tuple(part for part, used in (("model_state", self.model_state == "local"),
+                                         ("params", self.local_params is not None),
+                                         ("algorithm", self.hooks is not None)) if used)
+
+  def _cohort_inputs(self, state: ServerState, row: Any, rows: jax.Array,
+                     client_ids: jax.Array | None = None) -> tuple[Any, Any]:
+    """What local training gets per client besides the broadcast, from the cohort's ``row`` (the gathered
+    client rows): its own row (the parts "model_state" and "params", or None) and, with hooks, its
+    :class:`TrainContext` ([C, ...] each)."""
     c = rows.shape[0]
     per_client = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (c, *jnp.shape(a))), tree)  # noqa: E731
-    if self.model_state == "local":
-      ms = store.gather(state.client_states, rows, num_clients, "client states")
-    elif self.local_params is not None or self.hooks is not None:
-      ms = per_client(state.model_state)
-    else:
-      return state.model_state
-    if self.local_params is None and self.hooks is None:
-      return ms
-    parts = {"model": ms}
-    if self.local_params is not None:
-      parts["personal"] = store.gather(state.client_params, rows, num_clients, "clients' own params")
+    row = row or {}
+    own = {part: row[part] for part in ("model_state", "params") if part in row} or None
+    contexts = None
     if self.hooks is not None:
-      own = store.gather(state.algorithm_clients, rows, num_clients, "algorithm client states")
       sent = per_client(self._hook_broadcast(state.algorithm_state, state.params))
       ids = rows if client_ids is None else client_ids
-      parts["ctx"] = TrainContext(None, sent, own, ids.astype(jnp.int32), per_client(state.round), None)
-    return parts
+      contexts = TrainContext(None, sent, row.get("algorithm"), ids.astype(jnp.int32), per_client(state.round),
+                              None)
+    return own, contexts
 
   def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
             round_key: PRNGKey) -> tuple[ServerState, dict]:
-    """One round: returns (new_state, metrics). Metrics are device scalars plus per-client arrays."""
+    """One round: returns (new_state, metrics). Metrics are device scalars plus per-client arrays.
+
+    The cohort's client rows (``state.clients``) are gathered once before local training and their new values
+    scattered once after it, here and nowhere else."""
     self._check_data(data)
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
-      ms = self._cohort_model_state(state, jnp.zeros((1,), jnp.int32), data.num_clients)
-      runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, ms, data.x, data.y,
-                                                             len(client_ids), self.memory_budget)
+      first = jnp.zeros((1,), jnp.int32)
+      own, contexts = self._cohort_inputs(state, store.gather(state.clients, first, data.num_clients, "client rows"),
+                                          first)
+      runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, state.model_state, data.x,
+                                                             data.y, len(client_ids), self.memory_budget, own,
+                                                             contexts)
     n = len(client_ids)
     cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(n))
     rows, ids = jnp.maximum(cohort.client_ids, 0), jnp.asarray(client_ids)
-    model_state = self._cohort_model_state(state, rows, data.num_clients, cohort.client_ids)
-    carry = store.gather(state.transform_states, rows, data.num_clients, "client transform states")
+    row = store.gather(state.clients, rows, data.num_clients, "client rows")  # the cohort's rows: [C, ...]
+    own, contexts = self._cohort_inputs(state, row, rows, cohort.client_ids)
+    carry = None if row is None else row.get("uplink")
     params = state.params
     if self.downlink is not None:  # what the clients receive and train from
       params = self._broadcast(state.params, keys.server(round_key, "downlink"))
     agg = self.aggregator
     shared, host = agg.setup(state.aggregator_state, n, cohort.size, float(data.pad_size), round_key)
-    sums = runner(params, state.frozen, model_state, data.x, data.y, cohort, round_key, carry,
-                  (state.aggregator_state, shared))
-    own = algo_clients = None
-    if self.local_params is not None or self.hooks is not None:  # came back with the clients' model states
-      own = sums.client_states.get("personal")
-      algo_clients = sums.client_states.get("client")
-      sums = sums._replace(state_sum=sums.state_sum["model"], client_states=sums.client_states["model"])
+    sums = runner(params, state.frozen, state.model_state, data.x, data.y, cohort, round_key, carry,
+                  (state.aggregator_state, shared), own, contexts)
     if self.hooks is not None:
       self._check_message(state, sums.message_sum)
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
@@ -518,14 +540,10 @@ class FedAvg:
       real = (cohort.client_ids >= 0).astype(jnp.float32)
       new_state, agg_metrics = self._server_update(state, sums._replace(delta_sum=total, weight_sum=weight_sum),
                                                    round_key, real, data.num_clients)
-    if self.model_state == "local":
-      new_state = new_state._replace(client_states=store.scatter(state.client_states, ids, sums.client_states))
-    if own is not None:
-      new_state = new_state._replace(client_params=store.scatter(state.client_params, ids, own))
-    if state.algorithm_clients is not None:
-      new_state = new_state._replace(algorithm_clients=store.scatter(state.algorithm_clients, ids, algo_clients))
-    if carry is not None:
-      new_state = new_state._replace(transform_states=store.scatter(state.transform_states, ids, sums.client_carry))
+    if state.clients is not None:  # the cohort's new rows, written back at once
+      new_rows = {**(sums.client_rows or {}), "uplink": sums.client_carry}
+      new_state = new_state._replace(clients=store.scatter(state.clients, ids,
+                                                           {part: new_rows[part] for part in state.clients}))
     cm = sums.client_metrics
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
