@@ -181,7 +181,8 @@ def test_experiment_algorithm_flags_build_each_algorithm_and_refuse_bad_combinat
          (dict(algorithm="fedbn"), "no BatchNorm"),
          (dict(algorithm="fedavg", dyn_alpha=0.5), "--dyn_alpha=0.5 is for --algorithm=feddyn"),
          (dict(algorithm="fedrep", ditto_lambda=1.0), "--ditto_lambda"),
-         (dict(algorithm="scaffold", dp_clip=1.0, dp_noise_multiplier=1.0), "in the clear"),
+         (dict(algorithm="scaffold", dp_clip=1.0, dp_noise_multiplier=1.0, secure_agg=True), "does not cover"),
+         (dict(algorithm="fednova", dp_clip=1.0, dp_noise_multiplier=1.0, dp_mechanism="ftrl"), "does not encode"),
          (dict(algorithm="ditto", compress="int8"), "does not combine"),
          (dict(finetune_steps=3), "--personal_eval"),
          (dict(personal_eval=True, personal_fraction=1.0), "--personal_fraction")]

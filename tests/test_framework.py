@@ -92,9 +92,70 @@ def test_scaffold_round_one_is_fedavg_bit_for_bit(tiny_local, tiny_data, tiny_pa
   jax.tree.map(np.testing.assert_array_equal, a.params, b.params)
 
 
-def test_hooks_with_a_message_refuse_a_private_aggregator(tiny_local, tiny_params):
-  algo = ftl.FedAvg(tiny_local, hooks=ftl.Scaffold(0.1), aggregator=ftl.DPFedAvg(clip=1.0, noise_multiplier=1.0))
-  with pytest.raises(ValueError, match="in the clear"):
+def _two_rounds(algo, data, params, ids=((0, 2, 3), (1, 2, 4))):
+  state = algo.init(*params, num_clients=data.num_clients)
+  for r, cohort in enumerate(ids):
+    state, _ = algo.apply(state, data, np.array(cohort), jax.random.PRNGKey(r))
+  return state
+
+
+def test_scaffold_under_dp_fedavg_without_clip_or_noise_is_scaffold_bit_for_bit(tiny_local, tiny_data, tiny_params):
+  # SCAFFOLD's control-variate update now goes through the aggregator with the delta (aggregators.Message):
+  # DPFedAvg clips the two jointly and noises both. With an infinite clip and no noise it is SCAFFOLD under the
+  # uniform mean (DPFedAvg's weighting) exactly: the clip scales by exactly 1.0 and the sums are the same.
+  scaffold = ftl.Scaffold(0.1)
+  dp = ftl.FedAvg(tiny_local, schedule="vmap", hooks=scaffold,
+                  aggregator=ftl.DPFedAvg(clip=float("inf"), noise_multiplier=0.0))
+  plain = ftl.FedAvg(tiny_local, schedule="vmap", hooks=scaffold, aggregator=ftl.aggregators.UniformMean())
+  a, b = _two_rounds(dp, tiny_data, tiny_params), _two_rounds(plain, tiny_data, tiny_params)
+  for got, want in [(a.params, b.params), (a.algorithm_state, b.algorithm_state), (a.clients, b.clients)]:
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert jax.tree.leaves(a.algorithm_state) and any(np.any(np.asarray(c) != 0) for c in jax.tree.leaves(a.clients))
+  # A finite clip and noise change both the model and the control variates (the message is covered).
+  noisy = _two_rounds(ftl.FedAvg(tiny_local, schedule="vmap", hooks=scaffold,
+                                 aggregator=ftl.DPFedAvg(clip=0.01, noise_multiplier=1.0, cohort_size=3)),
+                      tiny_data, tiny_params)
+  assert all(np.any(np.asarray(x) != np.asarray(y))
+             for x, y in zip(jax.tree.leaves(noisy.algorithm_state), jax.tree.leaves(b.algorithm_state)))
+
+
+def test_fednova_under_secure_aggregation_is_fednova_within_the_fixed_point_bound(tiny_local, tiny_data,
+                                                                                   tiny_params):
+  # FedNova's norms are summed through secure aggregation's masked field sum with the delta. Each client's value
+  # is off by less than 1/scale per coordinate after stochastic rounding (the mean part also times the largest
+  # weight), so the mean delta is off by at most n * max_weight / (scale * W) and tau_eff = A / W by at most
+  # (n / scale) * (1 + tau) / W; the new params, tau_eff * mean, by tau * e_mean + |mean| * e_tau, with
+  # 1 <= tau <= T (the local steps) and |mean| <= the plain run's largest change.
+  ids, key, r = np.array([0, 1, 3]), jax.random.PRNGKey(3), 100.0
+  hooks = ftl.FedNova()
+  secure = ftl.FedAvg(tiny_local, schedule="vmap", hooks=hooks, aggregator=ftl.SecureAggregation(clip_value=r))
+  plain = ftl.FedAvg(tiny_local, schedule="vmap", hooks=hooks)
+  start = plain.init(*tiny_params, num_clients=5)
+  a, _ = secure.apply(secure.init(*tiny_params, num_clients=5), tiny_data, ids, key)
+  b, _ = plain.apply(start, tiny_data, ids, key)
+  from fedjax_tl.aggregators.secure import fixed_point_scale
+  n, scale = len(ids), fixed_point_scale(len(ids), r)
+  weights, t_max = tiny_data.client_sizes[ids].astype(np.float64), tiny_local.num_steps(tiny_data.pad_size)
+  max_weight, total = float(tiny_data.pad_size), weights.sum()
+  e_mean = n * max_weight / (scale * total)
+  e_tau = n / scale * (1 + t_max) / total
+  for p, q, p0 in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), jax.tree.leaves(start.params)):
+    change = float(np.max(np.abs(np.asarray(q) - np.asarray(p0))))
+    bound = t_max * e_mean + change * e_tau
+    np.testing.assert_allclose(np.asarray(p), np.asarray(q), rtol=1e-5, atol=bound)
+  assert any(np.any(np.asarray(p) != np.asarray(q)) for p, q in zip(jax.tree.leaves(a.params),
+                                                                     jax.tree.leaves(b.params)))
+
+
+def test_hooks_with_a_message_refuse_an_aggregator_that_takes_no_message(tiny_local, tiny_params):
+  import dataclasses
+
+  @dataclasses.dataclass(frozen=True)
+  class Legacy(ftl.aggregators.Mean):  # an aggregator written for a bare delta
+    takes_message = False
+
+  algo = ftl.FedAvg(tiny_local, hooks=ftl.Scaffold(0.1), aggregator=Legacy("uniform"))
+  with pytest.raises(ValueError, match="takes_message"):
     algo.init(*tiny_params, num_clients=5)
   with pytest.raises(ValueError, match="num_clients"):
     ftl.FedAvg(tiny_local, hooks=ftl.Scaffold(0.1)).init(*tiny_params)

@@ -153,3 +153,28 @@ def test_a_round_where_every_coordinate_is_clipped(tiny_data, tiny_local, tiny_p
     np.testing.assert_allclose(g, w, rtol=0, atol=0.05 * r)
     clipped_same_sign = np.abs(w) == r
     np.testing.assert_array_equal(np.sign(g[clipped_same_sign]), np.sign(w[clipped_same_sign]))
+
+
+def test_scaffold_under_secure_aggregation_equals_scaffold_within_the_fixed_point_bound(tiny_data, tiny_local,
+                                                                                         tiny_params):
+  # SCAFFOLD's control-variate update is masked with the delta (unweighted: the message's sum part). The params
+  # are off by at most n * max_weight / (scale * W) (the weighted mean), the server's control variate, the sum of
+  # the updates over N clients, by at most n / (scale * N).
+  from fedjax_tl import Scaffold
+  from fedjax_tl.aggregators.secure import fixed_point_scale
+
+  ids, key, r = np.array([0, 1, 3]), jax.random.PRNGKey(4), 16.0
+  plain = FedAvg(tiny_local, schedule="vmap", hooks=Scaffold(0.1))
+  secure = FedAvg(tiny_local, schedule="vmap", hooks=Scaffold(0.1), aggregator=SecureAggregation(clip_value=r))
+  a, m = secure.apply(secure.init(*tiny_params, num_clients=5), tiny_data, ids, key)
+  b, _ = plain.apply(plain.init(*tiny_params, num_clients=5), tiny_data, ids, key)
+  assert float(m["secagg_clipped_fraction"]) == 0.0
+  n, scale, w = len(ids), fixed_point_scale(len(ids), r), tiny_data.client_sizes[ids].astype(np.float64)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=n * float(tiny_data.pad_size) / (
+        scale * w.sum()))
+  for x, y in zip(jax.tree.leaves(a.algorithm_state), jax.tree.leaves(b.algorithm_state), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=n / (scale * 5))
+  assert _max_abs_diff(b.algorithm_state, jax.tree.map(jnp.zeros_like, b.algorithm_state)) > 0
+  for x, y in zip(jax.tree.leaves(a.clients), jax.tree.leaves(b.clients), strict=True):  # the clients' own c_i
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -21,6 +21,7 @@ from fedjax_tl.aggregators.base import (
   WEIGHTINGS,
   Aggregator,
   Mean,
+  Message,
   ModularSum,
   Reducer,
   RoundInfo,
@@ -30,12 +31,16 @@ from fedjax_tl.aggregators.base import (
   client_weight,
   covers_model_state,
   mean_of,
+  reduce_message,
   reducer_of,
+  takes_message,
 )
 
-__all__ = ["Aggregator", "Reducer", "Sum", "SUM", "ModularSum", "RoundInfo", "Mean", "WeightedMean", "UniformMean",
+__all__ = ["Message", "reduce_message", "Aggregator", "Reducer",
+           "Sum", "SUM", "ModularSum", "RoundInfo", "Mean", "WeightedMean", "UniformMean",
            "DPFedAvg", "AdaptiveClipping", "SecureAggregation", "WEIGHTINGS", "client_weight", "mean_of",
-           "reducer_of", "covers_model_state"]
+           "reducer_of", "covers_model_state",
+           "takes_message"]
 
 _MECHANISMS = {"DPFedAvg": "dp", "AdaptiveClipping": "dp", "SecureAggregation": "secure"}
 

@@ -17,6 +17,9 @@ and two declarations, class attributes of the aggregator:
 
     reducer               how its messages are summed over the cohort (:data:`SUM` or :class:`ModularSum`);
                           declared, never guessed from the messages' dtypes
+    takes_message         True if ``encode`` also takes a :class:`Message` (the delta and the hooks' message
+                          together, e.g. SCAFFOLD's) and ``decode`` returns one; FedAvg refuses hooks that send a
+                          message to an aggregator that does not declare it
     covers_model_state    False if the model state averaged in the clear beside its messages (BatchNorm
                           statistics under ``FedAvg(model_state="average")``) would defeat it (secure
                           aggregation, DP-FTRL): FedAvg then refuses that combination at init
@@ -35,17 +38,33 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from fedjax_tl.types import PRNGKey, PyTree, Updates
 
-__all__ = ["Aggregator", "Reducer", "Sum", "SUM", "ModularSum", "RoundInfo", "Mean", "WeightedMean", "UniformMean",
+__all__ = ["Message", "reduce_message", "takes_message", "Aggregator", "Reducer", "Sum",
+           "SUM", "ModularSum", "RoundInfo", "Mean", "WeightedMean", "UniformMean",
            "WEIGHTINGS", "client_weight", "mean_of", "weighted_sum", "reducer_of", "covers_model_state"]
 
 WEIGHTINGS = ("num_examples", "uniform")
+
+
+class Message(NamedTuple):
+  """What one client sends when it sends more than its delta; the aggregator sees all of it.
+
+  ``mean`` is averaged with the client's weight (the delta); ``sum`` is summed unweighted over the cohort's real
+  clients (what the algorithm's hooks send: SCAFFOLD's control-variate update, FedNova's norms). An aggregator
+  encodes the whole message (DPFedAvg clips it jointly and noises both parts, SecureAggregation masks both), and
+  ``decode`` returns a Message whose ``mean`` is the weighted mean and whose ``sum`` is the sum
+  (:func:`mean_of`). A client that sends only its delta sends it bare, as before (the numerics of those
+  configurations are unchanged).
+  """
+
+  mean: PyTree
+  sum: PyTree = ()
 
 
 # ---- how messages are reduced over the cohort ----
@@ -78,6 +97,15 @@ class Sum:
 
 
 SUM = Sum()
+
+
+def reduce_message(reducer: Reducer, messages: PyTree, weights: jax.Array, real: jax.Array) -> PyTree:
+  """The reducer's sum of one chunk's wire messages. A :class:`Message` under a weighted reducer (:class:`Sum`)
+  has its ``mean`` part weighted by ``weights`` and its ``sum`` part by ``real`` (1 for a real client, 0 for
+  padding); other reducers (field elements, which carry their weights inside) sum the whole message."""
+  if isinstance(messages, Message) and isinstance(reducer, Sum):
+    return Message(reducer(messages.mean, weights), reducer(messages.sum, real))
+  return reducer(messages, weights)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +199,12 @@ def reducer_of(aggregator: Any) -> Reducer:
   return SUM if inner is None else reducer_of(inner)
 
 
+def takes_message(aggregator: Any) -> bool:
+  """``aggregator.takes_message``: whether its ``encode`` takes a :class:`Message` (delta and the hooks' message
+  together) as well as a bare delta (False for one written before the protocol declared it)."""
+  return bool(getattr(aggregator, "takes_message", False))
+
+
 def covers_model_state(aggregator: Any) -> bool:
   """``aggregator.covers_model_state`` (True for one written before the protocol declared it)."""
   return bool(getattr(aggregator, "covers_model_state", True))
@@ -186,7 +220,10 @@ def client_weight(weighting: str, num_examples: jax.Array, client_id: jax.Array)
 
 
 def mean_of(total: Updates, weight_sum: jax.Array) -> Updates:
-  """The weighted mean from the weighted sum (float32 sums, cast back to the update's dtype)."""
+  """The weighted mean from the weighted sum (float32 sums, cast back to the update's dtype); of a
+  :class:`Message`, its ``mean`` part (its ``sum`` part stays the sum)."""
+  if isinstance(total, Message):
+    return Message(mean_of(total.mean, weight_sum), total.sum)
   w = jnp.maximum(weight_sum, 1e-12)
   return jax.tree.map(lambda d: d / w, total)
 
@@ -200,6 +237,7 @@ class Mean:
 
   reducer = SUM
   covers_model_state = True
+  takes_message = True
 
   def __post_init__(self):
     if self.weighting not in WEIGHTINGS:

@@ -31,11 +31,22 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from fedjax_tl.aggregators.base import SUM, Mean, RoundInfo, client_weight, mean_of
+from fedjax_tl.aggregators.base import SUM, Mean, Message, RoundInfo, client_weight, mean_of
 from fedjax_tl.transforms.privacy import add_noise, clip_by_norm
 from fedjax_tl.types import PRNGKey, Updates
 
 __all__ = ["DPFedAvg", "AdaptiveClipping"]
+
+
+def _noise_mean(mean, std, cohort_size, key):
+  """N(0, std^2) on the mean; of a :class:`Message`, on its ``mean`` part with ``key`` (as a bare delta) and
+  N(0, (std * cohort_size)^2) on its ``sum`` part (the sum of the same clipped messages, not divided by the
+  cohort), so the whole message gets the Gaussian mechanism of its joint clip."""
+  if isinstance(mean, Message):
+    summed = add_noise(mean.sum, std * cohort_size, jax.random.fold_in(key, 1)) if jax.tree.leaves(mean.sum) else \
+        mean.sum
+    return Message(add_noise(mean.mean, std, key), summed)
+  return add_noise(mean, std, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +71,7 @@ class DPFedAvg:
 
   _MEAN = Mean("uniform")
   reducer = SUM
+  takes_message = True  # clips the delta and the hooks' message jointly, noises both
   covers_model_state = True  # BatchNorm statistics averaged beside it are neither clipped nor noised
 
   def init(self, template):
@@ -79,7 +91,7 @@ class DPFedAvg:
   def decode(self, total, weight_sum, state, client_metrics, real, key):
     mean, state, metrics = self._MEAN.decode(total, weight_sum, state, client_metrics, real, key)
     if self.noise_multiplier > 0:
-      mean = add_noise(mean, self.noise_multiplier * self.clip / self.cohort_size, key)
+      mean = _noise_mean(mean, self.noise_multiplier * self.clip / self.cohort_size, self.cohort_size, key)
     return mean, state, metrics
 
   def bits(self, template):
@@ -135,6 +147,7 @@ class AdaptiveClipping:
 
   # ---- the aggregator protocol (fedjax_tl.aggregators.base): the state is the clip norm ----
   reducer = SUM
+  takes_message = True  # as DPFedAvg: clips the delta and the hooks' message jointly, noises both
   covers_model_state = True  # as DPFedAvg: BatchNorm statistics averaged beside it are neither clipped nor noised
 
   def init(self, template=None) -> jax.Array:
@@ -146,7 +159,8 @@ class AdaptiveClipping:
     return None, None
 
   def encode(self, delta, num_examples, clip_norm, shared, ctx):
-    """Clips to the current norm, weighs every real client of the cohort 1 and reports the bit b_i."""
+    """Clips to the current norm (a Message jointly), weighs every real client of the cohort 1 and reports the
+    bit b_i."""
     del shared
     clipped, below = self.clip(delta, clip_norm)
     return clipped, client_weight("uniform", num_examples, ctx.client_id), {"below_clip": below}
@@ -176,7 +190,7 @@ class AdaptiveClipping:
     of clients that were within the clip."""
     m = self.cohort_size
     k_delta, k_count = jax.random.split(key)
-    noisy = add_noise(mean_delta, self.delta_noise_multiplier * clip_norm / m, k_delta)
+    noisy = _noise_mean(mean_delta, self.delta_noise_multiplier * clip_norm / m, m, k_delta)
     count_noise = self.sigma_b * jax.random.normal(k_count, ()) if self.noise_multiplier > 0 else 0.0
     b_mean = (below_count - m / 2 + count_noise) / m + 0.5  # the centred release
     new_clip = clip_norm * jnp.exp(-self.clip_lr * (b_mean - self.target_quantile))

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys
-from fedjax_tl.aggregators.base import WEIGHTINGS, ModularSum, RoundInfo, client_weight, mean_of
+from fedjax_tl.aggregators.base import WEIGHTINGS, Message, ModularSum, RoundInfo, client_weight, mean_of
 
 __all__ = ["SecureAggregation", "SecAggShared", "shamir_share", "shamir_reconstruct", "fixed_point_scale", "FIELD_BITS"]
 
@@ -163,6 +163,7 @@ class SecureAggregation:
 
   # ---- the aggregator protocol (fedjax_tl.aggregators.base) ----
   reducer = ModularSum(FIELD_BITS)  # masked field elements, summed in Z_(2^32)
+  takes_message = True  # masks the hooks' message with the delta (every coordinate within [-clip_value, clip_value])
   covers_model_state = False  # averaged model state (BatchNorm statistics) would bypass the masking
 
   def init(self, template):
@@ -230,9 +231,11 @@ class SecureAggregation:
     leaves, treedef = jax.tree.flatten(delta)
     keys = jax.random.split(key, max(len(leaves), 1))
     w = weight / shared.max_weight
+    # A Message: its mean part weighted as the delta, its sum part (the hooks' message) unweighted.
+    weighted = len(jax.tree.leaves(delta.mean)) if isinstance(delta, Message) else len(leaves)
     encoded, clipped, total = [], 0.0, 0
-    for a, k in zip(leaves, keys):
-      v = w * a.astype(jnp.float32)
+    for i, (a, k) in enumerate(zip(leaves, keys)):
+      v = (w * a.astype(jnp.float32)) if i < weighted else a.astype(jnp.float32)
       clipped += jnp.sum(jnp.abs(v) > r)
       total += a.size
       x = jnp.clip(v, -r, r) * shared.scale
@@ -284,5 +287,8 @@ class SecureAggregation:
       return jax.tree.map(jnp.subtract, acc, m)
 
     total = jax.lax.fori_loop(0, recovery.num_pairs, remove, masked_sum)
-    return jax.tree.map(lambda s: jax.lax.bitcast_convert_type(s, jnp.int32).astype(jnp.float32) / scale
-                        * max_weight, total)
+    decode = lambda tree, w: jax.tree.map(  # noqa: E731
+        lambda s: jax.lax.bitcast_convert_type(s, jnp.int32).astype(jnp.float32) / scale * w, tree)
+    if isinstance(total, Message):  # the sum part was sent unweighted
+      return Message(decode(total.mean, max_weight), decode(total.sum, 1.0))
+    return decode(total, max_weight)

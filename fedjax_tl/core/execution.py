@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys as prng
-from fedjax_tl.aggregators.base import SUM, Reducer, weighted_sum
+from fedjax_tl.aggregators.base import SUM, Reducer, reduce_message, weighted_sum
 from fedjax_tl.core.checks import format_diff, tree_diff
 from fedjax_tl.core.client import ClientOutput, LocalTraining
 from fedjax_tl.data.client_data import Cohort
@@ -182,13 +182,14 @@ class _SharedJit:
 class RoundSums(NamedTuple):
   """What a cohort sends up, already reduced: weighted sums over clients, plus per-client metrics."""
 
-  delta_sum: Params  # the reducer's sum of the clients' messages (sum_i w_i * delta_i for SUM)
+  delta_sum: Params  # the reducer's sum of the clients' messages (sum_i w_i * delta_i for SUM; a Message when
+  # the aggregator encodes the hooks' message with the delta: aggregators.base.reduce_message)
   state_sum: ModelState  # sum_i w_i * model_state_i
   weight_sum: jax.Array  # sum_i w_i
   client_metrics: dict[str, jax.Array]  # each [C] (padding clients included; their num_examples is 0)
   client_rows: Any = None  # [C, ...] each client's new row: the parts of ClientOutput.row the runner keeps (row_parts)
   client_carry: Any = None  # [C, ...] each client's new postprocessing carry (None when unused)
-  message_sum: Any = None  # sum_i message_i over real clients: what the algorithm's hooks send besides the delta
+  message_sum: Any = None  # sum_i message_i over real clients: the hooks' message when sent beside the delta
 
 
 class CohortRunner:
@@ -290,9 +291,12 @@ class CohortRunner:
       ctx_axes = ClientContext(0, 0, 0, None)
       out, carry = jax.vmap(self.postprocess, (0, 0, ctx_axes))(out, carry, ctx)
     client_rows = {p: out.row[p] for p in self.row_parts} if self.row_parts else None
-    sums = RoundSums(self.reducer(out.delta, out.num_examples), weighted_sum(out.model_state, out.num_examples),
-                     out.num_examples.sum(), out.metrics, client_rows, carry,
-                     weighted_sum(out.message, (ctx.client_id >= 0).astype(jnp.float32)))
+    real = (ctx.client_id >= 0).astype(jnp.float32)
+    # A wire Message (the postprocessing put the hooks' message beside the delta for the aggregator): its mean
+    # part weighted, its sum part summed over the real clients (aggregators.base.reduce_message).
+    sums = RoundSums(reduce_message(self.reducer, out.delta, out.num_examples, real),
+                     weighted_sum(out.model_state, out.num_examples), out.num_examples.sum(), out.metrics,
+                     client_rows, carry, weighted_sum(out.message, real))
     if acc is None:
       return sums
     self._check_message(sums.message_sum, acc.message_sum)

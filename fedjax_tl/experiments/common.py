@@ -396,7 +396,10 @@ def privacy_setup(cfg, num_clients: int, log=print) -> Privacy:
         f"std {ac.sigma_b:.4g}, delta noise multiplier {ac.delta_noise_multiplier:.4f}")
     return Privacy({"adaptive_clip": ac, "weighting": "uniform"}, eps, None, audit, population,
                    accountant=cfg.dp_accountant)
-  if audit is not None:
+  # The aggregator when the algorithm sends a message besides the delta (SCAFFOLD, FedNova): DPFedAvg clips the two
+  # jointly and noises both, which the transform pair below (clip the delta, noise the mean delta) would not.
+  has_message = getattr(cfg, "algorithm", "fedavg") in ("scaffold", "fednova")
+  if audit is not None or has_message:
     return Privacy({"aggregator": DPFedAvg(cfg.dp_clip, z, m)}, eps, None, audit, population,
                    accountant=cfg.dp_accountant)
   client, server = dp_fedavg(cfg.dp_clip, z, m)

@@ -511,16 +511,24 @@ def algorithm_client_optimizer(cfg):
         f"(got {cfg.client_optimizer}).")
 
 
-@rule("algorithm", "dp_clip", "secure_agg", "compress", "downlink", "prune", "quantize",
-      bad=[["--algorithm=scaffold", "--client_optimizer=sgd", "--dp_clip=0.5"],
-           ["--algorithm=fednova", "--client_optimizer=sgd", "--secure_agg=true"],
+@rule("algorithm", "dp_clip", "secure_agg", "compress", "downlink", "prune", "quantize", "dp_mechanism",
+      bad=[["--algorithm=scaffold", "--client_optimizer=sgd", "--dp_clip=0.5", "--secure_agg=true"],
+           ["--algorithm=fednova", "--client_optimizer=sgd", "--dp_clip=0.5", "--dp_noise_multiplier=1",
+            "--dp_mechanism=ftrl"],
            ["--algorithm=ditto", "--compress=int8"]])
 def algorithm_with_transforms(cfg):
+  # SCAFFOLD's and FedNova's messages go through the aggregator with the delta (fedjax_tl.aggregators.Message):
+  # DP-FedAvg (the aggregator the CLI builds for them) and adaptive clipping clip them jointly and noise them,
+  # secure aggregation masks them. Two combinations stay refused: DP-FTRL does not encode a message, and DP under
+  # secure aggregation clips the delta on the clients as an update transform, which does not cover the message.
   a, used = cfg.algorithm, _transforms_in_use(cfg)
   if a in ("scaffold", "fednova"):
-    private = [u for u in used if u.startswith(("--dp", "--secure"))]
-    check(not private, f"--algorithm={a} sends an extra message averaged in the clear, which {private} would not "
-          "cover; use it without DP or secure aggregation.")
+    dp = [u for u in used if u.startswith("--dp")]
+    check(not dp or cfg.dp_mechanism != "ftrl", f"--algorithm={a} sends a message besides the delta, which DP-FTRL "
+          f"({dp}, --dp_mechanism=ftrl) does not encode; use --dp_mechanism=fedavg.")
+    check(not dp or not cfg.secure_agg, f"--algorithm={a} with DP ({dp}) and --secure_agg=true: the DP clip runs on "
+          "the clients as an update transform, which does not cover the algorithm's message; use DP or secure "
+          "aggregation.")
   check(a != "ditto" or not used, f"--algorithm=ditto does not combine with {used} yet; run it without them.")
 
 
