@@ -155,6 +155,39 @@ def test_a_round_where_every_coordinate_is_clipped(tiny_data, tiny_local, tiny_p
     np.testing.assert_array_equal(np.sign(g[clipped_same_sign]), np.sign(w[clipped_same_sign]))
 
 
+def test_batchnorm_statistics_are_masked_with_the_delta_and_equal_the_plain_run(tiny_data):
+  # model_state="average" under secure aggregation: the BatchNorm statistics go through the aggregator in the
+  # message's mean part (masked, weighted like the delta) instead of being refused. Each client's weighted value is
+  # off by less than 1/scale per coordinate after stochastic rounding, so the means (params and statistics) are off
+  # by at most n * max_weight / (scale * W), plus float32 rounding of the scaled values (rtol).
+  import optax
+
+  from fedjax_tl.aggregators.secure import fixed_point_scale
+  from fedjax_tl.core.client import LocalTraining
+  from fedjax_tl.models import resnet
+  from fedjax_tl.models.base import Model
+
+  model = Model(resnet.ClassifierHead(resnet.ResNetTiny(), num_classes=3), (8, 8, 1))
+  params, stats = model.init(jax.random.PRNGKey(0))
+  local = LocalTraining(model, optax.sgd(0.001), batch_size=4)
+  ids, key, r = np.array([0, 1, 3]), jax.random.PRNGKey(4), 64.0
+  # One schedule for both: this BatchNorm ResNet on raw uint8 pixels amplifies the float rounding by which the
+  # vmapped programs differ (the plain run alone moves by ~1e-3 between "vmap" and "sequential").
+  plain = FedAvg(local, schedule="sequential")
+  secure = FedAvg(local, schedule="sequential", aggregator=SecureAggregation(clip_value=r))
+  a, m = secure.apply(secure.init(params, stats), tiny_data, ids, key)
+  b, _ = plain.apply(plain.init(params, stats), tiny_data, ids, key)
+  assert float(m["secagg_clipped_fraction"]) == 0.0
+  n, w = len(ids), tiny_data.client_sizes[ids].astype(np.float64)
+  bound = n * float(tiny_data.pad_size) / (fixed_point_scale(n, r) * w.sum())
+  assert jax.tree.leaves(a.model_state)
+  for got, want, before in [(a.params, b.params, params), (a.model_state, b.model_state, stats)]:
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=bound)
+    assert _max_abs_diff(want, before) > 0  # the round moved them
+  assert secure.communication_bits(a) == plain.communication_bits(b)  # the statistics are sent either way
+
+
 def test_scaffold_under_secure_aggregation_equals_scaffold_within_the_fixed_point_bound(tiny_data, tiny_local,
                                                                                          tiny_params):
   # SCAFFOLD's control-variate update is masked with the delta (unweighted: the message's sum part). The params

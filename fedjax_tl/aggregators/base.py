@@ -22,7 +22,8 @@ and two declarations, class attributes of the aggregator:
                           message to an aggregator that does not declare it
     covers_model_state    False if the model state averaged in the clear beside its messages (BatchNorm
                           statistics under ``FedAvg(model_state="average")``) would defeat it (secure
-                          aggregation, DP-FTRL): FedAvg then refuses that combination at init
+                          aggregation, DP-FTRL): FedAvg then sends the statistics inside the message's mean part
+                          if the aggregator ``takes_message`` (secure aggregation masks them), else refuses
 
 ``ctx`` is the client's :class:`~fedjax_tl.core.execution.ClientContext` (client id, cohort position, its own
 key); ``real`` marks the real clients of the padded cohort; ``key`` is the round's "aggregator" stream

@@ -142,8 +142,10 @@ class SecureAggregation:
 
   An aggregator (:mod:`fedjax_tl.aggregators`): ``setup`` runs the key agreement, ``encode`` masks a client's
   weighted update, ``aggregate`` recovers dropped clients' masks and unmasks the sum, ``decode`` divides by the
-  survivors' weight. Only the sum is learnt; models with state need model_state "frozen" or "local" (averaged
-  BatchNorm statistics would be sent in the clear).
+  survivors' weight. Only the sum is learnt. It encodes a :class:`~fedjax_tl.aggregators.Message`: the hooks'
+  message (unweighted) and, with ``FedAvg(model_state="average")``, the BatchNorm statistics (weighted, in the mean
+  part: FedAvg sends them inside the message because ``covers_model_state`` is False) are masked with the delta;
+  every coordinate of them must lie within ``clip_value`` as well.
   """
 
   clip_value: float = 1.0
@@ -164,7 +166,7 @@ class SecureAggregation:
   # ---- the aggregator protocol (fedjax_tl.aggregators.base) ----
   reducer = ModularSum(FIELD_BITS)  # masked field elements, summed in Z_(2^32)
   takes_message = True  # masks the hooks' message with the delta (every coordinate within [-clip_value, clip_value])
-  covers_model_state = False  # averaged model state (BatchNorm statistics) would bypass the masking
+  covers_model_state = False  # statistics averaged beside it would bypass the masking: FedAvg puts them in the message
 
   def init(self, template):
     del template

@@ -290,7 +290,8 @@ class FedAvg:
     mean part: for an aggregator that averaged statistics beside it would defeat (``covers_model_state`` False:
     secure aggregation masks them with the delta) and that encodes a Message. Other aggregators average them beside
     the delta, as before (their numerics are unchanged)."""
-    return False  # (the statistics' path through secure aggregation is not yet right: step 4's second half)
+    return (self.model_state == "average" and self.postprocess is None and not covers_model_state(self.aggregator)
+            and takes_message(self.aggregator))
 
   # ---- state ----
   def init(self, params: Params, model_state: ModelState | None = None,

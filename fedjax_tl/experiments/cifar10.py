@@ -187,11 +187,8 @@ def _fedbn(cfg):
         f"--algorithm=fedbn keeps the BatchNorm statistics local: drop --bn={cfg.bn}.")
 
 
-@rule("secure_agg", "bn", experiments=("cifar10", "plan"), bad=[["--secure_agg=true", "--norm=batch"]])
-def _secure_agg_bn(cfg):
-  check(not (cfg.secure_agg and cfg.bn == "average" and _has_batch_norm(cfg) and cfg.algorithm != "fedbn"),
-        "--secure_agg=true masks the params only: with --bn=average the BatchNorm statistics would be averaged in "
-        "the clear. Add --bn=frozen or --bn=local.")
+# (--secure_agg=true with --bn=average is no longer refused: secure aggregation masks the BatchNorm statistics with
+# the delta, in the message's mean part; every statistic must then lie within --secagg_clip like the deltas.)
 
 
 @rule("weights_path", experiments=("cifar10",), bad=[["--weights_path=/nonexistent.h5"]])
