@@ -168,8 +168,8 @@ def test_hook_finish_outputs_checked_against_the_contract(tiny_local, tiny_param
   with pytest.raises(ValueError, match=r"ShrinkingState\.finish returned a client_state that does not match the "
                                        r"client's persistent state.*c has shape \(2,\), expected \(4,\)"):
     ftl.FedAvg(tiny_local, hooks=ShrinkingState()).init(*tiny_params, num_clients=5)
-  with pytest.raises(TypeError, match=r"TwoValues\.finish must return a tuple \(delta, message, client_state\), got "
-                                      r"tuple of length 2"):
+  with pytest.raises(TypeError, match=r"TwoValues\.finish must return a tuple \(delta, message, client_state\) or "
+                                      r"\(delta, message, client_state, metrics\), got tuple of length 2"):
     ftl.FedAvg(tiny_local, hooks=TwoValues()).init(*tiny_params)
 
 

@@ -5,7 +5,8 @@ optax transforms of the pseudo-gradient. Client objective: FedProx (:mod:`~fedja
 2020), an optax transform chained before the client optimizer. Drift correction, as :class:`~fedjax_tl.Hooks`:
 SCAFFOLD (:mod:`~fedjax_tl.algorithms.scaffold`, Karimireddy et al. 2020), FedDyn
 (:mod:`~fedjax_tl.algorithms.feddyn`, Acar et al. 2021), FedNova (:mod:`~fedjax_tl.algorithms.fednova`, Wang et al.
-2020). Personalization: FedPer, FedRep, FedBN (:mod:`~fedjax_tl.algorithms.personal`) and Ditto
+2020), MimeLite (:mod:`~fedjax_tl.algorithms.mimelite`, Karimireddy et al. 2021). Clustering: IFCA
+(:mod:`~fedjax_tl.algorithms.ifca`, Ghosh et al. 2020). Personalization: FedPer, FedRep, FedBN (:mod:`~fedjax_tl.algorithms.personal`) and Ditto
 (:mod:`~fedjax_tl.algorithms.ditto`, Li et al. 2021).
 """
 
@@ -22,6 +23,8 @@ from fedjax_tl.algorithms.fedopt import (
   fedopt,
   server_optimizer,
 )
+from fedjax_tl.algorithms.ifca import IFCA
+from fedjax_tl.algorithms.mimelite import MimeLite
 from fedjax_tl.algorithms.fedprox import ProxState, fedprox, proximal_term
 from fedjax_tl.algorithms.personal import BN_PARAMS, HeadThenBody, fedbn, fedper, fedrep
 from fedjax_tl.algorithms.scaffold import Scaffold
@@ -29,4 +32,4 @@ from fedjax_tl.algorithms.scaffold import Scaffold
 __all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
            "server_optimizer", "ProxState", "fedprox", "proximal_term",
            "Scaffold", "Ditto", "DittoState",
-           "FedDyn", "FedNova", "fedper", "fedrep", "fedbn", "HeadThenBody", "BN_PARAMS"]
+           "FedDyn", "FedNova", "IFCA", "MimeLite", "fedper", "fedrep", "fedbn", "HeadThenBody", "BN_PARAMS"]

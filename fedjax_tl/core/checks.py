@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["leaf_shapes", "tree_diff", "format_diff", "check_optimizer", "check_hashable", "check_numeric_leaves",
@@ -107,10 +108,18 @@ def check_hook_output(hooks: Any, method: str, out: Any, **expected: Any) -> Any
   was given, and a message of numeric leaves. Costs nothing at run time (shapes only)."""
   where = f"{type(hooks).__name__}.{method}"
   names = {"grads": ("grads", "state"), "finish": ("delta", "message", "client_state")}[method]
-  if not isinstance(out, tuple | list) or len(out) != len(names):
-    raise TypeError(f"{where} must return a tuple ({', '.join(names)}), got {type(out).__name__}"
-                    f"{f' of length {len(out)}' if isinstance(out, tuple | list) else ''}.")
-  got = dict(zip(names, out, strict=True))
+  optional = {"grads": ("skip",), "finish": ("metrics",)}[method]
+  if not isinstance(out, tuple | list) or not len(names) <= len(out) <= len(names) + len(optional):
+    raise TypeError(f"{where} must return a tuple ({', '.join(names)}) or ({', '.join(names + optional)}), got "
+                    f"{type(out).__name__}{f' of length {len(out)}' if isinstance(out, tuple | list) else ''}.")
+  got = dict(zip(names + optional, out, strict=False))
+  if method == "grads" and "skip" in got and jnp.shape(got["skip"]) != ():
+    raise ValueError(f"{where}'s third value (skip this step) must be a bool scalar, got shape {jnp.shape(got['skip'])}.")
+  if method == "finish" and "metrics" in got:
+    m = got["metrics"]
+    if not isinstance(m, dict) or any(jnp.shape(v) != () for v in m.values()):
+      raise ValueError(f"{where}'s fourth value (the client's own metrics) must be a dict of scalars, got "
+                       f"{jax.tree.map(jnp.shape, m) if isinstance(m, dict) else type(m).__name__}.")
   for name, want in expected.items():
     if name == "state":  # the local-training state: free-form, but it must keep its structure from step to step
       what = "the local-training state it was given (from start() or the previous step)"

@@ -48,6 +48,7 @@ class ClientState(NamedTuple):
   seen: jax.Array  # number of examples seen (with repetition over epochs)
   steps: jax.Array = None  # int32 scalar: local steps taken (active steps only)
   hook: Any = None  # (TrainContext, the hooks' local-training state) when the algorithm has hooks
+  budget: jax.Array = None  # int32 scalar: the round's step budget for this client (a straggler), None: no limit
 
 
 class ClientOutput(NamedTuple):
@@ -160,11 +161,13 @@ class LocalTraining:
 
   # ---- pure pieces (traced) ----
   def init(self, params: Params, model_state: ModelState, key: PRNGKey, num_examples: jax.Array,
-           row: Any = None, ctx: TrainContext | None = None) -> ClientState:
+           row: Any = None, ctx: TrainContext | None = None, step_budget: jax.Array | None = None) -> ClientState:
     """The client's training state from the broadcast ``params`` and ``model_state``, and from its own ``row``
     (a dict of what it keeps across rounds, or None): ``row["model_state"]`` replaces the broadcast model state
     (FedBN's own statistics), ``row["params"]`` joins the params (``personal``). ``ctx`` is the hooks'
-    :class:`~fedjax_tl.TrainContext` for this client (needed with hooks)."""
+    :class:`~fedjax_tl.TrainContext` for this client (needed with hooks). ``step_budget`` (int32 scalar, or None)
+    caps the client's local steps this round (a straggler): it runs its first ``min(own steps, step_budget)``
+    steps, exactly as it would with that many steps."""
     z = jnp.zeros((), jnp.float32)
     hook = None
     row = row or {}
@@ -175,8 +178,35 @@ class LocalTraining:
       hook = (ctx, self.hooks.start(ctx))
     if self.personal is not None:  # the client's own params join the broadcast ones
       params = merge_params(params, row["params"])
+    budget = None if step_budget is None else jnp.asarray(step_budget, jnp.int32)
     return ClientState(params, self.optimizer.init(params), model_state, key,
-                       jnp.asarray(num_examples, jnp.int32), z, z, z, jnp.zeros((), jnp.int32), hook)
+                       jnp.asarray(num_examples, jnp.int32), z, z, z, jnp.zeros((), jnp.int32), hook, budget)
+
+  @property
+  def chooses_start(self) -> bool:
+    """Whether the hooks offer several starting models (:meth:`choose` must run after :meth:`init`)."""
+    return self.hooks is not None and self.hooks.chooses_start
+
+  def choose(self, state: ClientState, frozen: Params, x: jax.Array, y: jax.Array, indices: jax.Array) -> ClientState:
+    """With hooks that offer starting :meth:`~fedjax_tl.Hooks.candidates`: the state started from the candidate
+    with the lowest loss on the client's first local batch (the batch step 0 trains on; inference mode), its index
+    in ``ctx.choice``, that model in ``ctx.global_params`` (the delta is taken against it)."""
+    ctx, hook_state = state.hook
+    cands = self.hooks.candidates(ctx)
+    idx, mask, _ = self.batch(state, jnp.int32(0), indices)
+    xb, yb = x[idx], y[idx]
+    own = split_params(state.params, self.personal)[0] if self.personal is not None else {}
+
+    def loss(p):
+      logits, _ = self.train_model.apply(merge_params(merge_params(p, own), frozen), state.model_state, xb,
+                                         train=False, mask=mask)
+      return masked_cross_entropy(logits, yb, mask)[0]
+
+    j = jnp.argmin(jax.lax.map(loss, cands)).astype(jnp.int32)
+    start = jax.tree.map(lambda c: c[j], cands)
+    params = merge_params(start, own)
+    ctx = ctx._replace(global_params=start, choice=j)
+    return state._replace(params=params, opt_state=self.optimizer.init(params), hook=(ctx, hook_state))
 
   def batch(self, state: ClientState, t: jax.Array, indices: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Example indices [B], row mask [B] and whether step ``t`` is active, for one client."""
@@ -189,6 +219,8 @@ class LocalTraining:
       active = (n > 0) & (t < self.steps)
     else:
       active = (n > 0) & (t < self.epochs * steps_per_epoch)
+    if state.budget is not None:  # a straggler: only its first ``budget`` steps
+      active = active & (t < state.budget)
     # A fresh permutation of the client's own examples every epoch: real slots sorted by a random key, padding
     # slots last.
     noise = jax.random.uniform(keys.epoch(state.key, epoch), (pad,))
@@ -215,12 +247,17 @@ class LocalTraining:
 
     grads, (new_ms, loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-    hook = state.hook
+    hook, counted = state.hook, active
     if self.hooks is not None:
       ctx, hook_state = hook
       out = self.hooks.grads(grads, state.params, hook_state, ctx, t)
-      grads, new_hook_state = check_hook_output(self.hooks, "grads", out, grads=grads, state=hook_state)
+      out = check_hook_output(self.hooks, "grads", out, grads=grads, state=hook_state)
+      grads, new_hook_state = out[:2]
       hook = (ctx, keep(new_hook_state, hook_state))
+      if len(out) == 3:  # the hook skips this step: nothing changes (not even an optimizer's momentum) and the
+        # step count the hooks see (FedNova's tau) does not count it
+        counted = active & ~jnp.asarray(out[2], bool)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(counted, a, b), new, old)  # noqa: E731
     updates, new_opt = self.optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
     return ClientState(
@@ -232,8 +269,9 @@ class LocalTraining:
         loss_sum=state.loss_sum + loss_sum,
         correct=state.correct + correct,
         seen=state.seen + count,
-        steps=state.steps + active.astype(jnp.int32),
+        steps=state.steps + counted.astype(jnp.int32),
         hook=hook,
+        budget=state.budget,
     )
 
   def finish(self, state: ClientState, server_params: Params) -> ClientOutput:
@@ -241,16 +279,26 @@ class LocalTraining:
     row = {"model_state": model_state}
     if self.personal is not None:  # kept by the client, never sent
       row["params"], params = split_params(params, self.personal)
+    if self.chooses_start:  # the delta is against the model the client started from
+      server_params = state.hook[0].global_params
     delta = jax.tree.map(lambda c, s: (c - s).astype(s.dtype), params, server_params)
     message = None
     if self.hooks is not None:
       ctx, hook_state = state.hook
       out = self.hooks.finish(delta, params, hook_state, ctx, state.steps)
-      delta, message, row["algorithm"] = check_hook_output(self.hooks, "finish", out, delta=delta,
-                                                           client_state=ctx.client_state)
+      out = check_hook_output(self.hooks, "finish", out, delta=delta, client_state=ctx.client_state)
+      delta, message, row["algorithm"] = out[:3]
+      hook_metrics = out[3] if len(out) == 4 else {}
+    else:
+      hook_metrics = {}
     seen = jnp.maximum(state.seen, 1.0)
     n = state.num_examples.astype(jnp.float32)
     metrics = {"loss": state.loss_sum / seen, "accuracy": state.correct / seen, "num_examples": n}
+    clash = sorted(set(hook_metrics) & set(metrics))
+    if clash:
+      raise ValueError(f"{type(self.hooks).__name__}.finish returned client metrics named {clash}, which local "
+                       "training reports itself; give them other names.")
+    metrics.update({k: jnp.asarray(v, jnp.float32) for k, v in hook_metrics.items()})
     return ClientOutput(delta, model_state, n, metrics, message, row)
 
 

@@ -232,6 +232,7 @@ class CohortRunner:
     # schedule, pad size, postprocessing, state handling and mesh) share the traced and compiled programs.
     self._round_jit = _SharedJit(CohortRunner._round_scan, self)
     self._init_jit = _SharedJit(CohortRunner._init_chunk, self)
+    self._choose_jit = _SharedJit(CohortRunner._choose_chunk, self)
     self._block_jit = _SharedJit(CohortRunner._block, self, static_argnums=(6,), donate_argnums=(0,))
     self._finish_jit = _SharedJit(CohortRunner._finish_chunk, self)
     # The host loop's ahead-of-time compiled blocks, shared by equal runners like the jitted functions.
@@ -261,10 +262,20 @@ class CohortRunner:
     return self._init(params, model_state, keys, num_examples, client_in)
 
   def _init(self, params, model_state, keys, num_examples, client_in):
-    """Every client's training state; ``client_in`` = (rows, contexts), each [k, ...] or None."""
-    rows, contexts = client_in
-    return jax.vmap(self.local.init, (None, None, 0, 0, 0, 0))(params, model_state, keys, num_examples, rows,
-                                                                contexts)
+    """Every client's training state; ``client_in`` = (rows, contexts, step budgets), each [k, ...] or None."""
+    rows, contexts, budget = client_in
+    return jax.vmap(self.local.init, (None, None, 0, 0, 0, 0, 0))(params, model_state, keys, num_examples, rows,
+                                                                   contexts, budget)
+
+  def _choose(self, states, frozen, x, y, indices):
+    """Each client's start among the hooks' candidates (LocalTraining.choose), when they offer some."""
+    if not self.local.chooses_start:
+      return states
+    return jax.vmap(self.local.choose, (0, None, None, None, 0))(states, frozen, x, y, indices)
+
+  def _choose_chunk(self, states, frozen, x, y, indices):
+    self.trace_count += 1
+    return self._choose(states, frozen, x, y, indices)
 
   def _steps(self, states, t0, frozen, x, y, indices, n_steps: int):
     if indices.shape[0] == 1:
@@ -318,7 +329,7 @@ class CohortRunner:
                        "values that change between calls.")
 
   def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples, client_in):
-    states = self._init(params, model_state, keys, num_examples, client_in)
+    states = self._choose(self._init(params, model_state, keys, num_examples, client_in), frozen, x, y, indices)
     u = self.schedule.unroll
     full, rest = divmod(self.num_steps, u)
 
@@ -331,7 +342,7 @@ class CohortRunner:
     return states
 
   def _round_scan(self, params, frozen, model_state, x, y, cohort: Cohort, round_key, carry, shared,
-                  client_in=(None, None)):
+                  client_in=(None, None, None)):
     """The whole round as one program: a scan over chunks, each chunk vmapped, steps scanned."""
     self.trace_count += 1
     c = cohort.client_ids.shape[0]
@@ -387,7 +398,7 @@ class CohortRunner:
     if budget_bytes is None:
       budget_bytes = default_memory_budget()
     n1 = jnp.ones((1,), jnp.int32)
-    first = jax.tree.map(lambda a: a[:1], (rows, contexts))  # one client's row and context
+    first = jax.tree.map(lambda a: a[:1], (rows, contexts, None))  # one client's row and context
     states = self._init_jit(params, model_state, jax.random.split(jax.random.PRNGKey(0), 1), n1, first)
     indices = jnp.zeros((1, self.pad_size), jnp.int32)
     mem = self._block_jit.lower(states, jnp.int32(0), frozen, x, y, indices, 1).compile().memory_analysis()
@@ -411,7 +422,7 @@ class CohortRunner:
 
   def __call__(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
                cohort: Cohort, round_key: PRNGKey, carry: Any = None, shared: Any = None, rows: Any = None,
-               contexts: Any = None) -> RoundSums:
+               contexts: Any = None, step_budget: jax.Array | None = None) -> RoundSums:
     """Trains every client of ``cohort`` from ``params`` and returns the reduced sums.
 
     ``cohort`` must already be padded to :meth:`padded_cohort_size` (``FederatedData.cohort(ids,
@@ -419,7 +430,8 @@ class CohortRunner:
     ``shared`` (round-wide) are handed to the postprocessing (:class:`ClientContext`). ``rows`` ([C, ...]: each
     client's row, what it keeps across rounds) and ``contexts`` ([C, ...]: each client's hooks'
     :class:`~fedjax_tl.TrainContext`) go to :meth:`LocalTraining.init`; the parts ``row_parts`` of the clients'
-    new rows come back in ``RoundSums.client_rows``.
+    new rows come back in ``RoundSums.client_rows``. ``step_budget`` (int32 [C], or None) caps each client's local
+    steps this round (stragglers, :meth:`LocalTraining.init`).
     """
     c = cohort.size
     if c != self.padded_cohort_size(c):
@@ -433,8 +445,10 @@ class CohortRunner:
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         params, frozen, model_state, x, y, round_key, shared = jax.device_put(
             (params, frozen, model_state, x, y, round_key, shared), replicated)
-      return self._round_jit(params, frozen, model_state, x, y, cohort, round_key, carry, shared, (rows, contexts))
-    return self._round_host(params, frozen, model_state, x, y, cohort, round_key, carry, shared, (rows, contexts))
+      return self._round_jit(params, frozen, model_state, x, y, cohort, round_key, carry, shared,
+                             (rows, contexts, step_budget))
+    return self._round_host(params, frozen, model_state, x, y, cohort, round_key, carry, shared,
+                            (rows, contexts, step_budget))
 
   def _block_exe(self, sig: str, states, frozen, x, y, indices, n_steps: int):
     """The compiled block of ``n_steps`` unrolled steps for this chunk shape, compiled on first use.
@@ -456,12 +470,16 @@ class CohortRunner:
     keys = self._client_keys(round_key, cohort.client_ids)
     ctx = ClientContext(cohort.client_ids, jnp.arange(c, dtype=jnp.int32), self._post_keys(keys), shared)
     active = self.local.active_steps(np.asarray(cohort.num_examples))
+    if client_in[2] is not None:  # stragglers: no chunk runs past its clients' budgets
+      active = np.minimum(active, np.asarray(client_in[2]))
     acc, metrics, client_rows, carries = None, [], [], []
     for start in range(0, c, k):
       sl = slice(start, start + k)
       indices = cohort.indices[sl]
       states = self._init_jit(params, model_state, keys[sl], cohort.num_examples[sl],
                               jax.tree.map(lambda a, sl=sl: a[sl], client_in))
+      if self.local.chooses_start:
+        states = self._choose_jit(states, frozen, x, y, indices)
       chunk_steps = int(active[sl].max(initial=0))
       full, rest = divmod(chunk_steps, u)
       sig = str((jax.tree.map(lambda a: (a.shape, a.dtype), states), indices.shape, x.shape))

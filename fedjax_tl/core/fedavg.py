@@ -47,7 +47,7 @@ from fedjax_tl.core.execution import (
   Schedule,
   default_schedule,
 )
-from fedjax_tl.core.hooks import Hooks, TrainContext
+from fedjax_tl.core.hooks import Hooks, ServerView, TrainContext
 from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
@@ -375,14 +375,15 @@ class FedAvg:
     """The shapes of what one client's hooks send besides the delta (None if nothing)."""
     h = self.hooks
 
-    def message(params, algorithm_state, client_state):
-      ctx = TrainContext(params, h.broadcast(algorithm_state, params), client_state, jnp.int32(0), jnp.int32(0),
-                         jnp.int32(1))
+    def message(view, algorithm_state, client_state):
+      params = view.params
+      ctx = TrainContext(params, h.broadcast_from(algorithm_state, view), client_state, jnp.int32(0), jnp.int32(0),
+                         jnp.int32(1), jnp.int32(0) if h.chooses_start else None)
       out = check_hook_output(h, "finish", h.finish(params, params, h.start(ctx), ctx, jnp.int32(1)), delta=params,
                               client_state=client_state)
       return out[1]
 
-    return jax.eval_shape(message, state.params, state.algorithm_state, self._one_client_state(state))
+    return jax.eval_shape(message, _view(state), state.algorithm_state, self._one_client_state(state))
 
   def _check_data(self, data: FederatedData) -> None:
     """Raises if ``data``'s examples do not fit the model's ``sample_shape`` (:meth:`Model.check_inputs`), or if
@@ -415,19 +416,19 @@ class FedAvg:
   def _hook_shapes(self, state: ServerState) -> tuple[int, Any]:
     """The hooks' broadcast bits and the shapes of one client's message, traced abstractly once per shape of the
     state (not every round)."""
-    parts = (state.params, state.algorithm_state, state.algorithm_clients)
+    parts = (_view(state), state.algorithm_state, state.algorithm_clients)
     key = (jax.tree.structure(parts), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves(parts)))
     cache = self.__dict__.setdefault("_hook_bits_cache", {})
     if key not in cache:
       h = self.hooks
-      cache[key] = (h.broadcast_bits(jax.eval_shape(h.broadcast, state.algorithm_state, state.params)),
+      cache[key] = (h.broadcast_bits(jax.eval_shape(h.broadcast_from, state.algorithm_state, _view(state))),
                     self._message_shape(state))
     return cache[key]
 
   def _hook_bits(self, state: ServerState) -> tuple[int, int]:
     """The hooks' broadcast and message bits."""
     down, message = self._hook_shapes(state)
-    return down, tree_bits(message)
+    return down, self.hooks.message_bits(message)
 
   def communication_bytes(self, state: ServerState) -> tuple[int, int]:
     """(bytes down, bytes up) per client per round: the bits rounded up to whole bytes."""
@@ -440,8 +441,8 @@ class FedAvg:
     return self.downlink.apply(params, self.downlink.init(params), key)[0]
 
   @functools.partial(jax.jit, static_argnums=0)
-  def _hook_broadcast(self, algorithm_state: Any, params: Params) -> Any:
-    return self.hooks.broadcast(algorithm_state, params)
+  def _hook_broadcast(self, algorithm_state: Any, view: ServerView) -> Any:
+    return self.hooks.broadcast_from(algorithm_state, view)
 
   @functools.partial(jax.jit, static_argnums=(0, 5))
   def _server_update(self, state: ServerState, sums: RoundSums, key: PRNGKey,
@@ -463,8 +464,8 @@ class FedAvg:
       server_ts = None if server_ts is None else new_ts
     algorithm_state = state.algorithm_state
     if self.hooks is not None:
-      out = self.hooks.server_update(algorithm_state, mean_delta, message_sum, real.sum().astype(jnp.int32),
-                                     jnp.int32(num_clients), sums.client_metrics)
+      out = self.hooks.server_update_from(algorithm_state, mean_delta, message_sum, real.sum().astype(jnp.int32),
+                                          jnp.int32(num_clients), sums.client_metrics, _view(state))
       self._check_server_update(out, mean_delta, algorithm_state)
       mean_delta, algorithm_state = out
       mean_delta = jax.tree.map(lambda d, p: d.astype(p.dtype), mean_delta, state.params)
@@ -533,29 +534,45 @@ class FedAvg:
     own = {part: row[part] for part in ("model_state", "params") if part in row} or None
     contexts = None
     if self.hooks is not None:
-      sent = per_client(self._hook_broadcast(state.algorithm_state, state.params))
+      sent = per_client(self._hook_broadcast(state.algorithm_state, _view(state)))
       ids = rows if client_ids is None else client_ids
       contexts = TrainContext(None, sent, row.get("algorithm"), ids.astype(jnp.int32), per_client(state.round),
-                              None)
+                              None, jnp.zeros((c,), jnp.int32) if self.hooks.chooses_start else None)
     return own, contexts
 
-  def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray,
-            round_key: PRNGKey) -> tuple[ServerState, dict]:
+  def apply(self, state: ServerState, data: FederatedData, client_ids: np.ndarray, round_key: PRNGKey, *,
+            reported: np.ndarray | None = None, step_budget: np.ndarray | None = None) -> tuple[ServerState, dict]:
     """One round: returns (new_state, metrics). Metrics are device scalars plus per-client arrays.
+
+    Participation and work are inputs of the round (host arrays aligned with ``client_ids``):
+    ``reported`` (bool) says which clients report: one that does not (a dropout) changes nothing -- not the
+    aggregate, not the metrics, not its own row, not the byte count; the round equals the round of the reporting
+    clients alone (with the same compiled program: the cohort keeps its padded size). If none reports, nothing
+    changes but the round count. ``step_budget`` (int >= 0) caps each client's local steps (a straggler doing a
+    quarter of its work): it runs its first ``min(its steps, budget)`` steps, as it would with that many steps.
+    ``metrics["client_metrics"]`` stays aligned with ``client_ids``, with ``reported`` among them (a client
+    that did not report shows zeros).
 
     The cohort's client rows (``state.clients``) are gathered once before local training and their new values
     scattered once after it, here and nowhere else."""
     self._check_data(data)
+    sampled = np.asarray(client_ids)
+    keep = _round_input(reported, sampled, "reported", bool)
+    budget = _round_input(step_budget, sampled, "step_budget", int)
+    if keep is not None:
+      client_ids = sampled[keep]
+      budget = None if budget is None else budget[keep]
     runner = self.runner(data.pad_size)
     if runner.schedule.chunk_size == -1:  # "chunked:auto": size the chunks for memory once
       first = jnp.zeros((1,), jnp.int32)
       own, contexts = self._cohort_inputs(state, store.gather(state.clients, first, data.num_clients, "client rows"),
                                           first)
       runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, state.model_state, data.x,
-                                                             data.y, len(client_ids), self.memory_budget, own,
+                                                             data.y, len(sampled), self.memory_budget, own,
                                                              contexts)
     n = len(client_ids)
-    cohort = data.cohort(client_ids, pad_clients_to=runner.padded_cohort_size(n))
+    padded = runner.padded_cohort_size(len(sampled))  # the sampled cohort's program, whoever reports
+    cohort = data.cohort(client_ids, pad_clients_to=padded)
     rows, ids = jnp.maximum(cohort.client_ids, 0), jnp.asarray(client_ids)
     row = store.gather(state.clients, rows, data.num_clients, "client rows")  # the cohort's rows: [C, ...]
     own, contexts = self._cohort_inputs(state, row, rows, cohort.client_ids)
@@ -563,28 +580,39 @@ class FedAvg:
     params = state.params
     if self.downlink is not None:  # what the clients receive and train from
       params = self._broadcast(state.params, keys.server(round_key, "downlink"))
+    budgets = None
+    if budget is not None:
+      budgets = np.zeros(padded, np.int32)
+      budgets[:n] = np.minimum(budget, np.iinfo(np.int32).max)
+      budgets = jnp.asarray(budgets)
     agg = self.aggregator
     shared, host = agg.setup(state.aggregator_state, n, cohort.size, float(data.pad_size), round_key)
     sums = runner(params, state.frozen, state.model_state, data.x, data.y, cohort, round_key, carry,
-                  (state.aggregator_state, shared), own, contexts)
+                  (state.aggregator_state, shared), own, contexts, budgets)
     if self.hooks is not None:
       self._check_message(state, sums.delta_sum.sum if isinstance(sums.delta_sum, Message) else sums.message_sum)
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)
     info = RoundInfo.of(total, info)
-    if info.aborted:  # the aggregator aborted the round: nothing changes but the count
+    if info.aborted or n == 0:  # the aggregator aborted the round, or nobody reported: nothing changes but the count
       new_state, agg_metrics = state._replace(round=state.round + 1), {}
       sums = sums._replace(client_carry=carry)
     else:
       real = (cohort.client_ids >= 0).astype(jnp.float32)
       new_state, agg_metrics = self._server_update(state, sums._replace(delta_sum=total, weight_sum=weight_sum),
                                                    round_key, real, data.num_clients)
-    if state.clients is not None:  # the cohort's new rows, written back at once
+    if state.clients is not None and n:  # the cohort's new rows, written back at once
       new_rows = {**(sums.client_rows or {}), "uplink": sums.client_carry}
       new_state = new_state._replace(clients=store.scatter(state.clients, ids,
                                                            {part: new_rows[part] for part in state.clients}))
     cm = sums.client_metrics
     w = cm["num_examples"]
     down, up = self.communication_bytes(state)
+    client_metrics = {k: v[:n] for k, v in cm.items()}
+    if keep is not None:  # aligned with the sampled cohort again: zeros for the clients that did not report
+      where = jnp.asarray(np.flatnonzero(keep))
+      client_metrics = {k: jnp.zeros((len(sampled), *v.shape[1:]), v.dtype).at[where].set(v)
+                        for k, v in client_metrics.items()}
+      client_metrics["reported"] = jnp.asarray(keep)
     metrics = {
         **info.metrics,
         **agg_metrics,
@@ -593,6 +621,30 @@ class FedAvg:
         "num_examples": w.sum(),
         "bytes_down": down * n,
         "bytes_up": up * (n if info.senders is None else info.senders),
-        "client_metrics": {k: v[:n] for k, v in cm.items()},
+        "client_metrics": client_metrics,
     }
     return new_state, metrics
+
+
+def _view(state: ServerState) -> ServerView:
+  """What the hooks' server side sees of the server state."""
+  return ServerView(state.params, state.opt_state, state.model_state, state.round)
+
+
+def _round_input(value, client_ids: np.ndarray, name: str, kind: type) -> np.ndarray | None:
+  """A per-client round input (``reported`` / ``step_budget``) as a host array aligned with ``client_ids``, or an
+  error naming what is wrong."""
+  if value is None:
+    return None
+  a = np.asarray(value)
+  if a.shape != client_ids.shape:
+    raise ValueError(f"FedAvg.apply's {name} has shape {a.shape}; it must have one entry per client of the cohort "
+                     f"(shape {client_ids.shape}), in the order of client_ids.")
+  if kind is bool:
+    if a.dtype != np.bool_:
+      raise TypeError(f"FedAvg.apply's reported must be a bool array (True: the client reports), got dtype {a.dtype}.")
+    return a
+  if not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
+    raise ValueError(f"FedAvg.apply's step_budget must hold integers >= 0 (each client's most local steps this "
+                     f"round), got {a[:5].tolist()} (dtype {a.dtype}).")
+  return a.astype(np.int64)

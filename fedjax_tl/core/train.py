@@ -94,6 +94,32 @@ def _check_cohort(ids, num_clients: int, r: int) -> np.ndarray:
   return ids
 
 
+def dropouts(rate: float, seed: int = 0) -> Callable[[int, np.ndarray], np.ndarray]:
+  """``run_rounds(reported=...)``: each sampled client fails to report with probability ``rate``, independently,
+  drawn from (seed, round, client id) only, so a resumed run replays the same dropouts."""
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropouts' rate must be in [0, 1), got {rate}.")
+
+  def reported(r: int, ids: np.ndarray) -> np.ndarray:
+    return np.array([np.random.default_rng([seed, r, int(c)]).random() >= rate for c in ids], bool)
+
+  return reported
+
+
+def stragglers(fraction: float, budget: int, seed: int = 0) -> Callable[[int, np.ndarray], np.ndarray]:
+  """``run_rounds(step_budget=...)``: each sampled client is a straggler with probability ``fraction`` and then runs
+  at most ``budget`` local steps this round (the others are not limited); drawn from (seed, round, client id)."""
+  if not 0.0 <= fraction <= 1.0 or budget < 0:
+    raise ValueError(f"stragglers needs fraction in [0, 1] and budget >= 0, got {fraction}, {budget}.")
+  unlimited = np.iinfo(np.int32).max
+
+  def step_budget(r: int, ids: np.ndarray) -> np.ndarray:
+    slow = [np.random.default_rng([seed, r, int(c), 1]).random() < fraction for c in ids]
+    return np.where(slow, budget, unlimited).astype(np.int64)
+
+  return step_budget
+
+
 def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, rounds: int,
                cohort_size: int | None = None, seed: int, evaluate_fn: Callable[[ServerState], dict] | None = None,
                eval_every: int = 1, on_round: Callable[[dict, ServerState], None] | None = None,
@@ -101,7 +127,9 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
                bytes_so_far: tuple[float, float] = (0, 0),
                sampler: Callable[[PRNGKey, int], np.ndarray] | None = None,
                divergence: float | None = 100.0,
-               state_metrics: Callable[[int, ServerState], dict] | None = None) -> tuple[ServerState, list[dict]]:
+               state_metrics: Callable[[int, ServerState], dict] | None = None,
+               reported: Callable[[int, np.ndarray], np.ndarray] | None = None,
+               step_budget: Callable[[int, np.ndarray], np.ndarray] | None = None) -> tuple[ServerState, list[dict]]:
   """Runs ``rounds`` rounds from ``state`` and returns (final state, per-round records).
 
   Each record holds the round number, every metric the algorithm returned (device scalars as numbers, arrays as
@@ -120,7 +148,10 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
   (``divergence=None``: no warning). ``on_round(record, state)`` is
   called after every round (metrics files, checkpoints); ``round_metrics(round)`` adds entries to a round's
   record (e.g. the privacy spent so far), ``state_metrics(round, state)`` entries computed from the new state
-  (e.g. a privacy audit's lower bound in the last round).
+  (e.g. a privacy audit's lower bound in the last round). Participation and work are round inputs:
+  ``reported(r, client_ids)`` (bool per client: dropouts) and ``step_budget(r, client_ids)`` (most local steps per
+  client: stragglers), both functions of the 0-based round and its cohort (see :meth:`FedAvg.apply`; make them
+  deterministic in ``r`` so that a resumed run replays them, e.g. :func:`fedjax_tl.dropouts`).
   """
   if sampler is None:
     if cohort_size is None:
@@ -138,7 +169,9 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
       t0 = time.perf_counter()
       sample_key, train_key = round_keys(seed, r)
       ids = _check_cohort(sampler(sample_key, r), data.num_clients, r)
-      state, metrics = algorithm.apply(state, data, ids, train_key)
+      inputs = {name: np.asarray(fn(r, ids)) for name, fn in (("reported", reported), ("step_budget", step_budget))
+                if fn is not None}
+      state, metrics = algorithm.apply(state, data, ids, train_key, **inputs)
       state = jax.block_until_ready(state)  # the server update is dispatched asynchronously: time it too
       loss = float(metrics["train_loss"])
       elapsed = time.perf_counter() - t0
