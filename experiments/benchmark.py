@@ -9,6 +9,9 @@
     python experiments/benchmark.py --workload R                       # ResNet50 32x32 and 224x224 (accelerator)
     python experiments/benchmark.py --workload R --dtype bfloat16      # the same in mixed precision
     python experiments/benchmark.py --workload scale --populations 10000,100000 --cohort 1000
+    python experiments/benchmark.py --workload scale --populations 10000,1000000 --cohort 100 --rounds 3 \
+        --personal --client_store disk --data host --max_examples 2   # per-client heads of 10^6 clients on disk
+    python experiments/benchmark.py --workload hostdata --shapes 10x500,100x64   # host vs on-device data
 
 Every federated measurement is paired with centralized training of the same model at the same batch size
 in the same process, alternating within each repeat (centralized = plain optax on pre-batched device data, in
@@ -46,7 +49,7 @@ from bench_schedules import bench_centralized, bench_federated, centralized_step
 from fedjax_tl.core.client import LocalTraining  # noqa: E402
 from fedjax_tl.core.fedavg import FedAvg  # noqa: E402
 from fedjax_tl.data import augment  # noqa: E402
-from fedjax_tl.data.client_data import Dataset, FederatedData  # noqa: E402
+from fedjax_tl.data.client_data import Dataset, FederatedData, HostFederatedData  # noqa: E402
 from fedjax_tl.experiments.common import DTYPES, format_table  # noqa: E402
 from fedjax_tl.models import resnet  # noqa: E402
 from fedjax_tl.models.base import Model  # noqa: E402
@@ -244,22 +247,55 @@ def workload_r(args) -> list[dict]:
   return rows
 
 
+def _scratch_dir(args) -> str:
+  import tempfile
+
+  d = args.scratch or os.path.join(tempfile.gettempdir(), f"fedjax_tl_bench_{os.getpid()}")
+  os.makedirs(d, exist_ok=True)
+  if not args.scratch:
+    args.remove_scratch = d
+  return d
+
+
 def scale_one(args) -> dict:
-  """One population in this process: cohort rounds with varying client sizes, retraces counted."""
+  """One population in this process: cohort rounds with varying client sizes, retraces counted.
+
+  ``--data host`` keeps the examples in an np.memmap file (written in chunks, never whole in RAM) and moves only
+  the cohort's to the device; ``--personal`` gives every client its own head (``local_params="^head/"``) kept
+  in ``--client_store`` (device, host RAM, or disk: np.memmap files)."""
   rng = np.random.default_rng(0)
   sizes = rng.integers(1, args.max_examples + 1, args.population)
   n = int(sizes.sum())
-  x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-  ds = Dataset(x, rng.integers(0, 10, n).astype(np.int32), 10)
   parts = np.split(np.arange(n), np.cumsum(sizes)[:-1])
+  y = rng.integers(0, 10, n).astype(np.int32)
   t0 = time.perf_counter()
-  data = FederatedData.from_partition(ds, parts)
-  del x, ds
+  if args.data == "host":
+    # written through a file (not mapped pages, which would count in this process's RSS), then mapped read-only
+    path = os.path.join(_scratch_dir(args), "x.npy")
+    with open(path, "wb") as f:
+      np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, 32, 32, 3)})
+      for start in range(0, n, 65536):
+        f.write(rng.integers(0, 256, (min(65536, n - start), 32, 32, 3), dtype=np.uint8).tobytes())
+    x = np.load(path, mmap_mode="r")
+    data = HostFederatedData.from_partition(Dataset(x, y, 10), parts)
+  else:
+    x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+    data = FederatedData.from_partition(Dataset(x, y, 10), parts)
+  del x
   build_s = time.perf_counter() - t0
   model = cnn_model()
   params, state = model.init(jax.random.PRNGKey(0))
-  algo = FedAvg(LocalTraining(model, optax.sgd(0.01), args.scale_batch, epochs=1), schedule=args.scale_schedule)
-  s = algo.init(params, state)
+  algo = FedAvg(LocalTraining(model, optax.sgd(0.01), args.scale_batch, epochs=1), schedule=args.scale_schedule,
+                local_params="^head/" if args.personal else None)
+  where = args.client_store
+  if where == "disk":
+    where = "disk:" + os.path.join(_scratch_dir(args), "rows")
+  t0 = time.perf_counter()
+  s = algo.init(params, state, num_clients=args.population, client_store=where)
+  init_s = time.perf_counter() - t0
+  row_bytes = 0
+  if s.clients is not None:
+    row_bytes = sum(a.nbytes for a in jax.tree.leaves(params["head"]))
   rss_before = _proc_status_mb("VmRSS")
   reset = _reset_peak_rss()  # from here on, peak RSS (peak_mem_mb below) covers the rounds, not data building
   walls = []
@@ -273,6 +309,9 @@ def scale_one(args) -> dict:
       traces = algo.runner(data.pad_size).trace_count
   mem, src = peak_memory_mb()
   return {"workload": "scale", "population": args.population, "cohort": args.cohort, "examples": n,
+          "data": args.data, "client_store": args.client_store if args.personal else "-",
+          "state_bytes_per_client": row_bytes, "state_mb_population": row_bytes * args.population / 2**20,
+          "store_init_s": init_s,
           "schedule": str(algo.runner(data.pad_size).schedule), "first_round_s": walls[0],
           "round_s": statistics.median(walls[1:]),
           "examples_per_s": float(m["num_examples"]) / statistics.median(walls[1:]),
@@ -288,7 +327,9 @@ def workload_scale(args) -> list[dict]:
   for pop in (int(p) for p in args.populations.split(",")):
     cmd = [sys.executable, os.path.abspath(__file__), "--workload", "scale-one", "--population", str(pop),
            "--cohort", str(args.cohort), "--rounds", str(args.rounds), "--max_examples", str(args.max_examples),
-           "--scale_batch", str(args.scale_batch), "--scale_schedule", args.scale_schedule]
+           "--scale_batch", str(args.scale_batch), "--scale_schedule", args.scale_schedule,
+           "--data", args.data, "--client_store", args.client_store] + (["--personal"] if args.personal else []) + (
+           ["--scratch", args.scratch] if args.scratch else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rows.append(json.loads(out.strip().splitlines()[-1]))
     print(f"scale population {pop}: {rows[-1]['round_s']:.2f} s/round, peak {rows[-1]['peak_mem_mb']:.0f} MB, "
@@ -296,9 +337,37 @@ def workload_scale(args) -> list[dict]:
   return rows
 
 
+def workload_hostdata(args) -> list[dict]:
+  """Workload-P-sized data (``--shapes``), every client each round: the examples on device (FederatedData)
+  vs on the host (HostFederatedData: each round gathers and moves the cohort's examples), interleaved within
+  every repeat; ``vs_device`` is the median of each repeat's host examples/s over the device's."""
+  rows = []
+  for shape in args.shapes.split(","):
+    c, e = (int(v) for v in shape.split("x"))
+    dev = make_data(c, e)
+    host = HostFederatedData(np.asarray(dev.x), np.asarray(dev.y), dev.client_indices, dev.num_classes)
+    sched = args.schedules.split(",")[0]
+    runs = {"device": [], "host": []}
+    for _ in range(args.repeats):
+      for name, data in (("device", dev), ("host", host)):
+        runs[name].append(bench_federated(sched, data, args.rounds, 32, 0.01, model=cnn_model()))
+    for name in runs:
+      eps = [r["examples_per_s"] for r in runs[name]]
+      rows.append({"workload": "hostdata", "data": name, "shape": shape, "schedule": sched,
+                   "examples_per_s": statistics.median(eps), "examples_per_s_min_max": [min(eps), max(eps)],
+                   "vs_device": statistics.median(h["examples_per_s"] / d["examples_per_s"]
+                                                  for h, d in zip(runs[name], runs["device"])),
+                   "first_round_s": statistics.median(r["first_round_s"] for r in runs[name]),
+                   "repeats": args.repeats})
+      print(f"hostdata {shape} {name}: {rows[-1]['examples_per_s']:.0f} ex/s ({rows[-1]['vs_device']:.2f}x "
+            "device)", flush=True)
+  return rows
+
+
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--workload", default="P", choices=["P", "R", "resnet18", "torch", "scale", "scale-one"])
+  p.add_argument("--workload", default="P", choices=["P", "R", "resnet18", "torch", "scale", "scale-one",
+                                                         "hostdata"])
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--rounds", type=int, default=2, help="timed rounds (epochs for centralized) after warm-up")
   p.add_argument("--schedules", default="auto", help="comma-separated schedules (R uses the first)")
@@ -324,13 +393,25 @@ def main(argv=None) -> None:
   p.add_argument("--max_examples", type=int, default=8, help="scale: client sizes uniform in 1..max")
   p.add_argument("--scale_batch", type=int, default=8)
   p.add_argument("--scale_schedule", default="auto")
+  p.add_argument("--data", default="device", choices=["device", "host"],
+                 help="scale: examples on device, or on the host (an np.memmap file in --scratch)")
+  p.add_argument("--personal", action="store_true", help="scale: every client keeps its own head (local_params)")
+  p.add_argument("--client_store", default="device", choices=["device", "host", "disk"],
+                 help="scale --personal: where the heads live (disk: np.memmap files in --scratch)")
+  p.add_argument("--scratch", default=None, help="scale: directory for memmap files (default: a temp dir)")
   p.add_argument("--out", default=None)
   args = p.parse_args(argv)
   if args.workload == "scale-one":
-    print(json.dumps(scale_one(args)))
+    try:
+      print(json.dumps(scale_one(args)))
+    finally:
+      if getattr(args, "remove_scratch", None):
+        import shutil
+
+        shutil.rmtree(args.remove_scratch, ignore_errors=True)
     return
   rows = {"P": workload_p, "R": workload_r, "resnet18": workload_resnet18, "torch": workload_torch,
-          "scale": workload_scale}[args.workload](args)
+          "scale": workload_scale, "hostdata": workload_hostdata}[args.workload](args)
   meta = {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
           "devices": len(jax.devices()), "jax": jax.__version__, "machine": platform.machine(),
           "cpus": os.cpu_count(), "argv": sys.argv[1:]}
@@ -340,8 +421,11 @@ def main(argv=None) -> None:
             "x_torch_first_step_s", "first_round_s", "x_torch_first_round_s", "startup_import_s", "params",
             "threads", "version"]
   elif args.workload == "scale":
-    cols = ["population", "cohort", "schedule", "first_round_s", "round_s", "examples_per_s",
-            "retraces_after_first_round", "data_mb", "peak_mem_mb", "rss_before_rounds_mb", "rounds_extra_peak_mb"]
+    cols = ["population", "cohort", "data", "client_store", "state_mb_population", "store_init_s", "schedule",
+            "first_round_s", "round_s", "examples_per_s", "retraces_after_first_round", "data_mb", "peak_mem_mb",
+            "rss_before_rounds_mb", "rounds_extra_peak_mb"]
+  elif args.workload == "hostdata":
+    cols = ["data", "shape", "schedule", "examples_per_s", "vs_device", "first_round_s", "repeats"]
   else:
     cols = ["workload", "model", "shape", "schedule", "resolved_schedule", "examples_per_s", "vs_library",
             "centralized_examples_per_s", "centralized_loop", "ratio_to_centralized",

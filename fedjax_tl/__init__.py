@@ -47,6 +47,7 @@ _EXPORTS = {
     # data
     "Dataset": "fedjax_tl.data.client_data",
     "FederatedData": "fedjax_tl.data.client_data",
+    "HostFederatedData": "fedjax_tl.data.client_data",
     "Cohort": "fedjax_tl.data.client_data",
     "partition": "fedjax_tl.data.partition",
     "augment": "fedjax_tl.data.augment",
@@ -88,6 +89,7 @@ _EXPORTS = {
     "client_optimizer": "fedjax_tl.core.client",
     "Schedule": "fedjax_tl.core.execution",
     "store": "fedjax_tl.core.store",
+    "HostStore": "fedjax_tl.core.store",
     "FedAvg": "fedjax_tl.core.fedavg",
     "Hooks": "fedjax_tl.core.hooks",
     "TrainContext": "fedjax_tl.core.hooks",

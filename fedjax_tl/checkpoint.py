@@ -2,7 +2,10 @@
 
 What is saved: the whole algorithm state, any pytree (for FedAvg: trainable and frozen params, model state,
 server optimizer state, round number, every client's persistent state), keyed by its paths, and the run's
-config as JSON. Nothing lists the state's fields: a new algorithm's state is checkpointed as it is.
+config as JSON. A per-client store on the host (``FedAvg.init(..., client_store="host" | "disk:/path")``) is
+saved whole into the checkpoint (its rows and written flags, O(population) per save), not by reference to its
+files: a disk store's files are written in place as rounds run, so after a crash they may be ahead of the last
+checkpoint; a restore writes the checkpoint's rows back into the resumed run's store. Nothing lists the state's fields: a new algorithm's state is checkpointed as it is.
 The randomness needs nothing more: every key derives from the config's seed and the round number
 (:mod:`fedjax_tl.keys`), so a resumed run draws exactly what the uninterrupted run drew and
 ends with bit-identical parameters on the same machine (tests/test_checkpoint.py kills a run with SIGKILL and
@@ -27,6 +30,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from fedjax_tl.core.store import HostStore
 from fedjax_tl.types import PyTree
 
 __all__ = ["Checkpointer", "CheckpointError", "ConfigMismatchError", "CheckpointCorruptError"]
@@ -69,30 +73,36 @@ def _path_name(entry) -> str:
   return str(entry)
 
 
+def _is_host_store(x) -> bool:
+  return isinstance(x, HostStore)
+
+
 def _to_tree(state: PyTree) -> dict:
   """Any state pytree as nested dicts of numpy arrays keyed by its paths (fields, dict keys, indices), which is
-  what orbax stores; containers without arrays (None, empty optimizer states) store nothing."""
+  what orbax stores; containers without arrays (None, empty optimizer states) store nothing. A per-client
+  :class:`~fedjax_tl.core.store.HostStore` (RAM or disk) is saved whole: its rows and written flags."""
   tree: dict = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_host_store)[0]:
     node = tree
     names = [_path_name(e) for e in path] or ["value"]
     for name in names[:-1]:
       node = node.setdefault(name, {})
-    node[names[-1]] = np.asarray(leaf)
+    node[names[-1]] = leaf.state_dict() if _is_host_store(leaf) else np.asarray(leaf)
   return tree
 
 
 def _from_tree(tree: dict, template: PyTree) -> PyTree:
   """The template's pytree (containers, e.g. NamedTuples and optax states) around the restored leaves."""
-  paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+  paths, treedef = jax.tree_util.tree_flatten_with_path(template, is_leaf=_is_host_store)
   leaves = []
-  for path, _ in paths:
+  for path, like in paths:
     node = tree
     for name in [_path_name(e) for e in path] or ["value"]:
       if not isinstance(node, dict) or name not in node:
         raise ConfigMismatchError(f"The checkpoint has no array at {jax.tree_util.keystr(path)}.")
       node = node[name]
-    leaves.append(jax.numpy.asarray(node))
+    # A host store is restored into the template's own store (its RAM arrays or its files), in place.
+    leaves.append(like.load_state_dict(node) if _is_host_store(like) else jax.numpy.asarray(node))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

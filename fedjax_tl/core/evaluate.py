@@ -46,13 +46,16 @@ def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_
 
   Batches have ``eval_batch_size(len(y), batch_size)`` rows (a set smaller than ``batch_size`` is padded up to
   a power of two; padded rows are masked out of every sum), so a model compiles once per bucket, not once per
-  evaluation-set size (per-client evaluation of 20 clients of 20 sizes: at most 6 programs).
+  evaluation-set size (per-client evaluation of 20 clients of 20 sizes: at most 6 programs). Host arrays
+  (numpy, ``np.memmap``) stay on the host: each batch is moved to the device on its own.
   """
   n = len(y)
   if n == 0:
     raise ValueError("Cannot evaluate on an empty dataset.")
   check_labels(y, model.num_outputs(), f"evaluation labels (the model has {model.num_outputs()} outputs)")
-  x, y = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+  # Host arrays (numpy, np.memmap: e.g. HostFederatedData's x and y) move one batch at a time.
+  on_host = not isinstance(x, jax.Array)
+  x, y = (x, np.asarray(y, np.int32)) if on_host else (jnp.asarray(x), jnp.asarray(y, jnp.int32))
   model.check_inputs(x.shape[1:], x.dtype, "evaluate")
   b = eval_batch_size(n, batch_size)
   total = jnp.zeros(3)
@@ -180,6 +183,11 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
     over clients).
   """
   num_clients = test.num_clients
+  for name, d in (("test", test), ("train", train)):
+    if d is not None and not isinstance(d.x, jax.Array):
+      raise ValueError(f"evaluate_per_client needs {name}'s examples on device, got host arrays "
+                       f"({type(d).__name__}): pass {name}.to_device() (a FederatedData of the same clients), or "
+                       "evaluate a subset of clients built with FederatedData.")
   model.check_inputs(test.x.shape[1:], test.x.dtype, "evaluate_per_client (test)")
   shapes_params, shapes_state = abstract_init(model)
   stacked_params = _is_stacked(params, shapes_params, num_clients, "params")

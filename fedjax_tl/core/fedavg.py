@@ -295,8 +295,12 @@ class FedAvg:
 
   # ---- state ----
   def init(self, params: Params, model_state: ModelState | None = None,
-           num_clients: int | None = None) -> ServerState:
+           num_clients: int | None = None, client_store: str = "device") -> ServerState:
     """Server state from initial params; ``num_clients`` (the population size) is needed for "local".
+
+    ``client_store``: where the rows every client keeps (``ServerState.clients``) live: "device" (default),
+    "host" (numpy in RAM) or "disk:/path" (np.memmap files): a :class:`~fedjax_tl.core.store.HostStore`, whose
+    rounds move only the cohort's rows to the device (populations of 10^6 clients).
 
     ``params`` and ``model_state`` must be those of the LocalTraining's model (``model.init``, or weights loaded
     into them with :func:`fedjax_tl.pretrained.merge`): their paths and shapes are checked against an abstract
@@ -335,7 +339,7 @@ class FedAvg:
     if row and not num_clients:
       raise ValueError(f"{'; '.join(keeps)}: pass num_clients to init().")
     state = ServerState(trainable, frozen, model_state, self.server_optimizer.init(trainable),
-                        jnp.zeros((), jnp.int32), store.population(row, num_clients) if row else None,
+                        jnp.zeros((), jnp.int32), store.population(row, num_clients, client_store) if row else None,
                         server_transform_state, self.aggregator.init(trainable), algorithm_state)
     if self.hooks is not None and jax.tree.leaves(self._message_shape(state)) and (
         self.postprocess is not None or not takes_message(self.aggregator)):
@@ -587,7 +591,7 @@ class FedAvg:
       budgets = jnp.asarray(budgets)
     agg = self.aggregator
     shared, host = agg.setup(state.aggregator_state, n, cohort.size, float(data.pad_size), round_key)
-    sums = runner(params, state.frozen, state.model_state, data.x, data.y, cohort, round_key, carry,
+    sums = runner(params, state.frozen, state.model_state, *data.round_arrays(cohort), round_key, carry,
                   (state.aggregator_state, shared), own, contexts, budgets)
     if self.hooks is not None:
       self._check_message(state, sums.delta_sum.sum if isinstance(sums.delta_sum, Message) else sums.message_sum)

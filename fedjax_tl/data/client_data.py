@@ -19,7 +19,7 @@ import numpy as np
 
 from fedjax_tl.data.partition import Partition
 
-__all__ = ["FederatedData", "Cohort", "Dataset", "check_labels"]
+__all__ = ["FederatedData", "HostFederatedData", "Cohort", "Dataset", "check_labels"]
 
 
 def check_labels(y, num_classes: int, what: str = "labels") -> tuple[int, int]:
@@ -213,6 +213,11 @@ class FederatedData:
     return Cohort(client_ids=jnp.asarray(out_ids), indices=jnp.asarray(indices),
                   num_examples=jnp.asarray(sizes))
 
+  def round_arrays(self, cohort: Cohort) -> tuple[jax.Array, jax.Array, Cohort]:
+    """What a round's training reads: ``(x, y, cohort)`` with the cohort's indices into ``x``. On device: the
+    whole arrays and the cohort unchanged (:class:`HostFederatedData` moves only the cohort's examples)."""
+    return self.x, self.y, cohort
+
   def gather(self, cohort: Cohort) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The cohort's examples as padded arrays ``x [C, pad, ...]``, ``y [C, pad]``, ``mask [C, pad]``.
 
@@ -221,3 +226,74 @@ class FederatedData:
     """
     idx = cohort.indices
     return self.x[idx], self.y[idx], cohort.mask()
+
+
+@dataclasses.dataclass
+class HostFederatedData(FederatedData):
+  """Federated data whose examples stay on the host (numpy arrays, or ``np.memmap`` files for data larger than
+  RAM); each round moves only its cohort's examples to the device.
+
+  :meth:`round_arrays` gathers the cohort's padded slots into a compact ``[C * pad_size, ...]`` array (padding
+  slots repeat example 0, as on device), remaps the cohort's indices to ``arange(C * pad_size)`` and puts both
+  on the device, so training reads exactly the values it reads from :class:`FederatedData` (bit-identical
+  params) while device memory holds one cohort, whatever the dataset's size; the shape is fixed per cohort size,
+  so rounds compile once. :meth:`prefetch` starts the next round's gather in a background thread.
+
+  :func:`~fedjax_tl.core.evaluate.evaluate` takes ``data.x``/``data.y`` as numpy and moves one batch at a time;
+  :func:`~fedjax_tl.core.evaluate.evaluate_per_client` needs the examples on device (:meth:`to_device`).
+  """
+
+  def __post_init__(self):
+    if isinstance(self.x, jax.Array) or isinstance(self.y, jax.Array):
+      raise TypeError("HostFederatedData holds numpy arrays (or np.memmap); got a device array. Use "
+                      "FederatedData for on-device data, or HostFederatedData.from_partition(dataset, partition).")
+    self.y = np.asarray(self.y)
+    if not np.issubdtype(self.y.dtype, np.int32) and np.issubdtype(self.y.dtype, np.integer):
+      self.y = self.y.astype(np.int32)
+    super().__post_init__()
+    self._prefetched = {}
+
+  @classmethod
+  def from_partition(cls, data: Dataset, partition: Partition, pad_size: int = 0,
+                     device: jax.Device | None = None) -> HostFederatedData:
+    """Keeps ``data``'s arrays on the host as they are (a ``np.memmap`` stays on disk) and records ``partition``."""
+    check_labels(data.y, data.num_classes, "Dataset labels")
+    out = cls(data.x, np.asarray(data.y).astype(np.int32), list(partition), data.num_classes, pad_size)
+    out._device = device
+    return out
+
+  def to_device(self, device: jax.Device | None = None) -> FederatedData:
+    """The same population with every example on device (a :class:`FederatedData`)."""
+    return FederatedData(jax.device_put(np.asarray(self.x), device), jax.device_put(self.y, device),
+                         list(self.client_indices), self.num_classes, self.pad_size)
+
+  def split_clients(self, test_fraction: float = 0.2, seed: int = 0):
+    train, test = FederatedData.split_clients(self, test_fraction, seed)
+    return (HostFederatedData(self.x, self.y, train.client_indices, self.num_classes),
+            HostFederatedData(self.x, self.y, test.client_indices, self.num_classes))
+
+  def _host_gather(self, indices: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    flat = indices.reshape(-1)
+    device = getattr(self, "_device", None)
+    return jax.device_put(np.asarray(self.x[flat]), device), jax.device_put(self.y[flat], device)
+
+  def prefetch(self, cohort: Cohort) -> None:
+    """Starts gathering ``cohort``'s examples (and their transfer) in a background thread; the round that uses
+    the same cohort (same indices) picks the result up in :meth:`round_arrays`."""
+    import concurrent.futures
+
+    if not hasattr(self, "_pool"):
+      self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="fedjax_tl-prefetch")
+    indices = np.asarray(cohort.indices)
+    self._prefetched = {indices.tobytes(): self._pool.submit(self._host_gather, indices)}
+
+  def round_arrays(self, cohort: Cohort) -> tuple[jax.Array, jax.Array, Cohort]:
+    indices = np.asarray(cohort.indices)
+    future = self._prefetched.pop(indices.tobytes(), None)
+    x, y = future.result() if future is not None else self._host_gather(indices)
+    compact = jnp.arange(indices.size, dtype=jnp.int32).reshape(indices.shape)
+    return x, y, cohort._replace(indices=compact)
+
+  def gather(self, cohort: Cohort) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x, y, c = self.round_arrays(cohort)
+    return x[c.indices], y[c.indices], cohort.mask()
