@@ -90,29 +90,66 @@ def process_clients(num_clients: int, process_index: int | None = None, process_
 
 
 def allreduce_sum(tree):
-  """The sum over processes of ``tree`` (host or device arrays of the same shapes on every process), the same on
-  every process, as numpy arrays. One process: ``tree`` itself (as numpy). Summed in process order, in float64 for
-  floating leaves, so every process gets bit-identical values."""
+  """The sum over processes of ``tree`` (host or device arrays of the same shapes and dtypes on every process),
+  the same on every process, as numpy arrays. One process: ``tree`` itself (as numpy).
+
+  One collective for the whole tree: every leaf is widened to float64 (exact for floats up to 32 bits and for
+  integers up to 32 bits), packed into one buffer, gathered from every process as raw bits and summed on the
+  host in process order, so every process gets bit-identical values. Back in its dtype, a float leaf is the
+  float64 sum rounded once, an unsigned-integer leaf is the sum modulo 2^bits (field elements, e.g. secure
+  aggregation's masked vectors, stay field elements), a signed one wraps, a bool is "any". 64-bit integer
+  leaves are summed as int64 (wrapping)."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   from jax.experimental import multihost_utils
 
-  def one(a):
-    a = np.asarray(a)
-    wide = a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
-    return multihost_utils.process_allgather(wide).sum(0).astype(a.dtype)
-
-  return jax.tree.map(one, tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  leaves = [np.asarray(a) for a in leaves]
+  wide = [a.dtype.itemsize == 8 and np.issubdtype(a.dtype, np.integer) for a in leaves]
+  f64 = [a.astype(np.float64).ravel() for a, w in zip(leaves, wide) if not w]
+  i64 = [a.astype(np.int64).ravel() for a, w in zip(leaves, wide) if w]
+  f_buf = np.concatenate(f64) if f64 else np.zeros(0, np.float64)
+  i_buf = np.concatenate(i64) if i64 else np.zeros(0, np.int64)
+  # Raw bits through the collective (JAX without x64 would narrow float64 values to float32 on the way).
+  packed = np.concatenate([f_buf.view(np.uint32), i_buf.view(np.uint32)])
+  gathered = np.asarray(multihost_utils.process_allgather(packed))  # [processes, len]
+  nf = 2 * f_buf.size
+  f_sum = np.ascontiguousarray(gathered[:, :nf]).view(np.float64).sum(0)
+  with np.errstate(over="ignore"):
+    i_sum = np.ascontiguousarray(gathered[:, nf:]).view(np.int64).sum(0)
+  out, fo, io = [], 0, 0
+  for a, w in zip(leaves, wide):
+    if w:
+      out.append(i_sum[io:io + a.size].reshape(a.shape).astype(a.dtype))
+      io += a.size
+      continue
+    s = f_sum[fo:fo + a.size].reshape(a.shape)
+    fo += a.size
+    if a.dtype == np.bool_:
+      out.append(s != 0)
+    elif np.issubdtype(a.dtype, np.integer):
+      bits = 8 * a.dtype.itemsize
+      out.append(np.mod(s, 2.0 ** bits).astype(np.uint64).astype(a.dtype))  # wraps like the dtype's own sum
+    else:
+      out.append(s.astype(a.dtype))
+  return jax.tree.unflatten(treedef, out)
 
 
 def assert_same(value, what: str) -> None:
-  """Raises on every process if ``value`` (e.g. the round's cohort) differs between processes, naming ``what``."""
+  """Raises on every process if ``value`` (e.g. the round's cohort) differs between processes, naming ``what``.
+
+  Compares a digest of the value's dtype, shape and bytes (one small collective of raw bits: 64-bit values are
+  compared whole, not narrowed by JAX's 32-bit default)."""
   if jax.process_count() == 1:
     return
+  import hashlib
+
   from jax.experimental import multihost_utils
 
-  try:
-    multihost_utils.assert_equal(np.asarray(value), fail_message=what)
-  except AssertionError as e:
-    raise ValueError(f"{what} differs between processes: every process must compute it from the same seed and "
-                     f"inputs ({e}).") from None
+  a = np.ascontiguousarray(np.asarray(value))
+  digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).digest()
+  gathered = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint32)))
+  differ = [p for p in range(len(gathered)) if not np.array_equal(gathered[p], gathered[0])]
+  if differ:
+    raise ValueError(f"{what} differs between processes (processes {differ} differ from process 0): every process "
+                     "must compute it from the same seed and inputs.")
