@@ -27,12 +27,36 @@ import os
 import jax
 import numpy as np
 
-__all__ = ["initialize", "is_initialized", "process_clients", "allreduce_sum", "assert_same", "ENV"]
+__all__ = ["initialize", "is_initialized", "process_clients", "allreduce_sum", "assert_same", "ENV", "HEARTBEAT_ENV",
+           "ProcessFailedError"]
 
 # The launcher's environment variables (fedjax_tl.launch): coordinator "host:port", process count, process id.
 ENV = ("FEDJAX_TL_COORDINATOR", "FEDJAX_TL_NUM_PROCESSES", "FEDJAX_TL_PROCESS_ID")
 
+# Seconds without a heartbeat after which JAX's coordination service declares a process dead (initialize).
+HEARTBEAT_ENV = "FEDJAX_TL_HEARTBEAT_TIMEOUT"
+
 _STATE = {"initialized": False}
+
+
+class ProcessFailedError(RuntimeError):
+  """A cross-process collective failed: another process of the run most likely died (its log says why)."""
+
+
+def _allgather(a: np.ndarray, what: str) -> np.ndarray:
+  """``a`` from every process, stacked ``[processes, ...]``; a failed collective (a process died: gloo loses its
+  connection) becomes a :class:`ProcessFailedError` naming ``what`` was being exchanged."""
+  from jax.experimental import multihost_utils
+
+  try:
+    return np.asarray(multihost_utils.process_allgather(a))
+  except Exception as e:  # noqa: BLE001  XlaRuntimeError (gloo: connection closed), RuntimeError, ...
+    text = " ".join(str(e).split())[:300]
+    raise ProcessFailedError(
+        f"Process {jax.process_index()} of {jax.process_count()}: the collective exchanging {what} failed "
+        f"({type(e).__name__}: {text}). Another process has most likely died or been stopped: see its log (under "
+        "python -m fedjax_tl.launch, the lines prefixed with its index). JAX's coordination service also ends the "
+        f"remaining processes once a process misses heartbeats for the heartbeat timeout ({HEARTBEAT_ENV}).") from e
 
 
 def is_initialized() -> bool:
@@ -41,13 +65,18 @@ def is_initialized() -> bool:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> tuple[int, int]:
+               process_id: int | None = None, heartbeat_timeout: int | None = None) -> tuple[int, int]:
   """Joins this process to the others (``jax.distributed.initialize``) and returns (process index, process count).
 
   With the arguments, or with the launcher's environment (:data:`ENV`), the processes meet at
   ``coordinator_address`` and, on CPU, use the gloo collectives (set before JAX's backend starts: call this before
   any other JAX work). Without either, JAX detects the cluster itself (TPU pod slices, SLURM, Open MPI). Calling
-  it again is a no-op."""
+  it again is a no-op.
+
+  ``heartbeat_timeout`` (seconds; default: the environment's ``FEDJAX_TL_HEARTBEAT_TIMEOUT``, else JAX's 100) is how
+  long JAX's coordination service waits for a process that stopped sending heartbeats (it died, or its machine
+  did) before it fails the run: every other process then ends with an error naming the missing task instead of
+  waiting forever in the round's collective. The launcher also stops the others as soon as one exits."""
   if _STATE["initialized"]:
     return jax.process_index(), jax.process_count()
   env = [os.environ.get(k) for k in ENV]
@@ -61,14 +90,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise ValueError(f"initialize: the launcher's environment is incomplete ({', '.join(missing)} unset); start "
                        "the processes with python -m fedjax_tl.launch, or unset the others.")
     coordinator_address, num_processes, process_id = env[0], int(env[1]), int(env[2])
+  if heartbeat_timeout is None and os.environ.get(HEARTBEAT_ENV):
+    heartbeat_timeout = int(os.environ[HEARTBEAT_ENV])
+  timeouts = {} if heartbeat_timeout is None else {"heartbeat_timeout_seconds": int(heartbeat_timeout)}
   if coordinator_address is not None:
     if not 0 <= process_id < num_processes:
       raise ValueError(f"initialize: process_id must be in [0, {num_processes}), got {process_id}.")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU backend's cross-process collectives
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **timeouts)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   _STATE["initialized"] = True
   return jax.process_index(), jax.process_count()
 
@@ -101,8 +133,6 @@ def allreduce_sum(tree):
   leaves are summed as int64 (wrapping)."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
-  from jax.experimental import multihost_utils
-
   leaves, treedef = jax.tree.flatten(tree)
   leaves = [np.asarray(a) for a in leaves]
   wide = [a.dtype.itemsize == 8 and np.issubdtype(a.dtype, np.integer) for a in leaves]
@@ -112,7 +142,7 @@ def allreduce_sum(tree):
   i_buf = np.concatenate(i64) if i64 else np.zeros(0, np.int64)
   # Raw bits through the collective (JAX without x64 would narrow float64 values to float32 on the way).
   packed = np.concatenate([f_buf.view(np.uint32), i_buf.view(np.uint32)])
-  gathered = np.asarray(multihost_utils.process_allgather(packed))  # [processes, len]
+  gathered = _allgather(packed, "a sum")  # [processes, len]
   nf = 2 * f_buf.size
   f_sum = np.ascontiguousarray(gathered[:, :nf]).view(np.float64).sum(0)
   with np.errstate(over="ignore"):
@@ -144,11 +174,9 @@ def assert_same(value, what: str) -> None:
     return
   import hashlib
 
-  from jax.experimental import multihost_utils
-
   a = np.ascontiguousarray(np.asarray(value))
   digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).digest()
-  gathered = np.asarray(multihost_utils.process_allgather(np.frombuffer(digest, np.uint32)))
+  gathered = _allgather(np.frombuffer(digest, np.uint32), what)
   differ = [p for p in range(len(gathered)) if not np.array_equal(gathered[p], gathered[0])]
   if differ:
     raise ValueError(f"{what} differs between processes (processes {differ} differ from process 0): every process "

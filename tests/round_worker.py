@@ -41,7 +41,8 @@ def algorithm(config):
   model = Model(CNN(num_classes=3, features=(4,), hidden=8), (8, 8, 1))
   local = ftl.LocalTraining(model, optax.sgd(0.1), batch_size=4, epochs=2)
   agg = ftl.aggregators.SecureAggregation(clip_value=2.0) if config == "secagg" else ftl.aggregators.Mean()
-  return model, ftl.FedAvg(local, schedule="vmap", local_params="^head/", aggregator=agg,
+  schedule = "sequential" if config == "secagg" else "vmap"
+  return model, ftl.FedAvg(local, schedule=schedule, local_params="^head/", aggregator=agg,
                            server_optimizer=optax.adam(0.01))
 
 
