@@ -16,8 +16,13 @@ On a TPU pod slice run the same command on every worker (``gcloud compute tpus t
 cluster itself. Nothing here is a scheduler or transport of our own: the coordination service and the collectives
 are JAX's.
 
-What is not yet built (issue 25): the federated round does not split its cohort across processes by itself; these
-are the pieces it will be built from (each process trains its own clients, ``allreduce_sum`` adds the round's sums).
+A federated round splits its cohort across the processes by itself (:mod:`fedjax_tl.core.multiprocess`): give
+``FedAvg.apply`` / ``run_rounds`` a :class:`~fedjax_tl.core.multiprocess.ProcessData` (this process's clients'
+examples only; ``ftl.ProcessData.for_process(dataset, partition)``): each process trains the cohort's clients it
+holds, :func:`allreduce_sum` adds the round's sums and gathers the per-client outputs, and every process ends the
+round with the same server state. A process that dies makes the others fail with :class:`ProcessFailedError` in
+their next collective (and JAX ends any still waiting after ``heartbeat_timeout``). docs/performance.md
+("Several processes") has what the tests show and the launch commands.
 """
 
 from __future__ import annotations

@@ -204,3 +204,52 @@ def test_a_killed_process_fails_the_others_without_the_launcher(tmp_path):
   assert procs[0].returncode != 0, outs[0]
   assert "ProcessFailedError" in outs[0] and "Another process has most likely died" in outs[0], outs[0]
   assert time.monotonic() - t0 < 90
+
+
+# ---- ProcessData in this one process ----
+def test_process_data_holds_only_its_clients():
+  import jax
+
+  from fedjax_tl import ProcessData
+
+  w = _round_worker()
+  full, parts = w.dataset()
+  data = ProcessData.for_process(full, parts, process_index=1, process_count=2)
+  assert data.num_clients == 8 and data.num_local_clients == 4 and list(data.client_ids) == [4, 5, 6, 7]
+  assert data.pad_size == max(len(p) for p in parts)  # the population's largest client: every process compiles alike
+  assert np.array_equal(np.asarray(data.x), full.x[np.concatenate(parts[4:])])  # its clients' examples, no others
+  cohort = data.cohort([5, 7], pad_clients_to=3)
+  assert np.asarray(cohort.client_ids).tolist() == [5, 7, -1]  # global ids (keys, rows, hooks)
+  x, y, mask = data.gather(cohort)
+  assert np.array_equal(np.asarray(x[1])[np.asarray(mask[1])], full.x[parts[7]])
+  with pytest.raises(ValueError, match=r"Process 1 does not hold clients \[2\]"):
+    data.cohort([2, 5])
+  model, algo = w.algorithm("store")
+  state = algo.init(*model.init(jax.random.PRNGKey(0)), num_clients=8)
+  with pytest.raises(ValueError, match="built for 2 processes, but the run has 1"):
+    algo.apply(state, data, np.array([4, 5]), jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match="held by \\[0\\] processes instead of exactly one"):
+    ProcessData(data.x, data.y, data.client_indices, 3, client_ids=data.client_ids, population=8)
+
+
+def test_a_round_over_process_data_in_one_process_is_the_plain_round():
+  """One process holding every client through ProcessData takes the split path (its part is the whole cohort) and
+  gives the plain round's results bit for bit, dropouts included."""
+  import jax
+
+  from fedjax_tl import ProcessData
+  from fedjax_tl.data.client_data import FederatedData
+
+  w = _round_worker()
+  full, parts = w.dataset()
+  model, algo = w.algorithm("store")
+  results = []
+  for data in (FederatedData.from_partition(full, parts), ProcessData.for_process(full, parts)):
+    state = algo.init(*model.init(jax.random.PRNGKey(0)), num_clients=8)
+    state, _ = algo.apply(state, data, np.array([0, 2, 3, 6, 7]), jax.random.PRNGKey(1))
+    state, m = algo.apply(state, data, np.array([1, 2, 5, 7]), jax.random.PRNGKey(2),
+                          reported=np.array([True, False, True, True]))
+    results.append((jax.tree.leaves((state.params, state.clients, state.opt_state)), m["client_metrics"]["loss"]))
+  for a, b in zip(results[0][0], results[1][0]):
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+  assert np.array_equal(np.asarray(results[0][1]), np.asarray(results[1][1]))

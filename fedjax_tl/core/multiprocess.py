@@ -225,6 +225,16 @@ def split_cohort(data: FederatedData, client_ids: np.ndarray, padded: int, runne
   count = jax.process_count()
   if not local and count == 1:
     return None
+  mesh = getattr(runner, "mesh", None)
+  if mesh is not None and any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+    # A mesh over every process's devices: one SPMD program over the whole cohort (JAX partitions it), which
+    # needs every process to hold the same data.
+    if local:
+      raise ValueError("FedAvg(mesh=...) spans the devices of several processes, which runs the whole cohort as "
+                       "one program over all of them and needs every process to hold the whole data: use a plain "
+                       "FederatedData with that mesh, or a mesh of this process's devices (jax.local_devices()) "
+                       "with ProcessData.")
+    return None
   if local and data.process_count != count:
     raise ValueError(f"The ProcessData was built for {data.process_count} processes, but the run has {count} "
                      f"(jax.process_count()); build it after fedjax_tl.distributed.initialize().")
@@ -239,10 +249,12 @@ def split_cohort(data: FederatedData, client_ids: np.ndarray, padded: int, runne
   n = len(ids)
   where = owners[ids] if n else np.zeros(0, np.int32)
   mine = np.flatnonzero(where == me)
-  # Every process pads its part to the same size, from the largest part (a power of two, at most the cohort, so
-  # that rounds compile a few shapes only), rounded up to the schedule's chunks.
-  largest = int(np.bincount(where, minlength=count).max()) if n else 0
-  bucket = min(1 << max(largest - 1, 0).bit_length(), max(n, 1)) if largest else 1
+  # Every process pads its part to the same size: the largest part of the sampled cohort (whoever reports, as the
+  # single-process round keeps the sampled cohort's program) rounded up to a power of two, at most the sampled
+  # cohort (so rounds compile a few shapes only; one process: exactly the single-process round's), then to the
+  # schedule's chunks.
+  largest = int(np.bincount(owners[sampled], minlength=count).max()) if len(sampled) else 0
+  bucket = min(1 << max(largest - 1, 0).bit_length(), len(sampled))
   local_padded = runner.padded_cohort_size(max(bucket, 1))
   cohort = data.local_cohort(ids[mine], local_padded) if local else data.cohort(ids[mine], local_padded)
   positions = np.concatenate([mine, n + np.arange(local_padded - len(mine))]).astype(np.int32)
