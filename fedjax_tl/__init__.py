@@ -86,6 +86,8 @@ _EXPORTS = {
     "DPFedAvg": "fedjax_tl.aggregators",
     # core
     "LocalTraining": "fedjax_tl.core.client",
+    "objectives": "fedjax_tl.objectives",
+    "Objective": "fedjax_tl.objectives",
     "client_optimizer": "fedjax_tl.core.client",
     "Schedule": "fedjax_tl.core.execution",
     "store": "fedjax_tl.core.store",

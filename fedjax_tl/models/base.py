@@ -56,11 +56,15 @@ init_shapes = abstract_init
 
 
 @cached
-def _num_outputs(model: Model) -> int:
+def _output_shape(model: Model) -> tuple[int, ...]:
   params, state = abstract_init(model)
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
   logits, _ = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
-  return int(logits.shape[-1])
+  return tuple(int(d) for d in logits.shape[1:])
+
+
+def _num_outputs(model: Model) -> int:
+  return _output_shape(model)[-1]
 
 
 @cached
@@ -162,6 +166,11 @@ class Model:
                        f"its batch statistics. Define {_NEEDED_SIGNATURE} and pass the mask to its BatchNorm "
                        "layers, e.g. nn.BatchNorm(...)(x, mask=mask[:, None, None, None]).")
     return params, variables
+
+  def output_shape(self) -> tuple[int, ...]:
+    """One example's output shape (e.g. ``(num_classes,)``, or ``(T, V)`` for a sequence model), from an abstract
+    trace."""
+    return _output_shape(self)
 
   def num_outputs(self) -> int:
     """Size of the logits' last axis (the number of classes the model can predict), from an abstract trace."""
