@@ -16,6 +16,7 @@ examples) and out of normalisation statistics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,10 +28,11 @@ import optax
 
 from fedjax_tl import keys
 from fedjax_tl.core.checks import check_hook_output, check_optimizer
-from fedjax_tl.core.hooks import Hooks, TrainContext
+from fedjax_tl.core.hooks import Hooks, LossBatch, TrainContext
 from fedjax_tl.core.params import split_params
-from fedjax_tl.models.base import Model
+from fedjax_tl.models.base import Model, logits_of
 from fedjax_tl.models.fast import fast_cpu
+from fedjax_tl.objectives import Classification, Objective, masked_cross_entropy
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, Updates
 
 __all__ = ["LocalTraining", "client_optimizer", "OPTIMIZERS", "ClientState", "ClientOutput", "merge_params",
@@ -43,9 +45,7 @@ class ClientState(NamedTuple):
   model_state: ModelState
   key: PRNGKey
   num_examples: jax.Array  # int32 scalar
-  loss_sum: jax.Array  # sum over seen examples of the per-example loss
-  correct: jax.Array  # number of correctly classified seen examples
-  seen: jax.Array  # number of examples seen (with repetition over epochs)
+  stats: dict  # the objective's sums over the examples seen (with repetition over epochs): "loss", "count", ...
   steps: jax.Array = None  # int32 scalar: local steps taken (active steps only)
   hook: Any = None  # (TrainContext, the hooks' local-training state) when the algorithm has hooks
   budget: jax.Array = None  # int32 scalar: the round's step budget for this client (a straggler), None: no limit
@@ -72,16 +72,6 @@ def merge_params(trainable: Params, frozen: Params) -> Params:
   for k, v in trainable.items():
     out[k] = merge_params(v, out[k]) if isinstance(v, dict) and k in out else v
   return out
-
-
-def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
-  """(mean loss over real rows, sum of losses, number of correct, number of real rows)."""
-  per_example = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  m = mask.astype(jnp.float32)
-  count = m.sum()
-  loss_sum = (per_example * m).sum()
-  correct = ((jnp.argmax(logits, -1) == labels) * m).sum()
-  return loss_sum / jnp.maximum(count, 1.0), loss_sum, correct, count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +101,9 @@ class LocalTraining:
       matrix products, its non-overlapping max pools as reshape-max, with hand-written gradients: the same
       function, up to float rounding, 2-3x faster for a plain ``nn.Conv`` CNN on XLA:CPU). False trains the
       model's program as XLA lowers it. Ignored on GPU/TPU, where XLA's convolutions are the fast path.
+    objective: what the local steps minimise and the clients report (:mod:`fedjax_tl.objectives`): softmax
+      cross-entropy on integer labels by default; ``regression()``, ``multilabel()``, ``next_token()`` or any
+      ``from_loss(fn)``.
   """
 
   model: Model
@@ -123,8 +116,12 @@ class LocalTraining:
   personal: str | None = None
   hooks: Hooks | None = None
   fast_path: bool = True
+  objective: Objective = Classification()
 
   def __post_init__(self):
+    if not isinstance(self.objective, Objective):
+      raise TypeError(f"LocalTraining's objective must be a fedjax_tl.objectives.Objective (e.g. "
+                      f"ftl.objectives.regression()), got {type(self.objective).__name__}.")
     check_optimizer(self.optimizer, "LocalTraining's optimizer", "optax.sgd(0.1) or ftl.client_optimizer('adam', 1e-3)")
     if self.norm_stats not in ("batch", "frozen"):
       raise ValueError(f"norm_stats must be 'batch' or 'frozen', got {self.norm_stats!r}.")
@@ -161,14 +158,16 @@ class LocalTraining:
 
   # ---- pure pieces (traced) ----
   def init(self, params: Params, model_state: ModelState, key: PRNGKey, num_examples: jax.Array,
-           row: Any = None, ctx: TrainContext | None = None, step_budget: jax.Array | None = None) -> ClientState:
+           row: Any = None, ctx: TrainContext | None = None, step_budget: jax.Array | None = None,
+           targets: Any = None) -> ClientState:
     """The client's training state from the broadcast ``params`` and ``model_state``, and from its own ``row``
     (a dict of what it keeps across rounds, or None): ``row["model_state"]`` replaces the broadcast model state
     (FedBN's own statistics), ``row["params"]`` joins the params (``personal``). ``ctx`` is the hooks'
     :class:`~fedjax_tl.TrainContext` for this client (needed with hooks). ``step_budget`` (int32 scalar, or None)
     caps the client's local steps this round (a straggler): it runs its first ``min(own steps, step_budget)``
-    steps, exactly as it would with that many steps."""
-    z = jnp.zeros((), jnp.float32)
+    steps, exactly as it would with that many steps. ``targets`` (the dataset's targets, or their shape and
+    dtype) gives the objective's sums their shapes (needed for objectives whose sums depend on the targets' shape,
+    e.g. multi-output regression; the runner passes them)."""
     hook = None
     row = row or {}
     if "model_state" in row:
@@ -179,8 +178,16 @@ class LocalTraining:
     if self.personal is not None:  # the client's own params join the broadcast ones
       params = merge_params(params, row["params"])
     budget = None if step_budget is None else jnp.asarray(step_budget, jnp.int32)
-    return ClientState(params, self.optimizer.init(params), model_state, key,
-                       jnp.asarray(num_examples, jnp.int32), z, z, z, jnp.zeros((), jnp.int32), hook, budget)
+    return ClientState(params, self.optimizer.init(params), model_state, key, jnp.asarray(num_examples, jnp.int32),
+                       self.zero_stats(targets), jnp.zeros((), jnp.int32), hook, budget)
+
+  def zero_stats(self, targets: Any = None) -> dict:
+    """The objective's sums before any example, shaped for ``targets`` (all targets ``[N, ...]``; default one
+    label per example)."""
+    shape = () if targets is None else tuple(targets.shape[1:])
+    dtype = self.objective.target_dtype if targets is None else targets.dtype
+    return {k: jnp.zeros(v.shape, v.dtype) for k, v in stats_shapes(self.objective, shape, str(jnp.dtype(dtype)),
+                                                                         self.model).items()}
 
   @property
   def chooses_start(self) -> bool:
@@ -198,9 +205,9 @@ class LocalTraining:
     own = split_params(state.params, self.personal)[0] if self.personal is not None else {}
 
     def loss(p):
-      logits, _ = self.train_model.apply(merge_params(merge_params(p, own), frozen), state.model_state, xb,
-                                         train=False, mask=mask)
-      return masked_cross_entropy(logits, yb, mask)[0]
+      out, _ = self.train_model.apply(merge_params(merge_params(p, own), frozen), state.model_state, xb,
+                                      train=False, mask=mask)
+      return self.objective.loss(logits_of(out), yb, mask)[0]
 
     j = jnp.argmin(jax.lax.map(loss, cands)).astype(jnp.int32)
     start = jax.tree.map(lambda c: c[j], cands)
@@ -239,21 +246,36 @@ class LocalTraining:
     if self.augment is not None:
       xb = self.augment(aug_key, xb)
 
-    def loss_fn(p):
-      logits, new_model_state = self.train_model.apply(merge_params(p, frozen), state.model_state, xb,
-                                                       train=self.norm_stats == "batch", mask=mask, rng=drop_key)
-      mean, loss_sum, correct, count = masked_cross_entropy(logits, yb, mask)
-      return mean, (new_model_state, loss_sum, correct, count)
+    loss_hook = self.hooks is not None and self.hooks.has_loss
+    hook = state.hook
 
-    grads, (new_ms, loss_sum, correct, count) = jax.grad(loss_fn, has_aux=True)(state.params)
+    def loss_fn(p):
+      out, new_model_state = self.train_model.apply(merge_params(p, frozen), state.model_state, xb,
+                                                    train=self.norm_stats == "batch", mask=mask, rng=drop_key)
+      mean, stats = self.objective.loss(logits_of(out), yb, mask)
+      hook_state = None
+      if loss_hook:  # the algorithm's loss term: sees the outputs (features too), the batch and other models
+        ctx, hook_state = hook
+        other = lambda q: self.train_model.apply(merge_params(q, frozen), state.model_state, xb,  # noqa: E731
+                                                 train=False, mask=mask)[0]
+        res = self.hooks.loss(mean, LossBatch(out, yb, mask, other), p, hook_state, ctx, t)
+        if not isinstance(res, tuple | list) or len(res) != 2 or jnp.shape(res[0]) != ():
+          raise TypeError(f"{type(self.hooks).__name__}.loss must return (a scalar loss, its local-training state), "
+                          f"got {type(res).__name__}.")
+        mean, hook_state = res
+      return mean, (new_model_state, stats, hook_state)
+
+    grads, (new_ms, stats, loss_state) = jax.grad(loss_fn, has_aux=True)(state.params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-    hook, counted = state.hook, active
+    counted = active
     if self.hooks is not None:
       ctx, hook_state = hook
+      if loss_hook:
+        hook_state = loss_state
       out = self.hooks.grads(grads, state.params, hook_state, ctx, t)
       out = check_hook_output(self.hooks, "grads", out, grads=grads, state=hook_state)
       grads, new_hook_state = out[:2]
-      hook = (ctx, keep(new_hook_state, hook_state))
+      hook = (ctx, keep(new_hook_state, state.hook[1]))  # an inactive step leaves it as it was
       if len(out) == 3:  # the hook skips this step: nothing changes (not even an optimizer's momentum) and the
         # step count the hooks see (FedNova's tau) does not count it
         counted = active & ~jnp.asarray(out[2], bool)
@@ -266,9 +288,7 @@ class LocalTraining:
         model_state=keep(new_ms, state.model_state),
         key=state.key,
         num_examples=state.num_examples,
-        loss_sum=state.loss_sum + loss_sum,
-        correct=state.correct + correct,
-        seen=state.seen + count,
+        stats=jax.tree.map(jnp.add, state.stats, stats),
         steps=state.steps + counted.astype(jnp.int32),
         hook=hook,
         budget=state.budget,
@@ -291,9 +311,8 @@ class LocalTraining:
       hook_metrics = out[3] if len(out) == 4 else {}
     else:
       hook_metrics = {}
-    seen = jnp.maximum(state.seen, 1.0)
     n = state.num_examples.astype(jnp.float32)
-    metrics = {"loss": state.loss_sum / seen, "accuracy": state.correct / seen, "num_examples": n}
+    metrics = {**self.objective.summarize(state.stats), "num_examples": n}
     clash = sorted(set(hook_metrics) & set(metrics))
     if clash:
       raise ValueError(f"{type(self.hooks).__name__}.finish returned client metrics named {clash}, which local "
@@ -311,3 +330,19 @@ def client_optimizer(name: str, lr: float) -> optax.GradientTransformation:
   if name not in OPTIMIZERS:
     raise ValueError(f"Unknown client optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
   return OPTIMIZERS[name](lr)
+
+
+@functools.lru_cache(maxsize=256)
+def stats_shapes(objective: Objective, target_shape: tuple, target_dtype: str, model: Model) -> dict:
+  """The shapes of ``objective.stats`` for targets of one example's ``target_shape`` (abstract, cached)."""
+  b = 1
+  if type(objective) is Classification:  # scalars whatever the shapes
+    return {k: jax.ShapeDtypeStruct((), jnp.float32) for k in ("loss", "correct", "count")}
+  try:
+    out = (b, *model.output_shape())
+  except Exception:  # noqa: BLE001  a model that cannot be traced abstractly: one label's logits
+    out = (b, 2)
+  shapes = jax.eval_shape(objective.stats, jax.ShapeDtypeStruct(out, jnp.float32),
+                          jax.ShapeDtypeStruct((b, *target_shape), jnp.dtype(target_dtype)),
+                          jax.ShapeDtypeStruct((b,), jnp.bool_))
+  return dict(shapes)

@@ -11,10 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys
-from fedjax_tl.core.client import LocalTraining, masked_cross_entropy, merge_params
+from fedjax_tl.core.client import LocalTraining, merge_params, stats_shapes
 from fedjax_tl.core.params import split_params
-from fedjax_tl.data.client_data import FederatedData, check_labels
-from fedjax_tl.models.base import Model
+from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.models.base import Model, logits_of
+from fedjax_tl.objectives import Classification, Objective
 from fedjax_tl.tree import abstract_init
 from fedjax_tl.types import ModelState, Params
 
@@ -32,17 +33,28 @@ def eval_batch_size(n: int, batch_size: int = 256) -> int:
   return min(batch_size, max(_MIN_BUCKET, 1 << max(n - 1, 0).bit_length()))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _eval_batch(model: Model, params, state, x, y, mask):
-  logits, _ = model.apply(params, state, x, train=False)
-  _, loss_sum, correct, count = masked_cross_entropy(logits, y, mask)
-  return jnp.stack([loss_sum, correct, count])
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _eval_batch(model: Model, params, state, x, y, mask, objective: Objective):
+  out, _ = model.apply(params, state, x, train=False)
+  return objective.stats(logits_of(out), y, mask)
 
 
-def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_size: int = 256) -> dict:
-  """{"loss", "accuracy", "num_examples"} of ``model`` on (x, y), as Python floats.
+def _check_finite_inputs(x, where: str) -> None:
+  """Raises if floating-point examples hold NaN or inf (they would give NaN or meaningless metrics)."""
+  if jnp.issubdtype(x.dtype, jnp.floating):
+    bad = int(np.sum(~np.isfinite(np.asarray(x)))) if not isinstance(x, jax.Array) else int(jnp.sum(~jnp.isfinite(x)))
+    if bad:
+      raise ValueError(f"{where}: the examples hold {bad} non-finite values (NaN or inf); their metrics would be NaN "
+                       "or meaningless. Drop or impute those examples (e.g. np.nan_to_num) first.")
 
-  ``y`` must hold integer class indices in [0, number of model outputs) (a ValueError names any others).
+
+def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_size: int = 256,
+             objective: Objective | None = None) -> dict:
+  """The objective's metrics of ``model`` on (x, y) plus "num_examples", as Python floats: by default
+  (:func:`~fedjax_tl.objectives.classification`) {"loss", "accuracy", "num_examples"}.
+
+  ``y`` must be targets the objective takes (for classification: integer class indices in [0, number of model
+  outputs); a ValueError names any others); floating-point ``x`` must be finite.
 
   Batches have ``eval_batch_size(len(y), batch_size)`` rows (a set smaller than ``batch_size`` is padded up to
   a power of two; padded rows are masked out of every sum), so a model compiles once per bucket, not once per
@@ -52,19 +64,26 @@ def evaluate(model: Model, params: Params, model_state: ModelState, x, y, batch_
   n = len(y)
   if n == 0:
     raise ValueError("Cannot evaluate on an empty dataset.")
-  check_labels(y, model.num_outputs(), f"evaluation labels (the model has {model.num_outputs()} outputs)")
+  objective = Classification() if objective is None else objective
+  k = model.num_outputs()
+  what = "evaluation labels" if isinstance(objective, Classification) else "evaluation targets"
+  objective.check(y, k, f"{what} (the model has {k} outputs)")
   # Host arrays (numpy, np.memmap: e.g. HostFederatedData's x and y) move one batch at a time.
   on_host = not isinstance(x, jax.Array)
-  x, y = (x, np.asarray(y, np.int32)) if on_host else (jnp.asarray(x), jnp.asarray(y, jnp.int32))
+  dtype = objective.target_dtype
+  x, y = (x, np.asarray(y, dtype)) if on_host else (jnp.asarray(x), jnp.asarray(y, dtype))
   model.check_inputs(x.shape[1:], x.dtype, "evaluate")
+  _check_finite_inputs(x, "evaluate")
   b = eval_batch_size(n, batch_size)
-  total = jnp.zeros(3)
+  total = None
   for start in range(0, n, b):
     idx = np.minimum(np.arange(start, start + b), n - 1)
     mask = jnp.asarray(np.arange(start, start + b) < n)
-    total = total + _eval_batch(model, params, model_state, x[idx], y[idx], mask)
-  loss_sum, correct, count = (float(v) for v in total)
-  return {"loss": loss_sum / count, "accuracy": correct / count, "num_examples": int(count)}
+    sums = _eval_batch(model, params, model_state, x[idx], y[idx], mask, objective)
+    total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  total = {k: (float(v) if np.ndim(v) == 0 else np.asarray(v, np.float64)) for k, v in total.items()}
+  return {**{k: (float(v) if np.ndim(v) == 0 else v) for k, v in objective.summarize(total).items()},
+          "num_examples": int(total["count"]) if isinstance(objective, Classification) else n}
 
 
 # ---- per-client (personalized) evaluation ----
@@ -83,10 +102,11 @@ def _is_stacked(tree, ref, num_clients: int, what: str) -> bool:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "local", "trainable", "batch", "num_batches", "chunk",
-                                             "stacked_params", "stacked_state"))
+                                             "stacked_params", "stacked_state", "objective"))
 def _per_client(params, model_state, x_train, y_train, train_idx, train_n, x_test, y_test, test_idx, test_n, ids,
-                key, *, model, local, trainable, batch, num_batches, chunk, stacked_params, stacked_state):
-  """[C, 3] (loss sum, correct, count) of every client on its test rows, after ``local.steps`` local steps."""
+                key, *, model, local, trainable, batch, num_batches, chunk, stacked_params, stacked_state, objective):
+  """The objective's sums ``{name: [C, ...]}`` of every client on its test rows, after ``local.steps`` local
+  steps."""
   rows = jnp.maximum(ids, 0)  # padding clients (id -1) read client 0's params and count nothing
   if stacked_params:
     params = jax.tree.map(lambda a: a[rows], params)
@@ -96,18 +116,22 @@ def _per_client(params, model_state, x_train, y_train, train_idx, train_n, x_tes
   def one(p, ms, tr_idx, tr_n, te_idx, te_n, cid):
     if local is not None:  # fine-tune: ``local.steps`` steps of the client's own training (LocalTraining.step)
       train, frozen = split_params(p, trainable)
-      st = local.init(train, ms, keys.client(key, cid), tr_n)
+      st = local.init(train, ms, keys.client(key, cid), tr_n, targets=y_train)
       st = jax.lax.fori_loop(0, local.steps, lambda t, s: local.step(s, t, frozen, x_train, y_train, tr_idx), st)
       p, ms = merge_params(st.params, frozen), st.model_state
 
-    def body(total, j):
+    def stats(j):
       idx = jax.lax.dynamic_slice(te_idx, (j * batch,), (batch,))
       mask = j * batch + jnp.arange(batch) < te_n
-      logits, _ = model.apply(p, ms, x_test[idx], train=False)
-      _, loss_sum, correct, count = masked_cross_entropy(logits, y_test[idx], mask)
-      return total + jnp.stack([loss_sum, correct, count]), None
+      out, _ = model.apply(p, ms, x_test[idx], train=False)
+      return objective.stats(logits_of(out), y_test[idx], mask)
 
-    return jax.lax.scan(body, jnp.zeros(3), jnp.arange(num_batches))[0]
+    def body(total, j):
+      return jax.tree.map(jnp.add, total, stats(j)), None
+
+    zero = {k: jnp.zeros(v.shape, v.dtype) for k, v in stats_shapes(objective, tuple(y_test.shape[1:]),
+                                                                      str(y_test.dtype), model).items()}
+    return jax.lax.scan(body, zero, jnp.arange(num_batches))[0]
 
   per_client = (params if stacked_params else None, model_state if stacked_state else None,
                 train_idx, train_n, test_idx, test_n, ids)
@@ -122,7 +146,7 @@ def _per_client(params, model_state, x_train, y_train, train_idx, train_n, x_tes
   c = ids.shape[0]
   split = lambda a: None if a is None else jax.tree.map(lambda v: v.reshape(c // chunk, chunk, *v.shape[1:]), a)
   out = jax.lax.map(chunk_fn, tuple(split(a) for a in per_client))
-  return out.reshape(c, 3)
+  return jax.tree.map(lambda a: a.reshape(c, *a.shape[2:]), out)
 
 
 def client_summary(values, num_examples) -> dict:
@@ -142,7 +166,7 @@ def client_summary(values, num_examples) -> dict:
 def evaluate_per_client(model: Model, params: Params, model_state: ModelState, test: FederatedData, *,
                         finetune: int = 0, local: LocalTraining | None = None, train: FederatedData | None = None,
                         trainable: str | None = None, key: jax.Array | None = None, batch_size: int = 256,
-                        chunk_size: int | None = None) -> dict:
+                        chunk_size: int | None = None, objective: Objective | None = None) -> dict:
   """Accuracy and loss of every client on its own held-out examples, optionally after fine-tuning it locally.
 
   Personalized evaluation for any algorithm (e.g. Wang et al. 2019, "Federated Evaluation of On-device
@@ -175,12 +199,14 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
     batch_size: evaluation batch size (smaller test sets are padded to a power of two, as in :func:`evaluate`).
     chunk_size: clients vmapped at once (bounds memory; default all); 1 runs them one after another inside the
       program, which XLA:CPU prefers for models with convolutions (ResNets), as the ``sequential`` schedule.
+    objective: what to report (:mod:`fedjax_tl.objectives`); default ``local``'s objective if given, else
+      classification.
 
   Returns:
-    ``{"accuracy", "loss", "num_examples"}``: numpy arrays ``[num_clients]`` (accuracy and loss are NaN for a
-    client without test examples), plus ``"summary"``: ``{"accuracy": client_summary(...), "loss":
-    client_summary(...), "num_clients": clients with test examples}`` (weighted mean, mean and 10th percentile
-    over clients).
+    ``{"accuracy", "loss", "num_examples"}`` (for classification; another objective's metrics otherwise): numpy
+    arrays ``[num_clients]`` (metrics are NaN for a client without test examples), plus ``"summary"``:
+    ``{"accuracy": client_summary(...), "loss": client_summary(...), "num_clients": clients with test examples}``
+    (weighted mean, mean and 10th percentile over clients).
   """
   num_clients = test.num_clients
   for name, d in (("test", test), ("train", train)):
@@ -193,8 +219,14 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
   stacked_params = _is_stacked(params, shapes_params, num_clients, "params")
   stacked_state = _is_stacked(model_state, shapes_state, num_clients, "model_state")
   outputs = model.num_outputs()
-  if test.label_range[1] >= outputs:
-    check_labels(np.asarray(test.y), outputs, f"evaluation labels (the model has {outputs} outputs)")
+  if objective is None:
+    objective = local.objective if local is not None else Classification()
+  if isinstance(objective, Classification) and test.label_range is not None:
+    if test.label_range[1] >= outputs or outputs < 2:
+      objective.check(np.asarray(test.y), outputs, f"evaluation labels (the model has {outputs} outputs)")
+  else:
+    objective.check(np.asarray(test.y), outputs, f"evaluation targets (the model has {outputs} outputs)")
+  _check_finite_inputs(test.x, "evaluate_per_client (test)")
   if finetune < 0:
     raise ValueError(f"finetune must be >= 0 steps, got {finetune}.")
   if finetune:
@@ -217,11 +249,15 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
   test_idx = jnp.pad(te.indices, ((0, 0), (0, nb * b - te.indices.shape[1])))
   sums = _per_client(params, model_state, train.x, train.y, tr.indices, tr.num_examples, test.x, test.y, test_idx,
                      te.num_examples, te.client_ids, key, model=model, local=local, trainable=trainable, batch=b,
-                     num_batches=nb, chunk=chunk, stacked_params=stacked_params, stacked_state=stacked_state)
-  loss_sum, correct, count = np.asarray(sums[:num_clients], np.float64).T
-  with np.errstate(invalid="ignore", divide="ignore"):
-    loss, accuracy = loss_sum / count, correct / count
-  n = count.astype(np.int64)
-  return {"accuracy": accuracy, "loss": loss, "num_examples": n,
-          "summary": {"accuracy": client_summary(accuracy, n), "loss": client_summary(loss, n),
+                     num_batches=nb, chunk=chunk, stacked_params=stacked_params, stacked_state=stacked_state,
+                     objective=objective)
+  sums = {k: np.asarray(v[:num_clients], np.float64) for k, v in sums.items()}
+  per = [objective.summarize({k: (float(v[c]) if v.ndim == 1 else v[c]) for k, v in sums.items()})
+         for c in range(num_clients)]
+  names = sorted(per[0], key=lambda k: (k != "accuracy", k != "loss", k))  # accuracy, loss, then the others
+  metrics = {k: np.asarray([float(p[k]) for p in per], np.float64) for k in names}
+  n = (sums["count"] if isinstance(objective, Classification) else test.client_sizes).astype(np.int64)
+  weights = sums["count"]
+  return {**metrics, "num_examples": n,
+          "summary": {**{k: client_summary(v, weights) for k, v in metrics.items()},
                       "num_clients": int((n > 0).sum())}}

@@ -257,15 +257,15 @@ class CohortRunner:
   def _client_keys(self, round_key: PRNGKey, client_ids: jax.Array) -> jax.Array:
     return jax.vmap(lambda c: prng.client(round_key, c))(client_ids)
 
-  def _init_chunk(self, params, model_state, keys, num_examples, client_in):
+  def _init_chunk(self, params, model_state, keys, num_examples, client_in, y=None):
     self.trace_count += 1
-    return self._init(params, model_state, keys, num_examples, client_in)
+    return self._init(params, model_state, keys, num_examples, client_in, y)
 
-  def _init(self, params, model_state, keys, num_examples, client_in):
+  def _init(self, params, model_state, keys, num_examples, client_in, y=None):
     """Every client's training state; ``client_in`` = (rows, contexts, step budgets), each [k, ...] or None."""
     rows, contexts, budget = client_in
-    return jax.vmap(self.local.init, (None, None, 0, 0, 0, 0, 0))(params, model_state, keys, num_examples, rows,
-                                                                   contexts, budget)
+    return jax.vmap(self.local.init, (None, None, 0, 0, 0, 0, 0, None))(params, model_state, keys, num_examples,
+                                                                         rows, contexts, budget, y)
 
   def _choose(self, states, frozen, x, y, indices):
     """Each client's start among the hooks' candidates (LocalTraining.choose), when they offer some."""
@@ -329,7 +329,7 @@ class CohortRunner:
                        "values that change between calls.")
 
   def _train_chunk_scan(self, params, frozen, model_state, x, y, indices, keys, num_examples, client_in):
-    states = self._choose(self._init(params, model_state, keys, num_examples, client_in), frozen, x, y, indices)
+    states = self._choose(self._init(params, model_state, keys, num_examples, client_in, y), frozen, x, y, indices)
     u = self.schedule.unroll
     full, rest = divmod(self.num_steps, u)
 
@@ -399,7 +399,7 @@ class CohortRunner:
       budget_bytes = default_memory_budget()
     n1 = jnp.ones((1,), jnp.int32)
     first = jax.tree.map(lambda a: a[:1], (rows, contexts, None))  # one client's row and context
-    states = self._init_jit(params, model_state, jax.random.split(jax.random.PRNGKey(0), 1), n1, first)
+    states = self._init_jit(params, model_state, jax.random.split(jax.random.PRNGKey(0), 1), n1, first, y)
     indices = jnp.zeros((1, self.pad_size), jnp.int32)
     mem = self._block_jit.lower(states, jnp.int32(0), frozen, x, y, indices, 1).compile().memory_analysis()
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(states))
@@ -482,7 +482,7 @@ class CohortRunner:
       sl = slice(start, start + k)
       indices = cohort.indices[sl]
       states = self._init_jit(params, model_state, keys[sl], cohort.num_examples[sl],
-                              jax.tree.map(lambda a, sl=sl: a[sl], client_in))
+                              jax.tree.map(lambda a, sl=sl: a[sl], client_in), y)
       if self.local.chooses_start:
         states = self._choose_jit(states, frozen, x, y, indices)
       chunk_steps = int(active[sl].max(initial=0))

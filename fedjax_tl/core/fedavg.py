@@ -50,6 +50,7 @@ from fedjax_tl.core.execution import (
 from fedjax_tl.core.hooks import Hooks, ServerView, TrainContext
 from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import FederatedData
+from fedjax_tl.objectives import Classification
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
 from fedjax_tl.tree import abstract_init, tree_bits
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, pseudo_gradient
@@ -391,16 +392,35 @@ class FedAvg:
 
   def _check_data(self, data: FederatedData) -> None:
     """Raises if ``data``'s examples do not fit the model's ``sample_shape`` (:meth:`Model.check_inputs`), or if
-    it has labels the model has no logit for (they would give NaN losses, reported later as a diverged model).
-    The data's own labels are checked against its ``num_classes`` when it is built."""
+    its targets are not what the objective trains on (for classification: labels the model has no logit for would
+    give NaN losses, reported later as a diverged model). Labels are checked against the data's own ``num_classes``
+    when it is built; other targets here, once per dataset."""
     self.local.model.check_inputs(data.x.shape[1:], data.x.dtype, "FedAvg round (run_rounds / FedAvg.apply)")
     if self._num_outputs is None:
       object.__setattr__(self, "_num_outputs", self.local.model.num_outputs())
-    k, top = self._num_outputs, data.label_range[1]
-    if top >= k:
-      raise ValueError(f"The data has labels up to {top} (num_classes={data.num_classes}) but the model has {k} "
-                       f"outputs: labels >= {k} have no logit and give NaN losses. Build the model with "
-                       f"num_classes={max(data.num_classes, top + 1)} outputs, or remap the labels to 0..{k - 1}.")
+    k, objective = self._num_outputs, self.local.objective
+    if isinstance(objective, Classification) and data.label_range is not None:
+      top = data.label_range[1]
+      if top >= k:
+        raise ValueError(f"The data has labels up to {top} (num_classes={data.num_classes}) but the model has {k} "
+                         f"outputs: labels >= {k} have no logit and give NaN losses. Build the model with "
+                         f"num_classes={max(data.num_classes, top + 1)} outputs, or remap the labels to 0..{k - 1}.")
+      if k < 2:
+        objective.check(data.y, k, "labels")
+      return
+    checked = self.__dict__.setdefault("_targets_checked", set())
+    if id(data.y) not in checked:
+      objective.check(np.asarray(data.y), k, f"the data's targets (the model has {k} outputs)")
+      checked.add(id(data.y))
+
+  def _metric_names(self, data: FederatedData) -> tuple[str, ...]:
+    """The objective's metric names (its summary of the clients' sums; "loss" first), once per target shape."""
+    key = (data.y.shape[1:], str(data.y.dtype))
+    cache = self.__dict__.setdefault("_metric_names_cache", {})
+    if key not in cache:
+      names = jax.eval_shape(lambda: self.local.objective.summarize(self.local.zero_stats(data.y)))
+      cache[key] = tuple(sorted((k for k, v in names.items() if v.shape == ()), key=lambda k: k != "loss"))
+    return cache[key]
 
   def communication_bits(self, state: ServerState) -> tuple[int, int]:
     """(bits down, bits up) per client per round, exact: the trainable params as encoded by ``downlink`` /
@@ -623,11 +643,11 @@ class FedAvg:
       client_metrics = {k: jnp.zeros((len(sampled), *v.shape[1:]), v.dtype).at[where].set(v)
                         for k, v in client_metrics.items()}
       client_metrics["reported"] = jnp.asarray(keep)
+    train = {f"train_{k}": (cm[k] * w).sum() / jnp.maximum(w.sum(), 1.0) for k in self._metric_names(data)}
     metrics = {
         **info.metrics,
         **agg_metrics,
-        "train_loss": (cm["loss"] * w).sum() / jnp.maximum(w.sum(), 1.0),
-        "train_accuracy": (cm["accuracy"] * w).sum() / jnp.maximum(w.sum(), 1.0),
+        **train,
         "num_examples": w.sum(),
         "bytes_down": down * n,
         "bytes_up": up * (n if info.senders is None else info.senders),

@@ -183,7 +183,7 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
           "rate, clip gradients (optax.clip_by_global_norm) or check the inputs for NaNs.")
     if first_loss is None:
       first_loss = loss
-    reference = max(first_loss, math.log(max(getattr(data, "num_classes", 2), 2)))
+    reference = max(first_loss, math.log(max(getattr(data, "num_classes", None) or 2, 2)))
     if divergence is not None and not warned and loss > divergence * reference:
       warned = True
       ratio = f"{loss / first_loss:.3g}x" if first_loss > 0 else "far above"

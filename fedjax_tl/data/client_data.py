@@ -36,8 +36,9 @@ def check_labels(y, num_classes: int, what: str = "labels") -> tuple[int, int]:
     frac = y[y != np.round(y)] if np.issubdtype(y.dtype, np.floating) else y[:0]
     example = f" ({len(frac)} are not whole numbers, e.g. {frac[:3].tolist()})" if len(frac) else ""
     raise ValueError(f"{what} must be integer class indices for the cross-entropy loss, got dtype {y.dtype}"
-                     f"{example}. Regression targets are not supported; if these are class ids, cast them "
-                     "explicitly: y.astype(np.int32).")
+                     f"{example}. If these are class ids, cast them explicitly: y.astype(np.int32); for regression "
+                     "(or any other) targets build the data with num_classes=None and train with an objective that "
+                     "takes them, e.g. LocalTraining(..., objective=ftl.objectives.regression()).")
   if not num_classes or num_classes < 1:
     raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
   if not len(y):
@@ -55,16 +56,19 @@ def check_labels(y, num_classes: int, what: str = "labels") -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A plain labelled dataset: ``x`` uint8 (or float) examples, ``y`` int labels."""
+  """A plain dataset: ``x`` uint8 (or float) examples, ``y`` int labels (``num_classes`` of them), or with
+  ``num_classes=None`` targets of any shape and dtype (regression, multi-label, sequences: the objective checks
+  them, :mod:`fedjax_tl.objectives`)."""
 
   x: np.ndarray
   y: np.ndarray
-  num_classes: int
+  num_classes: int | None
 
   def __post_init__(self):
     if len(self.x) != len(self.y):
       raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}.")
-    check_labels(self.y, self.num_classes, "Dataset labels")
+    if self.num_classes is not None:
+      check_labels(self.y, self.num_classes, "Dataset labels")
 
   def __len__(self) -> int:
     return len(self.y)
@@ -102,10 +106,12 @@ class FederatedData:
 
   Attributes:
     x: device array [N, ...] of examples (uint8 images stay uint8 until the model's preprocessing).
-    y: device array [N] int32 labels, integer class indices in [0, num_classes) (checked on construction).
+    y: device array [N] int32 labels, integer class indices in [0, num_classes) (checked on construction); with
+      ``num_classes=None``, targets ``[N, ...]`` of any shape (float32 or int32), checked by the training
+      objective (:mod:`fedjax_tl.objectives`) when a round first sees them.
     client_indices: one sorted index array per client (a partition of range(N), or any subset).
-    num_classes: number of label classes.
-    label_range: (smallest, largest) label, set on construction.
+    num_classes: number of label classes (None: the targets are not class labels).
+    label_range: (smallest, largest) label, set on construction (None without classes).
     pad_size: length every client is padded to; defaults to the largest client, so it is fixed per
       population and rounds never recompile.
   """
@@ -113,7 +119,7 @@ class FederatedData:
   x: jax.Array
   y: jax.Array
   client_indices: Sequence[np.ndarray]
-  num_classes: int
+  num_classes: int | None
   pad_size: int = 0
 
   def __post_init__(self):
@@ -122,7 +128,8 @@ class FederatedData:
     if not len(self.client_indices):
       raise ValueError("FederatedData needs at least one client.")
     n = len(self.y)
-    self.label_range = check_labels(self.y, self.num_classes, "FederatedData labels")
+    self.label_range = (None if self.num_classes is None else
+                        check_labels(self.y, self.num_classes, "FederatedData labels"))
     self._sizes = np.array([len(c) for c in self.client_indices], dtype=np.int32)
     for i, c in enumerate(self.client_indices):
       if len(c) and (np.min(c) < 0 or np.max(c) >= n):
@@ -146,11 +153,15 @@ class FederatedData:
                      device: jax.Device | None = None) -> FederatedData:
     """Puts ``data`` on device once and records ``partition``'s index lists.
 
-    Labels must be integer class indices in [0, num_classes) (checked; they are stored as int32).
+    Labels must be integer class indices in [0, num_classes) (checked; they are stored as int32). Targets of a
+    dataset without classes (``num_classes=None``) are stored as int32 if integer, else float32.
     """
-    check_labels(data.y, data.num_classes, "Dataset labels")
+    y = np.asarray(data.y)
+    if data.num_classes is not None:
+      check_labels(y, data.num_classes, "Dataset labels")
     x = jax.device_put(np.asarray(data.x), device)
-    y = jax.device_put(np.asarray(data.y).astype(np.int32), device)
+    y = jax.device_put(y.astype(np.int32 if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_ else
+                                np.float32), device)
     return cls(x, y, list(partition), data.num_classes, pad_size)
 
   def split_clients(self, test_fraction: float = 0.2, seed: int = 0) -> tuple[FederatedData, FederatedData]:
