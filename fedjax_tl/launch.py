@@ -5,8 +5,10 @@
 Each process gets the coordinator address (a free port on 127.0.0.1), the number of processes and its id in
 fedjax_tl.distributed.ENV; its output lines are prefixed with ``[i]``. If one process fails (a non-zero exit, or
 killed by a signal), the launcher says which one and how, and stops the others at once; the exit code is the first
-failure's (128 + the signal's number for a signal, 124 for ``--timeout``; 0 when all succeed). For a TPU pod slice or a SLURM cluster use the
-platform's own launcher instead (see fedjax_tl.distributed).
+failure's (128 + the signal's number for a signal, 124 for ``--timeout``; 0 when all succeed).
+``--heartbeat-timeout=S`` sets how long JAX's coordination service waits for a silent process before it fails
+the run (fedjax_tl.distributed.initialize). For a TPU pod slice or a SLURM cluster use the platform's own
+launcher instead (see fedjax_tl.distributed).
 """
 
 from __future__ import annotations
