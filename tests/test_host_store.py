@@ -113,7 +113,8 @@ def test_host_data_matches_device_data_bit_for_bit(tiny_local, tiny_data, tiny_p
   cohort = host.cohort([1, 3], pad_clients_to=3)
   x, y, c = host.round_arrays(cohort)
   assert x.shape == (3 * host.pad_size, 8, 8, 1) and isinstance(x, jax.Array)
-  np.testing.assert_array_equal(np.asarray(x)[np.asarray(c.indices)], np.asarray(tiny_data.x)[np.asarray(cohort.indices)])
+  np.testing.assert_array_equal(np.asarray(x)[np.asarray(c.indices)],
+                                np.asarray(tiny_data.x)[np.asarray(cohort.indices)])
   _equal(host.gather(cohort), tiny_data.gather(cohort))
   # prefetch: the next round's cohort gathered ahead gives the same arrays
   host.prefetch(cohort)

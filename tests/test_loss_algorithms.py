@@ -130,7 +130,7 @@ def test_qffl_against_a_plain_loop(setup):
       norm2 = sum(float((d**2).sum()) for d in jax.tree.leaves(dw))
       nums.append(jax.tree.map(lambda d, f=f: f**q * d, dw))
       hs.append(q * f ** (q - 1) * norm2 + big_l * f**q)
-    w = jax.tree.map(lambda a, *n: jnp.asarray(np.asarray(a) - sum(n) / sum(hs), jnp.float32), w, *nums)
+    w = jax.tree.map(lambda a, *n, hs=hs: jnp.asarray(np.asarray(a) - sum(n) / sum(hs), jnp.float32), w, *nums)
   _close(s.params, w, tol=1e-4)
 
 

@@ -56,7 +56,8 @@ def _reference(module, params, x, y, parts, per_example_loss, mask_fn, lr, steps
       new.append(p)
       ns.append(len(idx))
     w = np.asarray(ns, np.float64) / sum(ns)
-    params = jax.tree.map(lambda *ps: sum(wi * np.asarray(pi, np.float64) for wi, pi in zip(w, ps, strict=True)), *new)
+    params = jax.tree.map(lambda *ps, w=w: sum(wi * np.asarray(pi, np.float64) for wi, pi in zip(w, ps, strict=True)),
+                          *new)
     params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
   return params
 

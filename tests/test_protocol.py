@@ -100,8 +100,8 @@ def test_ifca_clients_pick_the_best_model_and_each_model_averages_its_clients(sc
       want.append(cand[j])
       continue
     total = sum(n for _, n in new[j])
-    want.append(jax.tree.map(lambda p, *d, j=j: np.asarray(p) + sum(n * x for x, (_, n) in zip(d, new[j], strict=True))
-                             / total, cand[j], *[d for d, _ in new[j]]))
+    want.append(jax.tree.map(lambda p, *d, j=j, total=total: np.asarray(p) + sum(
+        n * x for x, (_, n) in zip(d, new[j], strict=True)) / total, cand[j], *[d for d, _ in new[j]]))
   got = ifca_mod.models(s)
   for j in range(k):
     _close(jax.tree.map(lambda a, j=j: a[j], got), want[j])
@@ -147,8 +147,9 @@ def test_mimelite_against_a_plain_loop(tiny_data, tiny_model, tiny_params):
       deltas.append(jax.tree.map(lambda a, c0: a - c0, y, x))
       ns.append(n)
     w = np.asarray(ns, np.float64) / sum(ns)
-    x = jax.tree.map(lambda p, *d: p + sum(wi * di for wi, di in zip(w, d, strict=True)), x, *deltas)
-    m = jax.tree.map(lambda mm, *g: (1 - b) * sum(wi * gi for wi, gi in zip(w, g, strict=True)) + b * mm, m, *grads0)
+    x = jax.tree.map(lambda p, *d, w=w: p + sum(wi * di for wi, di in zip(w, d, strict=True)), x, *deltas)
+    m = jax.tree.map(lambda mm, *g, w=w: (1 - b) * sum(wi * gi for wi, gi in zip(w, g, strict=True)) + b * mm, m,
+                     *grads0)
   _close(s.params, x, rtol=1e-4, atol=1e-5)
   _close(s.algorithm_state, m, rtol=1e-4, atol=1e-5)
 

@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fedjax_tl.tree import abstract_init
+
 __all__ = ["leaf_shapes", "tree_diff", "format_diff", "check_optimizer", "check_hashable", "check_numeric_leaves",
-           "check_hook_output"]
+           "check_hook_output", "check_model_params", "check_server_update", "round_input"]
 
 
 def _key_str(k: Any) -> str:
@@ -114,7 +116,8 @@ def check_hook_output(hooks: Any, method: str, out: Any, **expected: Any) -> Any
                     f"{type(out).__name__}{f' of length {len(out)}' if isinstance(out, tuple | list) else ''}.")
   got = dict(zip(names + optional, out, strict=False))
   if method == "grads" and "skip" in got and jnp.shape(got["skip"]) != ():
-    raise ValueError(f"{where}'s third value (skip this step) must be a bool scalar, got shape {jnp.shape(got['skip'])}.")
+    raise ValueError(f"{where}'s third value (skip this step) must be a bool scalar, got shape "
+                     f"{jnp.shape(got['skip'])}.")
   if method == "finish" and "metrics" in got:
     m = got["metrics"]
     if not isinstance(m, dict) or any(jnp.shape(v) != () for v in m.values()):
@@ -136,3 +139,60 @@ def check_hook_output(hooks: Any, method: str, out: Any, **expected: Any) -> Any
   if "message" in got:
     check_numeric_leaves(got["message"], f"{where}'s message")
   return out
+
+
+def check_model_params(model, params, model_state) -> None:
+  """Raises naming the first differing paths and shapes if ``params`` / ``model_state`` are not the model's."""
+  try:
+    want_params, want_state = abstract_init(model)
+  except Exception:  # noqa: BLE001  a model that cannot be initialised abstractly: nothing to compare against
+    return
+  which = f"the LocalTraining's model ({type(model.module).__name__}, sample_shape={model.sample_shape})"
+  diff = tree_diff(params, want_params)
+  if diff:
+    raise ValueError(f"FedAvg.init: the params are not those of {which}: {format_diff(diff)}. Pass the params "
+                     "of this model's own init (params, model_state = model.init(key)), or load saved or "
+                     "pretrained weights into them with ftl.pretrained.merge(params, loaded, dont_load=[...]), "
+                     "which names every missing, extra or mis-shaped parameter.")
+  diff = tree_diff(model_state or {}, want_state)
+  if diff:
+    raise ValueError(f"FedAvg.init: the model_state is not that of {which}: {format_diff(diff)}. Pass the "
+                     "model_state of this model's own init (the second value of model.init(key): e.g. BatchNorm "
+                     "statistics; {} for a model without state), or the one saved with these params.")
+
+
+def check_server_update(hooks, out: Any, mean_delta: Any, algorithm_state: Any) -> None:
+  """At trace time: ``Hooks.server_update`` returned (a mean delta shaped as the params, a state shaped as the
+  one it was given)."""
+  where = f"{type(hooks).__name__}.server_update"
+  if not isinstance(out, tuple | list) or len(out) != 2:
+    raise TypeError(f"{where} must return a tuple (mean_delta, new algorithm state), got {type(out).__name__}.")
+  diff = tree_diff(out[0], mean_delta)
+  if diff:
+    raise ValueError(f"{where} returned a mean_delta that does not match the trainable params (the mean_delta "
+                     f"it was given): {format_diff(diff)}. Return it with the same structure and shapes (e.g. "
+                     "jax.tree.map over the given mean_delta).")
+  diff = tree_diff(out[1], algorithm_state)
+  if diff:
+    raise ValueError(f"{where} returned a new algorithm state that does not match the state it was given "
+                     f"(server_init's structure): {format_diff(diff)}. Keep the state's structure and shapes from "
+                     "round to round (they are the compiled round's and the checkpoint's).")
+
+
+def round_input(value, client_ids: np.ndarray, name: str, kind: type) -> np.ndarray | None:
+  """A per-client round input (``reported`` / ``step_budget``) as a host array aligned with ``client_ids``, or an
+  error naming what is wrong."""
+  if value is None:
+    return None
+  a = np.asarray(value)
+  if a.shape != client_ids.shape:
+    raise ValueError(f"FedAvg.apply's {name} has shape {a.shape}; it must have one entry per client of the cohort "
+                     f"(shape {client_ids.shape}), in the order of client_ids.")
+  if kind is bool:
+    if a.dtype != np.bool_:
+      raise TypeError(f"FedAvg.apply's reported must be a bool array (True: the client reports), got dtype {a.dtype}.")
+    return a
+  if not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
+    raise ValueError(f"FedAvg.apply's step_budget must hold integers >= 0 (each client's most local steps this "
+                     f"round), got {a[:5].tolist()} (dtype {a.dtype}).")
+  return a.astype(np.int64)

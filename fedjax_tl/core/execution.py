@@ -47,7 +47,7 @@ from fedjax_tl.tree import abstract_init, iter_eqns
 from fedjax_tl.types import ModelState, Params, PRNGKey
 
 __all__ = ["Schedule", "CohortRunner", "RoundSums", "ClientContext", "default_schedule", "has_convolution",
-           "iter_eqns"]
+           "iter_eqns", "client_mesh", "sample_clients"]
 
 
 class ClientContext(NamedTuple):
@@ -508,3 +508,19 @@ class CohortRunner:
 def _positions(positions: jax.Array | None, c: int) -> jax.Array:
   """The clients' positions in the round's cohort: ``arange(c)`` unless given (a process's part of the cohort)."""
   return jnp.arange(c, dtype=jnp.int32) if positions is None else jnp.asarray(positions, jnp.int32)
+
+
+def client_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh over ``devices`` (default: all local devices; on a multi-host TPU pod after
+  ``jax.distributed.initialize()``, all devices of all hosts) with the axis name "clients"."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  return jax.sharding.Mesh(devices.reshape(-1), ("clients",))
+
+
+def sample_clients(key: PRNGKey, num_clients: int, cohort_size: int) -> np.ndarray:
+  """``cohort_size`` distinct client ids, uniformly without replacement (host numpy array)."""
+  if not 1 <= cohort_size <= num_clients:
+    raise ValueError(f"cohort_size must be in [1, {num_clients}] (the number of clients), got {cohort_size}.")
+  if cohort_size == num_clients:
+    return np.arange(num_clients)
+  return np.sort(np.asarray(jax.random.choice(key, num_clients, (cohort_size,), replace=False)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,148 +33,37 @@ from fedjax_tl.core import multiprocess, store
 from fedjax_tl.core.checks import (
   check_hashable,
   check_hook_output,
+  check_model_params,
   check_optimizer,
+  check_server_update,
   format_diff,
   leaf_shapes,
+  round_input,
   tree_diff,
 )
-from fedjax_tl.core.client import ClientOutput, LocalTraining, merge_params
-from fedjax_tl.core.execution import (
-  ClientContext,
+from fedjax_tl.core.client import LocalTraining
+from fedjax_tl.core.execution import (  # noqa: F401 (client_mesh, sample_clients: re-exported)
   ClientPostprocess,
   CohortRunner,
   RoundSums,
   Schedule,
+  client_mesh,
   default_schedule,
+  sample_clients,
 )
 from fedjax_tl.core.hooks import Hooks, ServerView, TrainContext
 from fedjax_tl.core.params import split_params
+from fedjax_tl.core.postprocess import ClientEncode
+from fedjax_tl.core.state import ServerState, server_view
 from fedjax_tl.data.client_data import FederatedData
 from fedjax_tl.objectives import Classification
 from fedjax_tl.transforms.base import UpdateTransform, encoded_bits, is_stateless
-from fedjax_tl.tree import abstract_init, tree_bits
-from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, pseudo_gradient
+from fedjax_tl.tree import tree_bits
+from fedjax_tl.types import ModelState, Params, PRNGKey, pseudo_gradient
 
 __all__ = ["FedAvg", "ServerState", "sample_clients", "client_mesh", "MODEL_STATE_MODES"]
 
 MODEL_STATE_MODES = ("average", "frozen", "local")
-
-
-class ServerState(NamedTuple):
-  params: Params  # trainable part of the global model
-  frozen: Params  # frozen part (never trained, never sent)
-  model_state: ModelState  # e.g. batch_stats
-  opt_state: OptState  # server optimizer state
-  round: jax.Array  # int32 scalar: rounds completed
-  # Everything kept per client, one row per client of the population, stacked [num_clients, ...]
-  # (:mod:`fedjax_tl.core.store`): a dict with only the parts this configuration uses, None if none:
-  # "model_state" (model_state="local": the client's own BatchNorm statistics), "params" (local_params: its own
-  # params), "algorithm" (the hooks' per-client state, Hooks.client_init), "uplink" (a stateful
-  # client_transform's state, e.g. error-feedback residuals). Until the rows were one store these were four
-  # fields, now read-only properties of the same names (client_states, client_params, algorithm_clients,
-  # transform_states); fedjax_tl.checkpoint restores checkpoints of that layout (LEGACY_CLIENT_ROWS).
-  clients: Any = None
-  server_transform_state: Any = None  # stateful server_transform's state
-  aggregator_state: Any = None  # the aggregator's server state (e.g. adaptive clipping's clip norm)
-  algorithm_state: Any = None  # the hooks' server state (Hooks.server_init)
-
-  def _row_part(self, part: str) -> Any:
-    return None if self.clients is None else self.clients.get(part)
-
-  @property
-  def client_states(self) -> ModelState:
-    """model_state="local": every client's own model state ``[num_clients, ...]`` (``clients["model_state"]``)."""
-    return self._row_part("model_state")
-
-  @property
-  def client_params(self) -> Params:
-    """local_params: every client's own params ``[num_clients, ...]`` (``clients["params"]``)."""
-    return self._row_part("params")
-
-  @property
-  def algorithm_clients(self) -> Any:
-    """The hooks' per-client persistent state ``[num_clients, ...]`` (``clients["algorithm"]``)."""
-    return self._row_part("algorithm")
-
-  @property
-  def transform_states(self) -> Any:
-    """A stateful client_transform's state of every client ``[num_clients, ...]`` (``clients["uplink"]``)."""
-    return self._row_part("uplink")
-
-  def full_params(self) -> Params:
-    """The global model. With ``local_params`` (FedPer, FedRep, FedBN) it has no parameters of its own for
-    those layers: they are the mean over the population of the clients' own (for evaluating one global model
-    on a shared test set; each client's model is :meth:`client_full_params`)."""
-    params = self.params
-    if self.client_params is not None:
-      params = merge_params(params, jax.tree.map(lambda a: a.mean(0), self.client_params))
-    return merge_params(params, self.frozen)
-
-  def client_full_params(self, client_id: int) -> Params:
-    """Client ``client_id``'s model: the global params with its own local params."""
-    if self.client_params is None:
-      return self.full_params()
-    own = jax.tree.map(lambda a: a[client_id], self.client_params)
-    return merge_params(merge_params(self.params, own), self.frozen)
-
-  def all_client_params(self) -> Params:
-    """Every client's model stacked ``[num_clients, ...]`` (``client_full_params`` of each client), for
-    :func:`~fedjax_tl.core.evaluate.evaluate_per_client`; without local_params, the one global model."""
-    if self.client_params is None:
-      return self.full_params()
-    n = jax.tree.leaves(self.client_params)[0].shape[0]
-    return jax.vmap(self.client_full_params)(jnp.arange(n))
-
-  @property
-  def clip_norm(self) -> jax.Array | None:
-    """Adaptive clipping's clip norm for the next round (its aggregator state)."""
-    return self.aggregator_state
-
-
-def client_mesh(devices=None) -> jax.sharding.Mesh:
-  """A 1-D mesh over ``devices`` (default: all local devices; on a multi-host TPU pod after
-  ``jax.distributed.initialize()``, all devices of all hosts) with the axis name "clients"."""
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  return jax.sharding.Mesh(devices.reshape(-1), ("clients",))
-
-
-def sample_clients(key: PRNGKey, num_clients: int, cohort_size: int) -> np.ndarray:
-  """``cohort_size`` distinct client ids, uniformly without replacement (host numpy array)."""
-  if not 1 <= cohort_size <= num_clients:
-    raise ValueError(f"cohort_size must be in [1, {num_clients}] (the number of clients), got {cohort_size}.")
-  if cohort_size == num_clients:
-    return np.arange(num_clients)
-  return np.sort(np.asarray(jax.random.choice(key, num_clients, (cohort_size,), replace=False)))
-
-
-@dataclasses.dataclass(frozen=True)
-class _ClientPostprocess:
-  """The client side of FedAvg's aggregation, for one client (vmapped): the update transform, then the
-  aggregator's encoding. A value of the client-side configuration only, so FedAvgs that differ elsewhere (e.g.
-  in the server optimizer) share the runner's compiled programs (a bound method would not: it compares its
-  ``__self__`` by identity)."""
-
-  transform: UpdateTransform | None
-  aggregator: Aggregator
-  stats: bool = False  # the averaged model state (BatchNorm statistics) goes to the aggregator with the delta
-
-  def __call__(self, out: ClientOutput, carry, ctx: ClientContext):
-    if self.transform is not None:
-      t = self.transform
-      delta, new_carry = t.apply(out.delta, t.init(out.delta) if carry is None else carry, ctx.key)
-      out = out._replace(delta=delta)
-      if carry is not None:  # a client without examples sent nothing; its state must not move
-        carry = jax.tree.map(lambda new, old: jnp.where(out.num_examples > 0, new, old), new_carry, carry)
-    agg_state, agg_shared = (None, None) if ctx.shared is None else ctx.shared
-    payload, hook_message, model_state = out.delta, out.message, out.model_state
-    if self.stats and jax.tree.leaves(out.model_state):  # averaged with the delta inside the aggregator (masked)
-      hooks_part = () if out.message is None else out.message
-      payload, hook_message, model_state = Message((out.delta, out.model_state), hooks_part), None, None
-    elif jax.tree.leaves(out.message):  # the hooks send a message: the aggregator encodes it with the delta
-      payload, hook_message = Message(out.delta, out.message), None
-    message, weight, extra = self.aggregator.encode(payload, out.num_examples, agg_state, agg_shared, ctx)
-    return out._replace(delta=message, num_examples=weight, message=hook_message, model_state=model_state,
-                        metrics={**out.metrics, **extra}), carry
 
 
 _PLAIN_SERVER = optax.sgd(1.0)  # one object, so that FedAvg(local) == FedAvg(local) (and they share programs)
@@ -288,7 +177,7 @@ class FedAvg:
     :func:`fedjax_tl.plan.plan_round` compiles for a target."""
     post = self.postprocess
     if post is None and (self.client_transform is not None or self.aggregator != Mean()):
-      post = _ClientPostprocess(self.client_transform, self.aggregator,  # (plain FedAvg's encoding is identity)
+      post = ClientEncode(self.client_transform, self.aggregator,  # (plain FedAvg's encoding is identity)
                                 self._stats_in_message())
     return CohortRunner(self.local if local is None else local, self.schedule if schedule is None else schedule,
                         pad_size, post, row_parts=self._row_parts(), mesh=self.mesh if mesh is None else mesh,
@@ -323,7 +212,7 @@ class FedAvg:
     ``params`` and ``model_state`` must be those of the LocalTraining's model (``model.init``, or weights loaded
     into them with :func:`fedjax_tl.pretrained.merge`): their paths and shapes are checked against an abstract
     trace of ``model.init``."""
-    self._check_init(params, model_state)
+    check_model_params(self.local.model, params, model_state)
     trainable, frozen = split_params(params, self.trainable)
     row, keeps = {}, []  # one client's row: what every client keeps across rounds (stored for the population)
     if self.local_params is not None:
@@ -368,26 +257,6 @@ class FedAvg:
                        "(Mean, DPFedAvg, AdaptiveClipping, SecureAggregation).")
     return state
 
-  def _check_init(self, params: Params, model_state: ModelState | None) -> None:
-    """Raises naming the first differing paths and shapes if ``params`` / ``model_state`` are not the model's."""
-    model = self.local.model
-    try:
-      want_params, want_state = abstract_init(model)
-    except Exception:  # noqa: BLE001  a model that cannot be initialised abstractly: nothing to compare against
-      return
-    which = f"the LocalTraining's model ({type(model.module).__name__}, sample_shape={model.sample_shape})"
-    diff = tree_diff(params, want_params)
-    if diff:
-      raise ValueError(f"FedAvg.init: the params are not those of {which}: {format_diff(diff)}. Pass the params "
-                       "of this model's own init (params, model_state = model.init(key)), or load saved or "
-                       "pretrained weights into them with ftl.pretrained.merge(params, loaded, dont_load=[...]), "
-                       "which names every missing, extra or mis-shaped parameter.")
-    diff = tree_diff(model_state or {}, want_state)
-    if diff:
-      raise ValueError(f"FedAvg.init: the model_state is not that of {which}: {format_diff(diff)}. Pass the "
-                       "model_state of this model's own init (the second value of model.init(key): e.g. BatchNorm "
-                       "statistics; {} for a model without state), or the one saved with these params.")
-
   def _one_client_state(self, state: ServerState) -> Any:
     if state.algorithm_clients is None:
       return self.hooks.client_init(state.params)
@@ -405,7 +274,7 @@ class FedAvg:
                               client_state=client_state)
       return out[1]
 
-    return jax.eval_shape(message, _view(state), state.algorithm_state, self._one_client_state(state))
+    return jax.eval_shape(message, server_view(state), state.algorithm_state, self._one_client_state(state))
 
   def _check_data(self, data: FederatedData) -> None:
     """Raises if ``data``'s examples do not fit the model's ``sample_shape`` (:meth:`Model.check_inputs`), or if
@@ -457,12 +326,12 @@ class FedAvg:
   def _hook_shapes(self, state: ServerState) -> tuple[int, Any]:
     """The hooks' broadcast bits and the shapes of one client's message, traced abstractly once per shape of the
     state (not every round)."""
-    parts = (_view(state), state.algorithm_state, state.algorithm_clients)
+    parts = (server_view(state), state.algorithm_state, state.algorithm_clients)
     key = (jax.tree.structure(parts), tuple((jnp.shape(x), str(jnp.result_type(x))) for x in jax.tree.leaves(parts)))
     cache = self.__dict__.setdefault("_hook_bits_cache", {})
     if key not in cache:
       h = self.hooks
-      cache[key] = (h.broadcast_bits(jax.eval_shape(h.broadcast_from, state.algorithm_state, _view(state))),
+      cache[key] = (h.broadcast_bits(jax.eval_shape(h.broadcast_from, state.algorithm_state, server_view(state))),
                     self._message_shape(state))
     return cache[key]
 
@@ -506,8 +375,8 @@ class FedAvg:
     algorithm_state = state.algorithm_state
     if self.hooks is not None:
       out = self.hooks.server_update_from(algorithm_state, mean_delta, message_sum, real.sum().astype(jnp.int32),
-                                          jnp.int32(num_clients), sums.client_metrics, _view(state))
-      self._check_server_update(out, mean_delta, algorithm_state)
+                                          jnp.int32(num_clients), sums.client_metrics, server_view(state))
+      check_server_update(self.hooks, out, mean_delta, algorithm_state)
       mean_delta, algorithm_state = out
       mean_delta = jax.tree.map(lambda d, p: d.astype(p.dtype), mean_delta, state.params)
     updates, opt_state = self.server_optimizer.update(pseudo_gradient(mean_delta), state.opt_state,
@@ -522,23 +391,6 @@ class FedAvg:
     return state._replace(params=params, model_state=model_state, opt_state=opt_state, round=state.round + 1,
                           server_transform_state=server_ts, aggregator_state=agg_state,
                           algorithm_state=algorithm_state), agg_metrics
-
-  def _check_server_update(self, out: Any, mean_delta: Params, algorithm_state: Any) -> None:
-    """At trace time: ``Hooks.server_update`` returned (a mean delta shaped as the params, a state shaped as the
-    one it was given)."""
-    where = f"{type(self.hooks).__name__}.server_update"
-    if not isinstance(out, tuple | list) or len(out) != 2:
-      raise TypeError(f"{where} must return a tuple (mean_delta, new algorithm state), got {type(out).__name__}.")
-    diff = tree_diff(out[0], mean_delta)
-    if diff:
-      raise ValueError(f"{where} returned a mean_delta that does not match the trainable params (the mean_delta "
-                       f"it was given): {format_diff(diff)}. Return it with the same structure and shapes (e.g. "
-                       "jax.tree.map over the given mean_delta).")
-    diff = tree_diff(out[1], algorithm_state)
-    if diff:
-      raise ValueError(f"{where} returned a new algorithm state that does not match the state it was given "
-                       f"(server_init's structure): {format_diff(diff)}. Keep the state's structure and shapes from "
-                       "round to round (they are the compiled round's and the checkpoint's).")
 
   def _check_message(self, state: ServerState, message_sum: Any) -> None:
     """Raises if the hooks' message in a round differs in structure or shapes from the one traced at init (to
@@ -575,7 +427,7 @@ class FedAvg:
     own = {part: row[part] for part in ("model_state", "params") if part in row} or None
     contexts = None
     if self.hooks is not None:
-      sent = per_client(self._hook_broadcast(state.algorithm_state, _view(state)))
+      sent = per_client(self._hook_broadcast(state.algorithm_state, server_view(state)))
       ids = rows if client_ids is None else client_ids
       contexts = TrainContext(None, sent, row.get("algorithm"), ids.astype(jnp.int32), per_client(state.round),
                               None, jnp.zeros((c,), jnp.int32) if self.hooks.chooses_start else None)
@@ -598,8 +450,8 @@ class FedAvg:
     scattered once after it, here and nowhere else."""
     self._check_data(data)
     sampled = np.asarray(client_ids)
-    keep = _round_input(reported, sampled, "reported", bool)
-    budget = _round_input(step_budget, sampled, "step_budget", int)
+    keep = round_input(reported, sampled, "reported", bool)
+    budget = round_input(step_budget, sampled, "step_budget", int)
     if keep is not None:
       client_ids = sampled[keep]
       budget = None if budget is None else budget[keep]
@@ -673,25 +525,3 @@ class FedAvg:
     return new_state, metrics
 
 
-def _view(state: ServerState) -> ServerView:
-  """What the hooks' server side sees of the server state."""
-  return ServerView(state.params, state.opt_state, state.model_state, state.round)
-
-
-def _round_input(value, client_ids: np.ndarray, name: str, kind: type) -> np.ndarray | None:
-  """A per-client round input (``reported`` / ``step_budget``) as a host array aligned with ``client_ids``, or an
-  error naming what is wrong."""
-  if value is None:
-    return None
-  a = np.asarray(value)
-  if a.shape != client_ids.shape:
-    raise ValueError(f"FedAvg.apply's {name} has shape {a.shape}; it must have one entry per client of the cohort "
-                     f"(shape {client_ids.shape}), in the order of client_ids.")
-  if kind is bool:
-    if a.dtype != np.bool_:
-      raise TypeError(f"FedAvg.apply's reported must be a bool array (True: the client reports), got dtype {a.dtype}.")
-    return a
-  if not np.issubdtype(a.dtype, np.integer) or (a < 0).any():
-    raise ValueError(f"FedAvg.apply's step_budget must hold integers >= 0 (each client's most local steps this "
-                     f"round), got {a[:5].tolist()} (dtype {a.dtype}).")
-  return a.astype(np.int64)

@@ -22,15 +22,15 @@ import optax
 
 from fedjax_tl.algorithms.ditto import Ditto
 from fedjax_tl.algorithms.feddyn import FedDyn
+from fedjax_tl.algorithms.fedlc import FedLC
 from fedjax_tl.algorithms.fednova import FedNova
 from fedjax_tl.algorithms.fedopt import SERVER_OPTIMIZERS, server_optimizer
-from fedjax_tl.algorithms.fedlc import FedLC
 from fedjax_tl.algorithms.fedprox import fedprox
 from fedjax_tl.algorithms.ifca import IFCA
 from fedjax_tl.algorithms.mimelite import MimeLite
 from fedjax_tl.algorithms.moon import MOON
-from fedjax_tl.algorithms.qffl import QFFL
 from fedjax_tl.algorithms.personal import BN_PARAMS, HeadThenBody
+from fedjax_tl.algorithms.qffl import QFFL
 from fedjax_tl.algorithms.scaffold import Scaffold
 from fedjax_tl.core.client import LocalTraining
 from fedjax_tl.core.evaluate import evaluate_per_client

@@ -459,7 +459,8 @@ def _show(v) -> str:
 
 _HYPER = {"prox_mu": "fedprox", "scaffold_option": "scaffold", "dyn_alpha": "feddyn", "head_steps": "fedrep",
           "ditto_lambda": "ditto", "mime_beta": "mimelite", "ifca_models": "ifca", "qffl_q": "qffl",
-          "fedlc_tau": "fedlc", "moon_mu": "moon"}  # flag -> the algorithm it belongs to (with another one it would be ignored)
+          "fedlc_tau": "fedlc", "moon_mu": "moon"}
+# (flag -> the algorithm it belongs to: with another one it would be ignored)
 
 
 @rule("algorithm", bad=[["--algorithm=fedsgd"]])
