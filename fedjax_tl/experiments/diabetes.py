@@ -57,7 +57,7 @@ class Config(TaskFlags):
 
 PRESETS = {
     "default": Config(),
-    "smoke": Config(rounds=4, num_clients=4, clients_per_round=4, hidden=8),
+    "smoke": Config(rounds=4, num_clients=4, clients_per_round=4, hidden=8, client_lr=0.05),
 }
 
 RUN_DIRS = ("fedavg",)  # under --workdir (which holds results.json); the central reference is not checkpointed
