@@ -38,6 +38,7 @@ import numpy as np
 
 from fedjax_tl.core.client import LocalTraining
 from fedjax_tl.core.execution import CohortRunner, Schedule, default_schedule
+from fedjax_tl.core.fedavg import FedAvg
 from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import Cohort
 from fedjax_tl.tree import abstract_init
@@ -134,10 +135,12 @@ def _abstract(tree, sharding):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def compile_round(local: LocalTraining, devices: Sequence, *, cohort_size: int, pad_size: int,
+def compile_round(local: LocalTraining | FedAvg, devices: Sequence, *, cohort_size: int, pad_size: int,
                   num_train: int, schedule: Schedule, trainable: str | None = None) -> dict:
   """Compiles one round of ``local`` training for ``cohort_size`` clients of ``pad_size`` examples each (from
   a training set of ``num_train`` examples kept on device) under ``schedule`` on ``devices``; nothing runs.
+  Given a :class:`~fedjax_tl.FedAvg` instead, compiles that algorithm's own round: its hooks (their broadcast,
+  per-client state and messages), per-client rows, client transform and aggregator encoding, its trainable part.
 
   Returns the compiler's figures per device: ``bytes`` (arguments + outputs - aliased + temporaries + code),
   its parts, ``flops`` (loop bodies once, as XLA counts), ``compile_s``. A program too large for the compiler
@@ -146,6 +149,9 @@ def compile_round(local: LocalTraining, devices: Sequence, *, cohort_size: int, 
   if schedule.loop != "scan":
     raise PlanError(f"Only one-program schedules (loop 'scan') can be compiled ahead of time, got {schedule}.")
   n_dev = len(devices)
+  algo = local if isinstance(local, FedAvg) else None
+  if algo is not None:
+    local, trainable = algo.local, algo.trainable
   if local.fast_path and devices[0].platform != "cpu":  # the host backend would pick the CPU rewrite while tracing
     local = dataclasses.replace(local, fast_path=False)
   mesh = jax.sharding.Mesh(np.asarray(devices), ("clients",))
@@ -153,16 +159,26 @@ def compile_round(local: LocalTraining, devices: Sequence, *, cohort_size: int, 
   model = local.model
   params, state = abstract_init(model)
   train, frozen = split_params(params, trainable)
-  runner = CohortRunner(local, schedule, pad_size, mesh=mesh if n_dev > 1 else None)
+  if algo is None:
+    runner = CohortRunner(local, schedule, pad_size, mesh=mesh if n_dev > 1 else None)
+  else:
+    runner = algo.make_runner(pad_size, local=local, schedule=schedule, mesh=mesh if n_dev > 1 else None)
   c = runner.padded_cohort_size(cohort_size)
   cohort = Cohort(jax.ShapeDtypeStruct((c,), jnp.int32), jax.ShapeDtypeStruct((c, pad_size), jnp.int32),
                   jax.ShapeDtypeStruct((c,), jnp.int32))
   x = jax.ShapeDtypeStruct((num_train, *model.sample_shape), model.sample_dtype)
   y = jax.ShapeDtypeStruct((num_train,), jnp.int32)
   key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+  extra = (None, None)
+  if algo is not None:  # the algorithm's own inputs: its state's trainable part, rows, contexts, aggregator
+    server, own, contexts, carry = jax.eval_shape(lambda p, s: algo.round_inputs(p, s, c), params, state)
+    train, frozen, state = server.params, server.frozen, server.model_state
+    agg_state = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), server.aggregator_state)
+    shared, _ = algo.aggregator.setup(agg_state, c, c, float(pad_size), jax.random.PRNGKey(0))
+    extra = _abstract((carry, (agg_state, shared), (own, contexts, None)), replicated)
   args = _abstract((train, frozen, state, x, y, cohort, key), replicated)
   t = time.perf_counter()
-  compiled = runner._round_jit.lower(*args, None, None).compile()  # noqa: SLF001 - the round's program itself
+  compiled = runner._round_jit.lower(*args, *extra).compile()  # noqa: SLF001 - the round's program itself
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
   parts = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
@@ -196,10 +212,12 @@ def _try(fn: Callable[[], dict], log) -> dict | None:
     raise
 
 
-def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, pad_size: int, num_train: int,
+def plan_round(local: LocalTraining | FedAvg, target: str | Target, *, cohort_size: int, pad_size: int, num_train: int,
                trainable: str | None = None, schedule: str | Schedule = "auto", hbm_fraction: float = 0.9,
                memory_bytes: int | None = None, max_compiles: int = 6, log=print) -> dict:
-  """The schedule for ``cohort_size`` clients per round on ``target`` and what it needs per device.
+  """The schedule for ``cohort_size`` clients per round on ``target`` and what it needs per device: of plain
+  local training (a :class:`LocalTraining`), or of an algorithm's own round (a :class:`~fedjax_tl.FedAvg`: its
+  hooks, per-client rows, transforms and aggregator, :func:`compile_round`).
 
   ``schedule="auto"``: the target platform's default (one program, whole cohort vmapped) if it fits
   ``hbm_fraction`` of the device memory, else the largest balanced ``chunked:K`` that fits (K a multiple of
@@ -214,7 +232,7 @@ def plan_round(local: LocalTraining, target: str | Target, *, cohort_size: int, 
   devices = target_devices(tgt)
   n_dev = len(devices)
   budget = int(hbm_fraction * tgt.hbm_bytes)
-  steps = local.num_steps(pad_size)
+  steps = (local.local if isinstance(local, FedAvg) else local).num_steps(pad_size)
 
   def compile_k(k: int) -> dict | None:
     sched = dataclasses.replace(base, chunk_size=k)

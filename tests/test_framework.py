@@ -229,3 +229,26 @@ def test_hook_message_bits_are_traced_once_per_state_shape(tiny_local, tiny_data
   bits = [algo.communication_bits(state) for _ in range(3)]
   assert bits == [(base[0], base[1] + 3 * 32)] * 3
   assert len(traced) == n + 1  # once, then the cached figure
+
+
+def test_ditto_takes_the_global_models_transforms_and_round_inputs(tiny_local, tiny_data, tiny_params):
+  """Ditto's global half is FedAvg with any aggregator / uplink transform: with them its global model is that FedAvg's
+  bit for bit, and the personal pass (which sends nothing) is unchanged; a client that does not report keeps its
+  personal model."""
+  import fedjax_tl as ftl
+
+  params, state = tiny_params
+  ids, key = np.array([0, 1, 3]), jax.random.PRNGKey(4)
+  topk = ftl.compression.top_k(0.5)
+  ditto = ftl.Ditto(tiny_local, 0.1, schedule="sequential", aggregator=ftl.UniformMean(), client_transform=topk)
+  plain = ftl.Ditto(tiny_local, 0.1, schedule="sequential")
+  fed = ftl.FedAvg(tiny_local, schedule="sequential", aggregator=ftl.UniformMean(), client_transform=topk)
+  s, m = ditto.apply(ditto.init(params, state, num_clients=5), tiny_data, ids, key)
+  s_plain, m_plain = plain.apply(plain.init(params, state, num_clients=5), tiny_data, ids, key)
+  s_fed, m_fed = fed.apply(fed.init(params, state), tiny_data, ids, key)
+  jax.tree.map(np.testing.assert_array_equal, s.server.params, s_fed.params)
+  jax.tree.map(np.testing.assert_array_equal, s.personal_params(), s_plain.personal_params())
+  assert int(m["bytes_up"]) == int(m_fed["bytes_up"]) < int(m_plain["bytes_up"])
+  s2, _ = ditto.apply(s, tiny_data, ids, key, reported=np.array([True, False, True]))
+  mine = lambda st: jax.tree.map(lambda a: np.asarray(a[1]), st.personal_params())  # noqa: E731
+  jax.tree.map(np.testing.assert_array_equal, mine(s2), mine(s))

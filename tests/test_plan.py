@@ -8,6 +8,7 @@ import importlib.util
 import sys
 
 import flax.linen as nn
+import jax
 import optax
 import pytest
 
@@ -108,3 +109,24 @@ def test_compiler_out_of_memory_is_a_probe_not_a_crash():
   assert r["oom"] and r["bytes"] == int(31.29 * (1 << 30)) and not plan._fits(r, 1 << 50)
   with pytest.raises(ValueError, match="unrelated"):
     plan._try(lambda: (_ for _ in ()).throw(ValueError("unrelated")), log=lambda *_: None)
+
+
+def test_plan_compiles_the_algorithms_own_round():
+  """An algorithm's round carries more than plain local training: SCAFFOLD's control variates (the server's c
+  broadcast to every client, each client's c_i row) are arguments of its program, and error feedback's residual
+  rows too; the plan compiles that program, so its argument bytes grow by at least those arrays."""
+  import fedjax_tl as ftl
+
+  local = _local()
+  devices = plan.target_devices(plan.resolve_target("host"))
+  kw = dict(cohort_size=4, pad_size=8, num_train=64, schedule=Schedule(0, "scan", 1))
+  plain = plan.compile_round(local, devices, **kw)
+  params, _ = local.model.init(jax.random.PRNGKey(0))
+  size = sum(a.size * 4 for a in jax.tree.leaves(params))
+  scaffold = plan.compile_round(ftl.FedAvg(local, hooks=ftl.Scaffold(0.1)), devices, **kw)
+  assert scaffold["argument_bytes"] >= plain["argument_bytes"] + 2 * 4 * size, (scaffold, plain)
+  ef = ftl.FedAvg(local, client_transform=ftl.compression.error_feedback(ftl.compression.top_k(0.1)))
+  assert plan.compile_round(ef, devices, **kw)["argument_bytes"] >= plain["argument_bytes"] + 4 * size
+  row = plan.plan_round(ftl.FedAvg(local, hooks=ftl.Scaffold(0.1)), "host", cohort_size=4, pad_size=8, num_train=64,
+                        memory_bytes=1 << 30, log=lambda *_: None)
+  assert row["fits"] and row["argument_bytes"] == scaffold["argument_bytes"]

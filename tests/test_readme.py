@@ -80,3 +80,10 @@ def test_readme_front_page_is_short_and_links_every_reference_page():
   assert len(text.splitlines()) <= 150, "the front page is a summary: move reference material to docs/*.md"
   for page in PAGES[1:]:
     assert f"(docs/{page.name})" in text, f"README.md does not link docs/{page.name}"
+
+
+def test_objectives_example_runs():
+  namespace = _run("objectives-example")
+  history = namespace["history"]
+  assert len(history) == 5 and history[-1]["train_loss"] < history[0]["train_loss"]
+  assert "train_r2" in history[-1] and not all(r for h in history for r in h["client_metrics"]["reported"])

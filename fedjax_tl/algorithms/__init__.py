@@ -6,7 +6,9 @@ optax transforms of the pseudo-gradient. Client objective: FedProx (:mod:`~fedja
 SCAFFOLD (:mod:`~fedjax_tl.algorithms.scaffold`, Karimireddy et al. 2020), FedDyn
 (:mod:`~fedjax_tl.algorithms.feddyn`, Acar et al. 2021), FedNova (:mod:`~fedjax_tl.algorithms.fednova`, Wang et al.
 2020), MimeLite (:mod:`~fedjax_tl.algorithms.mimelite`, Karimireddy et al. 2021). Clustering: IFCA
-(:mod:`~fedjax_tl.algorithms.ifca`, Ghosh et al. 2020). Personalization: FedPer, FedRep, FedBN (:mod:`~fedjax_tl.algorithms.personal`) and Ditto
+(:mod:`~fedjax_tl.algorithms.ifca`, Ghosh et al. 2020). Loss terms: MOON (:mod:`~fedjax_tl.algorithms.moon`, Li et
+al. 2021), FedLC (:mod:`~fedjax_tl.algorithms.fedlc`, Zhang et al. 2022). Fairness: q-FFL
+(:mod:`~fedjax_tl.algorithms.qffl`, Li et al. 2020). Personalization: FedPer, FedRep, FedBN (:mod:`~fedjax_tl.algorithms.personal`) and Ditto
 (:mod:`~fedjax_tl.algorithms.ditto`, Li et al. 2021).
 """
 
@@ -23,8 +25,11 @@ from fedjax_tl.algorithms.fedopt import (
   fedopt,
   server_optimizer,
 )
+from fedjax_tl.algorithms.fedlc import FedLC
 from fedjax_tl.algorithms.ifca import IFCA
 from fedjax_tl.algorithms.mimelite import MimeLite
+from fedjax_tl.algorithms.moon import MOON
+from fedjax_tl.algorithms.qffl import QFFL
 from fedjax_tl.algorithms.fedprox import ProxState, fedprox, proximal_term
 from fedjax_tl.algorithms.personal import BN_PARAMS, HeadThenBody, fedbn, fedper, fedrep
 from fedjax_tl.algorithms.scaffold import Scaffold
@@ -32,4 +37,4 @@ from fedjax_tl.algorithms.scaffold import Scaffold
 __all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
            "server_optimizer", "ProxState", "fedprox", "proximal_term",
            "Scaffold", "Ditto", "DittoState",
-           "FedDyn", "FedNova", "IFCA", "MimeLite", "fedper", "fedrep", "fedbn", "HeadThenBody", "BN_PARAMS"]
+           "FedDyn", "FedNova", "IFCA", "MimeLite", "MOON", "FedLC", "QFFL", "fedper", "fedrep", "fedbn", "HeadThenBody", "BN_PARAMS"]

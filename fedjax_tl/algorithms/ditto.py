@@ -76,6 +76,9 @@ class Ditto:
     personal_local: the personal models' local training (default: ``local``).
     server_optimizer, schedule, trainable, model_state: as for :class:`~fedjax_tl.FedAvg` (the personal models
       keep their own BatchNorm statistics unless ``model_state="frozen"``).
+    aggregator, client_transform, server_transform, downlink: the global model's, as for FedAvg (DP, secure
+      aggregation, compression of what is sent; the personal pass sends nothing, so they do not apply to it; its
+      anchor is the global model in full precision).
   """
 
   local: ftl.LocalTraining
@@ -85,6 +88,10 @@ class Ditto:
   schedule: str | ftl.Schedule = "auto"
   trainable: str | None = None
   model_state: str = "average"
+  aggregator: ftl.aggregators.Aggregator = ftl.aggregators.Mean()
+  client_transform: ftl.UpdateTransform | None = None
+  server_transform: ftl.UpdateTransform | None = None
+  downlink: ftl.UpdateTransform | None = None
 
   def __post_init__(self):
     if not self.lam >= 0:
@@ -92,7 +99,9 @@ class Ditto:
     check_optimizer(self.server_optimizer, "Ditto's server_optimizer", "optax.sgd(1.0) (plain FedAvg)")
     personal_ms = "frozen" if self.model_state == "frozen" else "local"
     object.__setattr__(self, "_global", ftl.FedAvg(self.local, self.server_optimizer, self.schedule,
-                                                   trainable=self.trainable, model_state=self.model_state))
+                                                   trainable=self.trainable, model_state=self.model_state,
+                                                   aggregator=self.aggregator, client_transform=self.client_transform,
+                                                   server_transform=self.server_transform, downlink=self.downlink))
     object.__setattr__(self, "_personal", ftl.FedAvg(self.personal_local or self.local, schedule=self.schedule,
                                                      trainable=self.trainable, model_state=personal_ms,
                                                      local_params=".*", hooks=_ProximalToGlobal(self.lam)))
@@ -105,11 +114,12 @@ class Ditto:
     personal = self._personal.init(params, model_state, num_clients=num_clients)
     return DittoState(server, personal._replace(algorithm_state=server.params))
 
-  def apply(self, state: DittoState, data, client_ids, key) -> tuple[DittoState, dict]:
-    """One round: the global FedAvg round and, from the same broadcast, the cohort's personal steps."""
+  def apply(self, state: DittoState, data, client_ids, key, **round_inputs) -> tuple[DittoState, dict]:
+    """One round: the global FedAvg round and, from the same broadcast, the cohort's personal steps; the round's
+    inputs (``reported``, ``step_budget``: :meth:`FedAvg.apply`) apply to both."""
     personal, pm = self._personal.apply(state.personal._replace(algorithm_state=state.server.params), data,
-                                        client_ids, key)
-    server, metrics = self._global.apply(state.server, data, client_ids, key)
+                                        client_ids, key, **round_inputs)
+    server, metrics = self._global.apply(state.server, data, client_ids, key, **round_inputs)
     metrics = {**metrics, "personal_train_loss": pm["train_loss"], "personal_train_accuracy": pm["train_accuracy"]}
     return DittoState(server, personal._replace(algorithm_state=server.params)), metrics
 

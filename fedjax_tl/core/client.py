@@ -28,9 +28,9 @@ import optax
 
 from fedjax_tl import keys
 from fedjax_tl.core.checks import check_hook_output, check_optimizer
-from fedjax_tl.core.hooks import Hooks, TrainContext
+from fedjax_tl.core.hooks import Hooks, LossBatch, TrainContext
 from fedjax_tl.core.params import split_params
-from fedjax_tl.models.base import Model
+from fedjax_tl.models.base import Model, logits_of
 from fedjax_tl.models.fast import fast_cpu
 from fedjax_tl.objectives import Classification, Objective, masked_cross_entropy
 from fedjax_tl.types import ModelState, OptState, Params, PRNGKey, Updates
@@ -205,9 +205,9 @@ class LocalTraining:
     own = split_params(state.params, self.personal)[0] if self.personal is not None else {}
 
     def loss(p):
-      logits, _ = self.train_model.apply(merge_params(merge_params(p, own), frozen), state.model_state, xb,
-                                         train=False, mask=mask)
-      return self.objective.loss(logits, yb, mask)[0]
+      out, _ = self.train_model.apply(merge_params(merge_params(p, own), frozen), state.model_state, xb,
+                                      train=False, mask=mask)
+      return self.objective.loss(logits_of(out), yb, mask)[0]
 
     j = jnp.argmin(jax.lax.map(loss, cands)).astype(jnp.int32)
     start = jax.tree.map(lambda c: c[j], cands)
@@ -246,21 +246,36 @@ class LocalTraining:
     if self.augment is not None:
       xb = self.augment(aug_key, xb)
 
-    def loss_fn(p):
-      logits, new_model_state = self.train_model.apply(merge_params(p, frozen), state.model_state, xb,
-                                                       train=self.norm_stats == "batch", mask=mask, rng=drop_key)
-      mean, stats = self.objective.loss(logits, yb, mask)
-      return mean, (new_model_state, stats)
+    loss_hook = self.hooks is not None and self.hooks.has_loss
+    hook = state.hook
 
-    grads, (new_ms, stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    def loss_fn(p):
+      out, new_model_state = self.train_model.apply(merge_params(p, frozen), state.model_state, xb,
+                                                    train=self.norm_stats == "batch", mask=mask, rng=drop_key)
+      mean, stats = self.objective.loss(logits_of(out), yb, mask)
+      hook_state = None
+      if loss_hook:  # the algorithm's loss term: sees the outputs (features too), the batch and other models
+        ctx, hook_state = hook
+        other = lambda q: self.train_model.apply(merge_params(q, frozen), state.model_state, xb,  # noqa: E731
+                                                 train=False, mask=mask)[0]
+        res = self.hooks.loss(mean, LossBatch(out, yb, mask, other), p, hook_state, ctx, t)
+        if not isinstance(res, tuple | list) or len(res) != 2 or jnp.shape(res[0]) != ():
+          raise TypeError(f"{type(self.hooks).__name__}.loss must return (a scalar loss, its local-training state), "
+                          f"got {type(res).__name__}.")
+        mean, hook_state = res
+      return mean, (new_model_state, stats, hook_state)
+
+    grads, (new_ms, stats, loss_state) = jax.grad(loss_fn, has_aux=True)(state.params)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-    hook, counted = state.hook, active
+    counted = active
     if self.hooks is not None:
       ctx, hook_state = hook
+      if loss_hook:
+        hook_state = loss_state
       out = self.hooks.grads(grads, state.params, hook_state, ctx, t)
       out = check_hook_output(self.hooks, "grads", out, grads=grads, state=hook_state)
       grads, new_hook_state = out[:2]
-      hook = (ctx, keep(new_hook_state, hook_state))
+      hook = (ctx, keep(new_hook_state, state.hook[1]))  # an inactive step leaves it as it was
       if len(out) == 3:  # the hook skips this step: nothing changes (not even an optimizer's momentum) and the
         # step count the hooks see (FedNova's tau) does not count it
         counted = active & ~jnp.asarray(out[2], bool)

@@ -14,7 +14,7 @@ from fedjax_tl import keys
 from fedjax_tl.core.client import LocalTraining, merge_params, stats_shapes
 from fedjax_tl.core.params import split_params
 from fedjax_tl.data.client_data import FederatedData
-from fedjax_tl.models.base import Model
+from fedjax_tl.models.base import Model, logits_of
 from fedjax_tl.objectives import Classification, Objective
 from fedjax_tl.tree import abstract_init
 from fedjax_tl.types import ModelState, Params
@@ -35,8 +35,8 @@ def eval_batch_size(n: int, batch_size: int = 256) -> int:
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
 def _eval_batch(model: Model, params, state, x, y, mask, objective: Objective):
-  logits, _ = model.apply(params, state, x, train=False)
-  return objective.stats(logits, y, mask)
+  out, _ = model.apply(params, state, x, train=False)
+  return objective.stats(logits_of(out), y, mask)
 
 
 def _check_finite_inputs(x, where: str) -> None:
@@ -123,8 +123,8 @@ def _per_client(params, model_state, x_train, y_train, train_idx, train_n, x_tes
     def stats(j):
       idx = jax.lax.dynamic_slice(te_idx, (j * batch,), (batch,))
       mask = j * batch + jnp.arange(batch) < te_n
-      logits, _ = model.apply(p, ms, x_test[idx], train=False)
-      return objective.stats(logits, y_test[idx], mask)
+      out, _ = model.apply(p, ms, x_test[idx], train=False)
+      return objective.stats(logits_of(out), y_test[idx], mask)
 
     def body(total, j):
       return jax.tree.map(jnp.add, total, stats(j)), None

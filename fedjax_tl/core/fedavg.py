@@ -278,13 +278,30 @@ class FedAvg:
 
   def runner(self, pad_size: int) -> CohortRunner:
     if pad_size not in self._runners:
-      post = self.postprocess
-      if post is None and (self.client_transform is not None or self.aggregator != Mean()):
-        post = _ClientPostprocess(self.client_transform, self.aggregator,  # (plain FedAvg's encoding is identity)
-                                  self._stats_in_message())
-      self._runners[pad_size] = CohortRunner(self.local, self.schedule, pad_size, post, row_parts=self._row_parts(),
-                                             mesh=self.mesh, reducer=reducer_of(self.aggregator))
+      self._runners[pad_size] = self.make_runner(pad_size)
     return self._runners[pad_size]
+
+  def make_runner(self, pad_size: int, *, local: LocalTraining | None = None, schedule: Schedule | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> CohortRunner:
+    """A runner of this configuration's round (its client postprocessing, per-client rows and the aggregator's
+    reducer), optionally with another local training (e.g. without the CPU rewrite), schedule or mesh: what
+    :func:`fedjax_tl.plan.plan_round` compiles for a target."""
+    post = self.postprocess
+    if post is None and (self.client_transform is not None or self.aggregator != Mean()):
+      post = _ClientPostprocess(self.client_transform, self.aggregator,  # (plain FedAvg's encoding is identity)
+                                self._stats_in_message())
+    return CohortRunner(self.local if local is None else local, self.schedule if schedule is None else schedule,
+                        pad_size, post, row_parts=self._row_parts(), mesh=self.mesh if mesh is None else mesh,
+                        reducer=reducer_of(self.aggregator))
+
+  def round_inputs(self, params: Params, model_state: ModelState, cohort_size: int) -> tuple:
+    """(server state, the cohort's own rows, its hooks' contexts, its client-transform carry) for a cohort of
+    ``cohort_size`` clients, as the round builds them; trace it abstractly (``jax.eval_shape``) to plan a round."""
+    state = self.init(params, model_state, num_clients=cohort_size)
+    ids = jnp.arange(cohort_size)
+    row = store.gather(state.clients, ids, cohort_size, "client rows")
+    own, contexts = self._cohort_inputs(state, row, ids)
+    return state, own, contexts, None if row is None else row.get("uplink")
 
   def _stats_in_message(self) -> bool:
     """Whether the averaged model state (BatchNorm statistics) goes through the aggregator inside the message's

@@ -37,7 +37,7 @@ import jax
 from fedjax_tl.tree import tree_bits
 from fedjax_tl.types import Params, PyTree
 
-__all__ = ["Hooks", "TrainContext", "ServerView", "ChainHooks", "chain_hooks",
+__all__ = ["Hooks", "TrainContext", "ServerView", "LossBatch", "ChainHooks", "chain_hooks",
            "tree_bits"]  # tree_bits: re-exported from fedjax_tl.tree, its home
 
 
@@ -51,6 +51,16 @@ class TrainContext(NamedTuple):
   round: jax.Array  # int32 scalar: rounds completed before this one
   num_examples: jax.Array = None  # int32 scalar: the client's number of training examples
   choice: jax.Array = None  # int32 scalar: which of Hooks.candidates the client started from (None without them)
+
+
+class LossBatch(NamedTuple):
+  """What :meth:`Hooks.loss` sees of a local step's batch."""
+
+  outputs: Any  # the model's outputs for the batch (logits, or a dict with "logits" and e.g. "features")
+  targets: Any  # the batch's targets
+  mask: jax.Array  # bool [B]: real examples (padding rows are False)
+  apply: Any  # q -> the model's outputs on this batch with other trainable params q (inference mode), e.g. the
+  # global model's or the client's previous model's representation
 
 
 class ServerView(NamedTuple):
@@ -111,6 +121,18 @@ class Hooks:
   def start(self, ctx: TrainContext) -> Any:
     """The client's local-training state at the start of the round (seen and updated by ``grads``)."""
     return None
+
+  def loss(self, loss: jax.Array, batch: LossBatch, params: Params, state: Any, ctx: TrainContext,
+           t: jax.Array) -> tuple[jax.Array, Any]:
+    """The loss local step ``t`` differentiates (w.r.t. ``params``), from the objective's mean ``loss`` over the
+    batch and what the model computed (``batch.outputs``, ``batch.apply`` for other params); returns (loss, the
+    local-training state). Default: the objective's loss. (The clients' reported metrics stay the objective's.)"""
+    return loss, state
+
+  @property
+  def has_loss(self) -> bool:
+    """Whether the hooks change the loss (:meth:`loss` is overridden)."""
+    return type(self).loss is not Hooks.loss
 
   def grads(self, grads: Params, params: Params, state: Any, ctx: TrainContext, t: jax.Array) -> tuple[Params, Any]:
     """Changes the loss gradient of local step ``t`` before the client optimizer sees it. May return a third value,
@@ -183,6 +205,17 @@ class ChainHooks(Hooks):
   @property
   def chooses_start(self) -> bool:
     return any(h.chooses_start for h in self.hooks)
+
+  @property
+  def has_loss(self) -> bool:
+    return any(h.has_loss for h in self.hooks)
+
+  def loss(self, loss, batch, params, state, ctx, t):
+    new = []
+    for i, h in enumerate(self.hooks):
+      loss, s = h.loss(loss, batch, params, state[i], self._ctx(ctx, i), t)
+      new.append(s)
+    return loss, tuple(new)
 
   def candidates(self, ctx):
     for i, h in enumerate(self.hooks):

@@ -2,6 +2,8 @@
 
     --algorithm=fedavg | fedavgm | fedadagrad | fedadam | fedyogi      server optimizer at --server_lr
               | fedprox (--prox_mu) | scaffold (--scaffold_option) | feddyn (--dyn_alpha) | fednova
+              | mimelite (--mime_beta) | ifca (--ifca_models) | qffl (--qffl_q) | fedlc (--fedlc_tau)
+              | moon (--moon_mu; the model returns its representation)
               | fedper | fedrep (--head_steps) | fedbn | ditto (--ditto_lambda)               personalization
     --personal_eval=true     every client's accuracy on its own held-out examples each round (on by default
                              for the personalized algorithms), --personal_fraction of its examples held out,
@@ -22,7 +24,12 @@ from fedjax_tl.algorithms.ditto import Ditto
 from fedjax_tl.algorithms.feddyn import FedDyn
 from fedjax_tl.algorithms.fednova import FedNova
 from fedjax_tl.algorithms.fedopt import SERVER_OPTIMIZERS, server_optimizer
+from fedjax_tl.algorithms.fedlc import FedLC
 from fedjax_tl.algorithms.fedprox import fedprox
+from fedjax_tl.algorithms.ifca import IFCA
+from fedjax_tl.algorithms.mimelite import MimeLite
+from fedjax_tl.algorithms.moon import MOON
+from fedjax_tl.algorithms.qffl import QFFL
 from fedjax_tl.algorithms.personal import BN_PARAMS, HeadThenBody
 from fedjax_tl.algorithms.scaffold import Scaffold
 from fedjax_tl.core.client import LocalTraining
@@ -32,7 +39,7 @@ from fedjax_tl.core.fedavg import FedAvg
 __all__ = ["AlgorithmFlags", "ALGORITHMS", "PERSONALIZED", "algorithm_kwargs",
            "make_algorithm", "personal_eval"]
 
-GLOBAL = (*SERVER_OPTIMIZERS, "fedprox", "scaffold", "feddyn", "fednova")
+GLOBAL = (*SERVER_OPTIMIZERS, "fedprox", "scaffold", "feddyn", "fednova", "mimelite", "ifca", "qffl", "fedlc", "moon")
 PERSONALIZED = ("fedper", "fedrep", "fedbn", "ditto")
 ALGORITHMS = GLOBAL + PERSONALIZED
 HEAD = "^head"  # the experiments' models name their classifier layers "head" (and "head_hidden<i>")
@@ -49,13 +56,19 @@ class AlgorithmFlags:
   dyn_alpha: float = 0.01  # FedDyn's regularisation strength alpha (--algorithm=feddyn)
   head_steps: int = 5  # FedRep: local steps on the personal head before the body's steps (--algorithm=fedrep)
   ditto_lambda: float = 0.1  # Ditto's pull of the personal models to the global one (--algorithm=ditto)
+  mime_beta: float = 0.9  # MimeLite's server momentum, applied in every local step (--algorithm=mimelite)
+  ifca_models: int = 2  # IFCA's number of cluster models (--algorithm=ifca)
+  qffl_q: float = 1.0  # q-FFL's fairness exponent q (--algorithm=qffl; 0: uniform average)
+  fedlc_tau: float = 1.0  # FedLC's logit-calibration strength tau (--algorithm=fedlc)
+  moon_mu: float = 1.0  # MOON's model-contrastive loss weight mu (--algorithm=moon)
   personal_eval: bool = False  # each client's accuracy on its own held-out examples (on for personalized ones)
   personal_fraction: float = 0.2  # share of every client's examples held out for --personal_eval
   finetune_steps: int = 0  # personalized evaluation after this many local steps from the evaluated model
 
 
-def algorithm_kwargs(cfg, local: LocalTraining) -> dict:
-  """FedAvg's keyword arguments for ``--algorithm`` (all but Ditto, which is not a FedAvg)."""
+def algorithm_kwargs(cfg, local: LocalTraining, data=None) -> dict:
+  """FedAvg's keyword arguments for ``--algorithm`` (all but Ditto, which is not a FedAvg); FedLC needs the
+  training ``data`` (its clients' label counts)."""
   a = cfg.algorithm
   kw = {"local": local, "server_optimizer": optax.sgd(cfg.server_lr)}
   if a in SERVER_OPTIMIZERS and a != "fedavg":
@@ -68,6 +81,18 @@ def algorithm_kwargs(cfg, local: LocalTraining) -> dict:
     kw["hooks"] = FedDyn(cfg.dyn_alpha)
   elif a == "fednova":
     kw["hooks"] = FedNova(momentum=0.9 if cfg.client_optimizer == "momentum" else 0.0)
+  elif a == "mimelite":
+    kw["hooks"] = MimeLite(cfg.mime_beta)
+  elif a == "ifca":
+    kw["hooks"] = IFCA(cfg.ifca_models, seed=cfg.seed)
+  elif a == "qffl":
+    kw["hooks"] = QFFL(cfg.qffl_q, lr=cfg.client_lr)
+  elif a == "fedlc":
+    if data is None:
+      raise ValueError("--algorithm=fedlc needs the training data's label counts: algorithm_kwargs(cfg, local, data).")
+    kw["hooks"] = FedLC.for_data(data, cfg.fedlc_tau)
+  elif a == "moon":
+    kw["hooks"] = MOON(cfg.moon_mu)
   elif a == "fedper":
     kw["local_params"] = HEAD
   elif a == "fedrep":

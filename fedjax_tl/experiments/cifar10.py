@@ -215,7 +215,8 @@ def make_model(cfg: Config, num_classes: int, sample_shape: tuple[int, ...]) -> 
   dtype = DTYPES[cfg.dtype]
   backbone = (resnet.ResNet50Torch(dtype=dtype) if cfg.weights == "timm"
               else BACKBONES[cfg.model](norm=cfg.norm, dtype=dtype))
-  module = resnet.ClassifierHead(backbone, num_classes=num_classes, hidden=hidden, dtype=dtype)
+  module = resnet.ClassifierHead(backbone, num_classes=num_classes, hidden=hidden, dtype=dtype,
+                                 representation=cfg.algorithm == "moon")
   size = cfg.image_size if cfg.image_size != sample_shape[0] else None
   preprocess = resnet.torch_preprocess if cfg.weights == "timm" else resnet.caffe_preprocess
   return Model(module, sample_shape, preprocess=augment.with_resize(preprocess, size))
@@ -299,7 +300,7 @@ def run(cfg: Config, log=print) -> dict:
                         epochs=cfg.local_epochs, augment=augment.random_crop_flip if cfg.augment else None)
   privacy = privacy_setup(cfg, data.num_clients, log)
   transform_kwargs, round_metrics = transform_setup(cfg, data.num_clients, log, privacy=privacy)
-  transform_kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local), **transform_kwargs}, log)
+  transform_kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local, data), **transform_kwargs}, log)
   params = pruning.prune(params) if pruning is not None else params
   algo = make_algorithm(cfg, fedavg_kwargs(transform_kwargs), schedule=cfg.schedule,
                         trainable=transfer.trainable_pattern(cfg.strategy), model_state=cfg.bn)

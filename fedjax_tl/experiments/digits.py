@@ -180,7 +180,8 @@ def validate(cfg: Config) -> WorkdirStatus:
 
 
 def make_model(cfg: Config, num_classes: int) -> Model:
-  return Model(CNN(num_classes=num_classes, features=tuple(_ints(cfg.features)), hidden=cfg.hidden), (8, 8, 1))
+  return Model(CNN(num_classes=num_classes, features=tuple(_ints(cfg.features)), hidden=cfg.hidden,
+                   representation=cfg.algorithm == "moon"), (8, 8, 1))
 
 
 _PRETRAINED: dict = {}  # the pretraining's inputs -> its result, so that runs in one process (sweeps) share it
@@ -249,7 +250,7 @@ def run(cfg: Config, log=print) -> dict:
   for name, params in inits.items():
     local = LocalTraining(model, client_optimizer(cfg.client_optimizer, cfg.client_lr), cfg.batch_size,
                           epochs=cfg.local_epochs)
-    kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local), **dp_kwargs}, log)
+    kwargs, pruning = compress_setup(cfg, {**algorithm_kwargs(cfg, local, data), **dp_kwargs}, log)
     params = pruning.prune(params) if pruning is not None else params
     algo = make_algorithm(cfg, fedavg_kwargs(kwargs), schedule=cfg.schedule,
                           trainable=None if name.startswith("scratch") else cfg.trainable)

@@ -457,7 +457,8 @@ def _show(v) -> str:
 
 
 _HYPER = {"prox_mu": "fedprox", "scaffold_option": "scaffold", "dyn_alpha": "feddyn", "head_steps": "fedrep",
-          "ditto_lambda": "ditto"}  # flag -> the algorithm it belongs to (with another one it would be ignored)
+          "ditto_lambda": "ditto", "mime_beta": "mimelite", "ifca_models": "ifca", "qffl_q": "qffl",
+          "fedlc_tau": "fedlc", "moon_mu": "moon"}  # flag -> the algorithm it belongs to (with another one it would be ignored)
 
 
 @rule("algorithm", bad=[["--algorithm=fedsgd"]])
@@ -467,22 +468,48 @@ def known_algorithm(cfg):
   check(cfg.algorithm in ALGORITHMS, f"--algorithm={cfg.algorithm!r} is unknown; choose one of {ALGORITHMS}.")
 
 
-@rule("prox_mu", "scaffold_option", "dyn_alpha", "head_steps", "ditto_lambda",
-      bad=[["--prox_mu=0.5"], ["--ditto_lambda=1", "--algorithm=fedprox"], ["--head_steps=2"]])
+@rule("prox_mu", "scaffold_option", "dyn_alpha", "head_steps", "ditto_lambda", "mime_beta", "ifca_models", "qffl_q",
+      "fedlc_tau", "moon_mu",
+      bad=[["--prox_mu=0.5"], ["--ditto_lambda=1", "--algorithm=fedprox"], ["--head_steps=2"], ["--mime_beta=0.5"],
+           ["--ifca_models=3"], ["--qffl_q=2"], ["--fedlc_tau=0.5"], ["--moon_mu=2", "--algorithm=ifca"]])
 def hyperparameters_of_their_algorithm(cfg):
   for flag, owner in _HYPER.items():
     check(cfg.algorithm == owner or not _set(cfg, flag),
           f"--{flag}={getattr(cfg, flag)} is for --algorithm={owner} (got --algorithm={cfg.algorithm}).")
 
 
-@rule("scaffold_option", "prox_mu", "dyn_alpha", "ditto_lambda", "head_steps",
+@rule("scaffold_option", "prox_mu", "dyn_alpha", "ditto_lambda", "head_steps", "mime_beta", "ifca_models", "qffl_q",
+      "fedlc_tau", "moon_mu",
       bad=[["--algorithm=scaffold", "--scaffold_option=III"], ["--algorithm=fedprox", "--prox_mu=-1"],
            ["--algorithm=feddyn", "--dyn_alpha=-1"], ["--algorithm=ditto", "--ditto_lambda=-1"],
+           ["--algorithm=mimelite", "--mime_beta=1"], ["--algorithm=ifca", "--ifca_models=0"],
+           ["--algorithm=qffl", "--qffl_q=-1"], ["--algorithm=fedlc", "--fedlc_tau=-1"],
+           ["--algorithm=moon", "--moon_mu=-1"],
            ["--algorithm=fedrep", "--head_steps=-1"]])
 def algorithm_hyperparameter_values(cfg):
   check(cfg.scaffold_option in ("I", "II"), f"--scaffold_option must be I or II, got {cfg.scaffold_option!r}.")
-  for name in ("prox_mu", "dyn_alpha", "ditto_lambda", "head_steps"):
+  for name in ("prox_mu", "dyn_alpha", "ditto_lambda", "head_steps", "qffl_q", "fedlc_tau", "moon_mu"):
     check(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}.")
+  check(0 <= cfg.mime_beta < 1, f"--mime_beta must be in [0, 1), got {cfg.mime_beta}.")
+  check(cfg.ifca_models >= 1, f"--ifca_models must be >= 1, got {cfg.ifca_models}.")
+
+
+@rule("algorithm", "client_optimizer", "dp_clip", "secure_agg", "dp_audit",
+      bad=[["--algorithm=qffl", "--client_optimizer=adam"], ["--algorithm=mimelite", "--client_optimizer=momentum"],
+           ["--algorithm=ifca", "--dp_clip=1", "--dp_noise_multiplier=1"], ["--algorithm=qffl", "--secure_agg=true"],
+           ["--algorithm=fedlc", "--dp_clip=1", "--dp_noise_multiplier=1", "--dp_audit=8"]],
+      experiments=("digits", "cifar10"))
+def algorithms_with_their_assumptions(cfg):
+  if cfg.algorithm in ("qffl", "mimelite"):
+    check(cfg.client_optimizer == "sgd", f"--algorithm={cfg.algorithm} steps the clients with plain SGD (its update "
+          f"uses the client learning rate as SGD's); got --client_optimizer={cfg.client_optimizer}: use "
+          "--client_optimizer=sgd.")
+  if cfg.algorithm in ("ifca", "qffl"):
+    check(not cfg.dp_clip and not cfg.secure_agg, f"--algorithm={cfg.algorithm} rescales the examples-weighted mean "
+          "of the clients' updates, which DP-FedAvg (a uniform, clipped, noised mean) and secure aggregation change: "
+          "drop --dp_clip / --secure_agg or choose another algorithm.")
+  check(not (cfg.algorithm == "fedlc" and cfg.dp_audit), "--algorithm=fedlc calibrates with the label counts of the "
+        "training clients, which the audit's canary clients do not have: drop --dp_audit or choose another algorithm.")
 
 
 @rule("personal_fraction", "finetune_steps", "personal_eval",

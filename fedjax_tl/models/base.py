@@ -55,12 +55,23 @@ def _call_arguments(cls: type) -> tuple[bool, bool, str]:
 init_shapes = abstract_init
 
 
+def logits_of(outputs: Any) -> jax.Array:
+  """The logits of a model's outputs: the outputs themselves, or ``outputs["logits"]`` for a module that returns a
+  dict (e.g. ``{"logits": ..., "features": ...}`` for algorithms that use the representation, such as MOON)."""
+  if isinstance(outputs, dict):
+    if "logits" not in outputs:
+      raise ValueError(f"A module that returns a dict must put its predictions under 'logits' (the objective's "
+                       f"outputs); got keys {sorted(outputs)}.")
+    return outputs["logits"]
+  return outputs
+
+
 @cached
 def _output_shape(model: Model) -> tuple[int, ...]:
   params, state = abstract_init(model)
   x = jax.ShapeDtypeStruct((1, *model.sample_shape), model.sample_dtype)
-  logits, _ = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
-  return tuple(int(d) for d in logits.shape[1:])
+  out, _ = jax.eval_shape(lambda p, s, xb: model.apply(p, s, xb, train=False), params, state, x)
+  return tuple(int(d) for d in logits_of(out).shape[1:])
 
 
 def _num_outputs(model: Model) -> int:
@@ -91,7 +102,8 @@ _NEEDED_SIGNATURE = "__call__(self, x, train: bool = False, mask=None)"
 class Model:
   """A flax module plus the preprocessing that turns stored examples into its inputs.
 
-  The module's ``__call__(x, train: bool, mask=None)`` returns logits; ``mask`` (bool [batch]) marks real
+  The module's ``__call__(x, train: bool, mask=None)`` returns logits (or a dict with them under "logits" and
+  more, e.g. "features", for algorithms that use them; :func:`logits_of`); ``mask`` (bool [batch]) marks real
   examples so that normalisation layers can ignore padding (reshape it to broadcast against the activations,
   e.g. ``BatchNorm()(x, mask=mask[:, None, None, None])``). Non-``params`` collections
   (e.g. ``batch_stats``) are the model *state*, updated in training mode.

@@ -119,6 +119,7 @@ class CNN(nn.Module):
   hidden: int = 128
   pool: bool = True
   conv: str = "auto"
+  representation: bool = False  # return {"logits", "features": the hidden layer} (for MOON)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False, mask: jax.Array | None = None) -> jax.Array:
@@ -136,4 +137,5 @@ class CNN(nn.Module):
         x = max_pool_2x2(x)
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(self.hidden, name="hidden")(x))
-    return nn.Dense(self.num_classes, name="head")(x)
+    logits = nn.Dense(self.num_classes, name="head")(x)
+    return {"logits": logits, "features": x} if self.representation else logits

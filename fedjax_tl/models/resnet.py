@@ -161,10 +161,12 @@ class ClassifierHead(nn.Module):
   num_classes: int
   hidden: Sequence[int] = ()
   dtype: Any = None  # computation dtype of the hidden layers (the logits are float32)
+  representation: bool = False  # return {"logits", "features": the input of the last Dense} (for MOON)
 
   @nn.compact
   def __call__(self, x, train: bool = False, mask=None):
     x = self.backbone(x, train=train, mask=mask)
     for i, h in enumerate(self.hidden):
       x = nn.relu(nn.Dense(h, dtype=self.dtype, name=f"head_hidden{i}")(x))
-    return nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
+    logits = nn.Dense(self.num_classes, dtype=jnp.float32, name="head")(x)
+    return {"logits": logits, "features": x} if self.representation else logits
