@@ -148,8 +148,10 @@ _EXPORTS = {
     "CanaryAudit": "fedjax_tl.privacy.audit",
     "audit_mechanism": "fedjax_tl.privacy.audit",
     "privacy_statement": "fedjax_tl.privacy.statement",
-    # several processes (JAX's multi-controller runtime): initialize, process_clients, allreduce_sum
+    # several processes (JAX's multi-controller runtime): initialize, process_clients, allreduce_sum; a round's
+    # cohort split across them, each process holding only its clients' examples
     "distributed": "fedjax_tl.distributed",
+    "ProcessData": "fedjax_tl.core.multiprocess",
     # running
     "run_rounds": "fedjax_tl.core.train",
     "DivergenceWarning": "fedjax_tl.core.train",

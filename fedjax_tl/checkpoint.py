@@ -6,6 +6,10 @@ config as JSON. A per-client store on the host (``FedAvg.init(..., client_store=
 saved whole into the checkpoint (its rows and written flags, O(population) per save), not by reference to its
 files: a disk store's files are written in place as rounds run, so after a crash they may be ahead of the last
 checkpoint; a restore writes the checkpoint's rows back into the resumed run's store. Nothing lists the state's fields: a new algorithm's state is checkpointed as it is.
+Several processes (:mod:`fedjax_tl.distributed`, a round split across them) checkpoint their replicated state
+together: every process calls ``maybe_save`` and ``restore``, orbax synchronises them, process 0 writes and every
+process reads; the work directory must be one every process sees (tests/test_distributed.py resumes 2 processes
+bit-exactly). A disk store (``client_store="disk:PATH"``) needs a path of each process's own.
 The randomness needs nothing more: every key derives from the config's seed and the round number
 (:mod:`fedjax_tl.keys`), so a resumed run draws exactly what the uninterrupted run drew and
 ends with bit-identical parameters on the same machine (tests/test_checkpoint.py kills a run with SIGKILL and

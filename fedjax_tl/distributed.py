@@ -16,8 +16,13 @@ On a TPU pod slice run the same command on every worker (``gcloud compute tpus t
 cluster itself. Nothing here is a scheduler or transport of our own: the coordination service and the collectives
 are JAX's.
 
-What is not yet built (issue 25): the federated round does not split its cohort across processes by itself; these
-are the pieces it will be built from (each process trains its own clients, ``allreduce_sum`` adds the round's sums).
+A federated round splits its cohort across the processes by itself (:mod:`fedjax_tl.core.multiprocess`): give
+``FedAvg.apply`` / ``run_rounds`` a :class:`~fedjax_tl.core.multiprocess.ProcessData` (this process's clients'
+examples only; ``ftl.ProcessData.for_process(dataset, partition)``): each process trains the cohort's clients it
+holds, :func:`allreduce_sum` adds the round's sums and gathers the per-client outputs, and every process ends the
+round with the same server state. A process that dies makes the others fail with :class:`ProcessFailedError` in
+their next collective (and JAX ends any still waiting after ``heartbeat_timeout``). docs/performance.md
+("Several processes") has what the tests show and the launch commands.
 """
 
 from __future__ import annotations
@@ -27,12 +32,36 @@ import os
 import jax
 import numpy as np
 
-__all__ = ["initialize", "is_initialized", "process_clients", "allreduce_sum", "assert_same", "ENV"]
+__all__ = ["initialize", "is_initialized", "process_clients", "allreduce_sum", "assert_same", "ENV", "HEARTBEAT_ENV",
+           "ProcessFailedError"]
 
 # The launcher's environment variables (fedjax_tl.launch): coordinator "host:port", process count, process id.
 ENV = ("FEDJAX_TL_COORDINATOR", "FEDJAX_TL_NUM_PROCESSES", "FEDJAX_TL_PROCESS_ID")
 
+# Seconds without a heartbeat after which JAX's coordination service declares a process dead (initialize).
+HEARTBEAT_ENV = "FEDJAX_TL_HEARTBEAT_TIMEOUT"
+
 _STATE = {"initialized": False}
+
+
+class ProcessFailedError(RuntimeError):
+  """A cross-process collective failed: another process of the run most likely died (its log says why)."""
+
+
+def _allgather(a: np.ndarray, what: str) -> np.ndarray:
+  """``a`` from every process, stacked ``[processes, ...]``; a failed collective (a process died: gloo loses its
+  connection) becomes a :class:`ProcessFailedError` naming ``what`` was being exchanged."""
+  from jax.experimental import multihost_utils
+
+  try:
+    return np.asarray(multihost_utils.process_allgather(a))
+  except Exception as e:  # noqa: BLE001  XlaRuntimeError (gloo: connection closed), RuntimeError, ...
+    text = " ".join(str(e).split())[:300]
+    raise ProcessFailedError(
+        f"Process {jax.process_index()} of {jax.process_count()}: the collective exchanging {what} failed "
+        f"({type(e).__name__}: {text}). Another process has most likely died or been stopped: see its log (under "
+        "python -m fedjax_tl.launch, the lines prefixed with its index). JAX's coordination service also ends the "
+        f"remaining processes once a process misses heartbeats for the heartbeat timeout ({HEARTBEAT_ENV}).") from e
 
 
 def is_initialized() -> bool:
@@ -41,13 +70,18 @@ def is_initialized() -> bool:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> tuple[int, int]:
+               process_id: int | None = None, heartbeat_timeout: int | None = None) -> tuple[int, int]:
   """Joins this process to the others (``jax.distributed.initialize``) and returns (process index, process count).
 
   With the arguments, or with the launcher's environment (:data:`ENV`), the processes meet at
   ``coordinator_address`` and, on CPU, use the gloo collectives (set before JAX's backend starts: call this before
   any other JAX work). Without either, JAX detects the cluster itself (TPU pod slices, SLURM, Open MPI). Calling
-  it again is a no-op."""
+  it again is a no-op.
+
+  ``heartbeat_timeout`` (seconds; default: the environment's ``FEDJAX_TL_HEARTBEAT_TIMEOUT``, else JAX's 100) is how
+  long JAX's coordination service waits for a process that stopped sending heartbeats (it died, or its machine
+  did) before it fails the run: every other process then ends with an error naming the missing task instead of
+  waiting forever in the round's collective. The launcher also stops the others as soon as one exits."""
   if _STATE["initialized"]:
     return jax.process_index(), jax.process_count()
   env = [os.environ.get(k) for k in ENV]
@@ -61,14 +95,17 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
       raise ValueError(f"initialize: the launcher's environment is incomplete ({', '.join(missing)} unset); start "
                        "the processes with python -m fedjax_tl.launch, or unset the others.")
     coordinator_address, num_processes, process_id = env[0], int(env[1]), int(env[2])
+  if heartbeat_timeout is None and os.environ.get(HEARTBEAT_ENV):
+    heartbeat_timeout = int(os.environ[HEARTBEAT_ENV])
+  timeouts = {} if heartbeat_timeout is None else {"heartbeat_timeout_seconds": int(heartbeat_timeout)}
   if coordinator_address is not None:
     if not 0 <= process_id < num_processes:
       raise ValueError(f"initialize: process_id must be in [0, {num_processes}), got {process_id}.")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU backend's cross-process collectives
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, **timeouts)
   else:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**timeouts)
   _STATE["initialized"] = True
   return jax.process_index(), jax.process_count()
 
@@ -90,29 +127,62 @@ def process_clients(num_clients: int, process_index: int | None = None, process_
 
 
 def allreduce_sum(tree):
-  """The sum over processes of ``tree`` (host or device arrays of the same shapes on every process), the same on
-  every process, as numpy arrays. One process: ``tree`` itself (as numpy). Summed in process order, in float64 for
-  floating leaves, so every process gets bit-identical values."""
+  """The sum over processes of ``tree`` (host or device arrays of the same shapes and dtypes on every process),
+  the same on every process, as numpy arrays. One process: ``tree`` itself (as numpy).
+
+  One collective for the whole tree: every leaf is widened to float64 (exact for floats up to 32 bits and for
+  integers up to 32 bits), packed into one buffer, gathered from every process as raw bits and summed on the
+  host in process order, so every process gets bit-identical values. Back in its dtype, a float leaf is the
+  float64 sum rounded once, an unsigned-integer leaf is the sum modulo 2^bits (field elements, e.g. secure
+  aggregation's masked vectors, stay field elements), a signed one wraps, a bool is "any". 64-bit integer
+  leaves are summed as int64 (wrapping)."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
-  from jax.experimental import multihost_utils
-
-  def one(a):
-    a = np.asarray(a)
-    wide = a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a
-    return multihost_utils.process_allgather(wide).sum(0).astype(a.dtype)
-
-  return jax.tree.map(one, tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  leaves = [np.asarray(a) for a in leaves]
+  wide = [a.dtype.itemsize == 8 and np.issubdtype(a.dtype, np.integer) for a in leaves]
+  f64 = [a.astype(np.float64).ravel() for a, w in zip(leaves, wide) if not w]
+  i64 = [a.astype(np.int64).ravel() for a, w in zip(leaves, wide) if w]
+  f_buf = np.concatenate(f64) if f64 else np.zeros(0, np.float64)
+  i_buf = np.concatenate(i64) if i64 else np.zeros(0, np.int64)
+  # Raw bits through the collective (JAX without x64 would narrow float64 values to float32 on the way).
+  packed = np.concatenate([f_buf.view(np.uint32), i_buf.view(np.uint32)])
+  gathered = _allgather(packed, "a sum")  # [processes, len]
+  nf = 2 * f_buf.size
+  f_sum = np.ascontiguousarray(gathered[:, :nf]).view(np.float64).sum(0)
+  with np.errstate(over="ignore"):
+    i_sum = np.ascontiguousarray(gathered[:, nf:]).view(np.int64).sum(0)
+  out, fo, io = [], 0, 0
+  for a, w in zip(leaves, wide):
+    if w:
+      out.append(i_sum[io:io + a.size].reshape(a.shape).astype(a.dtype))
+      io += a.size
+      continue
+    s = f_sum[fo:fo + a.size].reshape(a.shape)
+    fo += a.size
+    if a.dtype == np.bool_:
+      out.append(s != 0)
+    elif np.issubdtype(a.dtype, np.integer):
+      bits = 8 * a.dtype.itemsize
+      out.append(np.mod(s, 2.0 ** bits).astype(np.uint64).astype(a.dtype))  # wraps like the dtype's own sum
+    else:
+      out.append(s.astype(a.dtype))
+  return jax.tree.unflatten(treedef, out)
 
 
 def assert_same(value, what: str) -> None:
-  """Raises on every process if ``value`` (e.g. the round's cohort) differs between processes, naming ``what``."""
+  """Raises on every process if ``value`` (e.g. the round's cohort) differs between processes, naming ``what``.
+
+  Compares a digest of the value's dtype, shape and bytes (one small collective of raw bits: 64-bit values are
+  compared whole, not narrowed by JAX's 32-bit default)."""
   if jax.process_count() == 1:
     return
-  from jax.experimental import multihost_utils
+  import hashlib
 
-  try:
-    multihost_utils.assert_equal(np.asarray(value), fail_message=what)
-  except AssertionError as e:
-    raise ValueError(f"{what} differs between processes: every process must compute it from the same seed and "
-                     f"inputs ({e}).") from None
+  a = np.ascontiguousarray(np.asarray(value))
+  digest = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode() + a.tobytes()).digest()
+  gathered = _allgather(np.frombuffer(digest, np.uint32), what)
+  differ = [p for p in range(len(gathered)) if not np.array_equal(gathered[p], gathered[0])]
+  if differ:
+    raise ValueError(f"{what} differs between processes (processes {differ} differ from process 0): every process "
+                     "must compute it from the same seed and inputs.")

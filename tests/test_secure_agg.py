@@ -211,3 +211,29 @@ def test_scaffold_under_secure_aggregation_equals_scaffold_within_the_fixed_poin
   assert _max_abs_diff(b.algorithm_state, jax.tree.map(jnp.zeros_like, b.algorithm_state)) > 0
   for x, y in zip(jax.tree.leaves(a.clients), jax.tree.leaves(b.clients), strict=True):  # the clients' own c_i
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_adaptive_clipping_under_secure_aggregation_masks_its_bits(tiny_data, tiny_local, tiny_params):
+  """SecureAggregation(inner=AdaptiveClipping): the clip bits travel masked in the message (no per-client metric
+  left in the clear) and the result is adaptive clipping's own within secure aggregation's fixed-point rounding: the
+  same params and clip norm after 3 rounds."""
+  import fedjax_tl as ftl
+
+  params, state = tiny_params
+  ac = ftl.AdaptiveClipping(noise_multiplier=0.0, cohort_size=3, initial_clip=0.05, target_quantile=0.5)
+  alone = ftl.FedAvg(tiny_local, schedule="sequential", aggregator=ac)
+  masked = ftl.FedAvg(tiny_local, schedule="sequential",
+                      aggregator=ftl.SecureAggregation(clip_value=2.0, weighting="uniform", inner=ac))
+  s1, s2 = alone.init(params, state), masked.init(params, state)
+  for r in range(3):
+    key = jax.random.PRNGKey(r)
+    s1, m1 = alone.apply(s1, tiny_data, np.array([0, 1, 3]), key)
+    s2, m2 = masked.apply(s2, tiny_data, np.array([0, 1, 3]), key)
+    assert "below_clip" not in m2["client_metrics"]
+    np.testing.assert_allclose(float(m2["clip_fraction_within"]), float(m1["clip_fraction_within"]), atol=1e-3)
+  np.testing.assert_allclose(float(s2.clip_norm), float(s1.clip_norm), rtol=1e-3)
+  for a, b in zip(jax.tree.leaves(s2.params), jax.tree.leaves(s1.params), strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-3)
+  assert float(s1.clip_norm) != 0.05  # the norm moved: the bits were counted
+  with pytest.raises(ValueError, match="clip_value >= 1"):
+    ftl.SecureAggregation(clip_value=0.5, inner=ac)

@@ -159,19 +159,24 @@ class AdaptiveClipping:
     return None, None
 
   def encode(self, delta, num_examples, clip_norm, shared, ctx):
-    """Clips to the current norm (a Message jointly), weighs every real client of the cohort 1 and reports the
-    bit b_i."""
+    """Clips to the current norm (a Message jointly), weighs every real client of the cohort 1 and sends the bit
+    b_i in the wire message's sum part (so whatever encodes the wire, e.g. secure aggregation, covers it too)."""
     del shared
     clipped, below = self.clip(delta, clip_norm)
-    return clipped, client_weight("uniform", num_examples, ctx.client_id), {"below_clip": below}
+    if isinstance(clipped, Message):
+      wire = Message(clipped.mean, {"hooks": clipped.sum, "below_clip": below})
+    else:
+      wire = Message(clipped, {"below_clip": below})
+    return wire, client_weight("uniform", num_examples, ctx.client_id), {}
 
   def aggregate(self, message_sum, weight_sum, shared, host):
     del shared, host
     return message_sum, weight_sum, RoundInfo()
 
   def decode(self, total, weight_sum, clip_norm, client_metrics, real, key):
-    below = (client_metrics["below_clip"] * real).sum()  # real clients within the clip norm
-    noisy, new_clip = self.server_step(mean_of(total, weight_sum), below, clip_norm, key)
+    below = total.sum["below_clip"]  # real clients within the clip norm (summed over them)
+    mean = total.mean if "hooks" not in total.sum else Message(total.mean, total.sum["hooks"])
+    noisy, new_clip = self.server_step(mean_of(mean, weight_sum), below, clip_norm, key)
     return noisy, new_clip, {"clip_norm": clip_norm, "clip_fraction_within": below / real.sum()}
 
   def bits(self, template):

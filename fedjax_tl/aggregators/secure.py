@@ -35,14 +35,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fedjax_tl import keys
-from fedjax_tl.aggregators.base import WEIGHTINGS, Message, ModularSum, RoundInfo, client_weight, mean_of
+from fedjax_tl.aggregators.base import (
+  SUM,
+  WEIGHTINGS,
+  Message,
+  ModularSum,
+  RoundInfo,
+  client_weight,
+  mean_of,
+  reducer_of,
+  takes_message,
+)
 
 __all__ = ["SecureAggregation", "SecAggShared", "shamir_share", "shamir_reconstruct", "fixed_point_scale", "FIELD_BITS"]
 
@@ -146,12 +156,18 @@ class SecureAggregation:
   message (unweighted) and, with ``FedAvg(model_state="average")``, the BatchNorm statistics (weighted, in the mean
   part: FedAvg sends them inside the message because ``covers_model_state`` is False) are masked with the delta;
   every coordinate of them must lie within ``clip_value`` as well.
+
+  ``inner``: another aggregator whose wire this one masks (e.g. ``AdaptiveClipping``: its clipped, uniformly
+  weighted update and its clip bit, both in the message, so the server learns only their sums): the inner one
+  encodes each client (its weight is used), this one masks the result and unmasks the sum, the inner one decodes it
+  (noise, the clip norm's update). Its state is the inner one's.
   """
 
   clip_value: float = 1.0
   dropout: float = 0.0
   threshold: float = 0.5
   weighting: str = "num_examples"
+  inner: Any = None
 
   def __post_init__(self):
     if not self.clip_value > 0:
@@ -162,6 +178,13 @@ class SecureAggregation:
       raise ValueError(f"threshold must be in (0, 1], got {self.threshold}.")
     if self.weighting not in WEIGHTINGS:
       raise ValueError(f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}.")
+    if self.inner is not None:
+      if reducer_of(self.inner) != SUM or not takes_message(self.inner):
+        raise ValueError(f"SecureAggregation(inner=...) masks a weighted-sum aggregator's wire message; "
+                         f"{type(self.inner).__name__} is not one (reducer {reducer_of(self.inner)}).")
+      if self.clip_value < 1:
+        raise ValueError(f"SecureAggregation(inner=...) needs clip_value >= 1: the inner aggregator's uniform "
+                         f"weights and 0/1 bits must pass the coordinate clip unchanged, got {self.clip_value}.")
 
   # ---- the aggregator protocol (fedjax_tl.aggregators.base) ----
   reducer = ModularSum(FIELD_BITS)  # masked field elements, summed in Z_(2^32)
@@ -169,20 +192,27 @@ class SecureAggregation:
   covers_model_state = False  # statistics averaged beside it would bypass the masking: FedAvg puts them in the message
 
   def init(self, template):
-    del template
-    return None
+    return None if self.inner is None else self.inner.init(template)
 
   def setup(self, state, num_clients: int, padded: int, max_examples: float, key):
-    del state
-    return self.setup_round(num_clients, padded, key, 1.0 if self.weighting == "uniform" else float(max_examples))
+    if self.inner is None:
+      return self.setup_round(num_clients, padded, key, 1.0 if self.weighting == "uniform" else float(max_examples))
+    inner_shared, inner_host = self.inner.setup(state, num_clients, padded, max_examples, key)
+    shared, host = self.setup_round(num_clients, padded, key, 1.0)  # the inner aggregator weighs clients 1
+    return (shared, inner_shared), (host, inner_host)
 
-  def encode(self, delta, num_examples, state, shared: SecAggShared, ctx):
-    del state
-    w = client_weight(self.weighting, num_examples, ctx.client_id)
+  def encode(self, delta, num_examples, state, shared, ctx):
+    if self.inner is not None:
+      shared, inner_shared = shared
+      delta, w, metrics = self.inner.encode(delta, num_examples, state, inner_shared, ctx)
+    else:
+      w, metrics = client_weight(self.weighting, num_examples, ctx.client_id), {}
     masked, clipped = self.client_encode(delta, w, ctx.position, keys.secure_agg(ctx.key), shared)
-    return masked, jnp.where(shared.alive[ctx.position], w, 0.0), {"secagg_clipped": clipped}
+    return masked, jnp.where(shared.alive[ctx.position], w, 0.0), {**metrics, "secagg_clipped": clipped}
 
   def aggregate(self, message_sum, weight_sum, shared: SecAggShared, host):
+    if self.inner is not None:
+      shared, host = shared[0], host[0]
     recovery, metrics = self.recover(host)
     info = RoundInfo(senders=metrics["secagg_survivors"], aborted=recovery is None, metrics=metrics)
     if recovery is None:  # too few survivors to unmask: the round is aborted
@@ -190,8 +220,10 @@ class SecureAggregation:
     return self.unmask(message_sum, recovery, shared.scale, shared.max_weight), weight_sum, info
 
   def decode(self, total, weight_sum, state, client_metrics, real, key):
-    del key
     frac = (client_metrics["secagg_clipped"] * real).sum() / jnp.maximum(real.sum(), 1.0)
+    if self.inner is not None:
+      mean, state, metrics = self.inner.decode(total, weight_sum, state, client_metrics, real, key)
+      return mean, state, {**metrics, "secagg_clipped_fraction": frac}
     return mean_of(total, weight_sum), state, {"secagg_clipped_fraction": frac}
 
   def bits(self, template) -> int:

@@ -342,13 +342,13 @@ class CohortRunner:
     return states
 
   def _round_scan(self, params, frozen, model_state, x, y, cohort: Cohort, round_key, carry, shared,
-                  client_in=(None, None, None)):
+                  client_in=(None, None, None), positions=None):
     """The whole round as one program: a scan over chunks, each chunk vmapped, steps scanned."""
     self.trace_count += 1
     c = cohort.client_ids.shape[0]
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
     keys = self._client_keys(round_key, cohort.client_ids)
-    ctx = ClientContext(cohort.client_ids, jnp.arange(c, dtype=jnp.int32), self._post_keys(keys), None)
+    ctx = ClientContext(cohort.client_ids, _positions(positions, c), self._post_keys(keys), None)
     chunked = jax.tree.map(lambda a: a.reshape(c // k, k, *a.shape[1:]),
                            (cohort.indices, cohort.num_examples, keys, ctx, client_in, carry))
     if self.mesh is not None:  # clients of a chunk across devices; chunks still run one after another
@@ -422,7 +422,8 @@ class CohortRunner:
 
   def __call__(self, params: Params, frozen: Params, model_state: ModelState, x: jax.Array, y: jax.Array,
                cohort: Cohort, round_key: PRNGKey, carry: Any = None, shared: Any = None, rows: Any = None,
-               contexts: Any = None, step_budget: jax.Array | None = None) -> RoundSums:
+               contexts: Any = None, step_budget: jax.Array | None = None,
+               positions: jax.Array | None = None) -> RoundSums:
     """Trains every client of ``cohort`` from ``params`` and returns the reduced sums.
 
     ``cohort`` must already be padded to :meth:`padded_cohort_size` (``FederatedData.cohort(ids,
@@ -431,7 +432,10 @@ class CohortRunner:
     client's row, what it keeps across rounds) and ``contexts`` ([C, ...]: each client's hooks'
     :class:`~fedjax_tl.TrainContext`) go to :meth:`LocalTraining.init`; the parts ``row_parts`` of the clients'
     new rows come back in ``RoundSums.client_rows``. ``step_budget`` (int32 [C], or None) caps each client's local
-    steps this round (stragglers, :meth:`LocalTraining.init`).
+    steps this round (stragglers, :meth:`LocalTraining.init`). ``positions`` (int32 [C], or None for
+    ``arange(C)``) is each client's position in the round's cohort (:attr:`ClientContext.position`): a process
+    of a multi-process round trains only its part of the cohort, at the clients' positions in the whole cohort
+    (:mod:`fedjax_tl.core.multiprocess`).
     """
     c = cohort.size
     if c != self.padded_cohort_size(c):
@@ -446,9 +450,9 @@ class CohortRunner:
         params, frozen, model_state, x, y, round_key, shared = jax.device_put(
             (params, frozen, model_state, x, y, round_key, shared), replicated)
       return self._round_jit(params, frozen, model_state, x, y, cohort, round_key, carry, shared,
-                             (rows, contexts, step_budget))
+                             (rows, contexts, step_budget), positions)
     return self._round_host(params, frozen, model_state, x, y, cohort, round_key, carry, shared,
-                            (rows, contexts, step_budget))
+                            (rows, contexts, step_budget), positions)
 
   def _block_exe(self, sig: str, states, frozen, x, y, indices, n_steps: int):
     """The compiled block of ``n_steps`` unrolled steps for this chunk shape, compiled on first use.
@@ -463,12 +467,13 @@ class CohortRunner:
       self._compiled[key] = self._block_jit.lower(states, jnp.int32(0), frozen, x, y, indices, n_steps).compile()
     return self._compiled[key]
 
-  def _round_host(self, params, frozen, model_state, x, y, cohort, round_key, carry, shared, client_in):
+  def _round_host(self, params, frozen, model_state, x, y, cohort, round_key, carry, shared, client_in,
+                  positions=None):
     c = cohort.size
     k = c if self.schedule.chunk_size == 0 else self.schedule.chunk_size
     u = self.schedule.unroll
     keys = self._client_keys(round_key, cohort.client_ids)
-    ctx = ClientContext(cohort.client_ids, jnp.arange(c, dtype=jnp.int32), self._post_keys(keys), shared)
+    ctx = ClientContext(cohort.client_ids, _positions(positions, c), self._post_keys(keys), shared)
     active = self.local.active_steps(np.asarray(cohort.num_examples))
     if client_in[2] is not None:  # stragglers: no chunk runs past its clients' budgets
       active = np.minimum(active, np.asarray(client_in[2]))
@@ -498,3 +503,8 @@ class CohortRunner:
     return acc._replace(client_metrics=cat(metrics),
                         client_rows=cat(client_rows) if self.row_parts else None,
                         client_carry=cat(carries) if carry is not None else None)
+
+
+def _positions(positions: jax.Array | None, c: int) -> jax.Array:
+  """The clients' positions in the round's cohort: ``arange(c)`` unless given (a process's part of the cohort)."""
+  return jnp.arange(c, dtype=jnp.int32) if positions is None else jnp.asarray(positions, jnp.int32)

@@ -29,7 +29,7 @@ from fedjax_tl.aggregators.base import (
   reducer_of,
   takes_message,
 )
-from fedjax_tl.core import store
+from fedjax_tl.core import multiprocess, store
 from fedjax_tl.core.checks import (
   check_hashable,
   check_hook_output,
@@ -613,7 +613,9 @@ class FedAvg:
                                                              contexts)
     n = len(client_ids)
     padded = runner.padded_cohort_size(len(sampled))  # the sampled cohort's program, whoever reports
-    cohort = data.cohort(client_ids, pad_clients_to=padded)
+    # [multi-process] this process's part of the cohort (None in one process without process-local data)
+    split = multiprocess.split_cohort(data, client_ids, padded, runner, round_key, sampled)
+    cohort = data.cohort(client_ids, pad_clients_to=padded) if split is None else split.cohort
     rows, ids = jnp.maximum(cohort.client_ids, 0), jnp.asarray(client_ids)
     row = store.gather(state.clients, rows, data.num_clients, "client rows")  # the cohort's rows: [C, ...]
     own, contexts = self._cohort_inputs(state, row, rows, cohort.client_ids)
@@ -625,11 +627,15 @@ class FedAvg:
     if budget is not None:
       budgets = np.zeros(padded, np.int32)
       budgets[:n] = np.minimum(budget, np.iinfo(np.int32).max)
-      budgets = jnp.asarray(budgets)
+      budgets = jnp.asarray(budgets) if split is None else split.local(budgets)  # [multi-process] this part's
     agg = self.aggregator
-    shared, host = agg.setup(state.aggregator_state, n, cohort.size, float(data.pad_size), round_key)
+    shared, host = agg.setup(state.aggregator_state, n, cohort.size if split is None else split.setup_padded,
+                             float(data.pad_size), round_key)
     sums = runner(params, state.frozen, state.model_state, *data.round_arrays(cohort), round_key, carry,
-                  (state.aggregator_state, shared), own, contexts, budgets)
+                  (state.aggregator_state, shared), own, contexts, budgets,
+                  positions=None if split is None else split.positions)
+    if split is not None:  # [multi-process] the whole cohort's sums and per-client outputs, on every process
+      sums, cohort, carry = split.combine(sums, carry)
     if self.hooks is not None:
       self._check_message(state, sums.delta_sum.sum if isinstance(sums.delta_sum, Message) else sums.message_sum)
     total, weight_sum, info = agg.aggregate(sums.delta_sum, sums.weight_sum, shared, host)

@@ -459,10 +459,9 @@ def fedavg_kwargs(kwargs: dict) -> dict:
   kw = dict(kwargs)
   weighting = kw.pop("weighting", "num_examples")
   secure, adaptive = kw.pop("secure_aggregation", None), kw.pop("adaptive_clip", None)
-  if adaptive is not None and secure is not None:
-    raise ValueError("Adaptive clipping under secure aggregation is not supported (the clip-count bits would be "
-                     "sent in the clear).")
-  if adaptive is not None:
+  if adaptive is not None and secure is not None:  # the clip bits are masked with the updates
+    kw["aggregator"] = dc.replace(secure, weighting="uniform", inner=adaptive)
+  elif adaptive is not None:
     kw["aggregator"] = adaptive
   elif secure is not None:
     kw["aggregator"] = dc.replace(secure, weighting=weighting)

@@ -254,11 +254,12 @@ def adaptive_clip_count_noise(cfg):
         f"set --dp_count_stddev={z / 2 * 1.25:.3g} or more (Andrew et al. 2021 split the noise between the two).")
 
 
-@rule("dp_adaptive", "secure_agg", bad=[["--dp_clip=0.5", "--dp_adaptive=true", "--secure_agg=true"]])
-def adaptive_clip_not_under_secure_agg(cfg):
-  check(not (cfg.dp_adaptive and cfg.secure_agg),
-        "--dp_adaptive=true with --secure_agg=true: adaptive clipping's clip-count bits would be sent in the "
-        "clear; use one of them.")
+@rule("dp_adaptive", "secure_agg", "secagg_clip",
+      bad=[["--dp_clip=0.5", "--dp_adaptive=true", "--secure_agg=true", "--secagg_clip=0.5"]])
+def adaptive_clip_under_secure_agg(cfg):
+  check(not (cfg.dp_adaptive and cfg.secure_agg and cfg.secagg_clip < 1),
+        f"--dp_adaptive=true with --secure_agg=true masks the clip bits (0 or 1) with the updates: they must pass "
+        f"the coordinate clip, so --secagg_clip must be >= 1 (got {cfg.secagg_clip}).")
 
 
 @rule("dp_mechanism", "dp_ftrl_strategy", "dp_min_sep",
