@@ -91,9 +91,9 @@ class WorkStarted(Exception):
 
 @pytest.fixture
 def no_work(monkeypatch):
-  """The experiments' loaders (digits data and pretraining, cifar10 weights and data, the planner's compiles)
-  raise :class:`WorkStarted`."""
-  from fedjax_tl.experiments import cifar10, digits
+  """The experiments' loaders (digits data and pretraining, cifar10 weights and data, the planner's compiles, the
+  worked tasks' diabetes data and help topics) raise :class:`WorkStarted`."""
+  from fedjax_tl.experiments import cifar10, diabetes, digits, text
   from fedjax_tl.experiments import plan as plan_cli
 
   def stop(*_, **__):
@@ -104,3 +104,5 @@ def no_work(monkeypatch):
   monkeypatch.setattr(cifar10, "load_pretrained", stop)
   monkeypatch.setattr(cifar10, "load_data", stop)
   monkeypatch.setattr(plan_cli, "run", stop)
+  monkeypatch.setattr(diabetes, "load_clients", stop)
+  monkeypatch.setattr(text, "load_topics", stop)

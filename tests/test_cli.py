@@ -11,7 +11,7 @@ import time
 import pytest
 from conftest import WorkStarted as _WorkStarted
 
-from fedjax_tl.experiments import cifar10, common, digits, rules
+from fedjax_tl.experiments import cifar10, common, diabetes, digits, rules, text
 from fedjax_tl.experiments import plan as plan_cli
 
 BAD_FLAGS = [
@@ -236,7 +236,9 @@ def test_a_process_that_merely_imported_ipykernel_is_not_a_notebook(monkeypatch)
 
 
 MAINS = {"digits": (digits.main, []), "cifar10": (cifar10.main, ["--preset=smoke"]),
-         "plan": (plan_cli.main, ["--preset=smoke", "--target=host"])}
+         "plan": (plan_cli.main, ["--preset=smoke", "--target=host"]),
+         "diabetes": (diabetes.main, ["--preset=smoke"]), "text": (text.main, ["--preset=smoke"])}
+CONFIGS = {"digits": digits, "cifar10": cifar10, "plan": cifar10, "diabetes": diabetes, "text": text}  # Config, PRESETS
 CASES = [(r, e, bad) for r in rules.RULES for e in r.experiments for bad in r.bad]
 
 
@@ -252,8 +254,7 @@ def test_the_flag_table_each_rule_is_a_one_line_usage_error_before_any_work(no_w
   main, base = MAINS[experiment]
   argv = base + list(bad)
   # the example breaks this very rule (not only some other one)
-  config_cls, presets = (digits.Config, digits.PRESETS) if experiment == "digits" else (cifar10.Config,
-                                                                                         cifar10.PRESETS)
+  config_cls, presets = CONFIGS[experiment].Config, CONFIGS[experiment].PRESETS
   cfg, _ = common.parse_config(config_cls, presets, [a for a in argv if not a.startswith("--target=")])
   with pytest.raises(common.ConfigError):
     rule.check(cfg)
@@ -271,7 +272,7 @@ def test_every_flag_is_checked_by_a_rule():
   free = {"quiet", "resume", "workdir", "data_dir", "mock_data", "augment", "personal_eval", "secure_agg", "dataset",
           "dp_adaptive", "trainable"}
   named = {f for r in rules.RULES for f in r.flags}
-  for cls in (digits.Config, cifar10.Config):
+  for cls in (digits.Config, cifar10.Config, diabetes.Config, text.Config):
     fields = {f.name for f in dataclasses.fields(cls)}
     assert fields - named - free == set(), cls
 
