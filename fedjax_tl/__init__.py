@@ -121,6 +121,7 @@ _EXPORTS = {
     "FedDyn": "fedjax_tl.algorithms.feddyn",
     "FedNova": "fedjax_tl.algorithms.fednova",
     "IFCA": "fedjax_tl.algorithms.ifca",
+    "APFL": "fedjax_tl.algorithms.apfl",
     "MimeLite": "fedjax_tl.algorithms.mimelite",
     "MOON": "fedjax_tl.algorithms.moon",
     "FedLC": "fedjax_tl.algorithms.fedlc",

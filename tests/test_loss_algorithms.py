@@ -144,3 +144,38 @@ def test_loss_algorithms_reduce_to_fedavg_bit_for_bit(setup):
     p, st = plain_model.init(jax.random.PRNGKey(0))
     algo = ftl.FedAvg(ftl.LocalTraining(plain_model, optax.sgd(LR), batch_size=8, steps=1), hooks=ftl.MOON())
     algo.apply(algo.init(p, st, num_clients=3), data, np.arange(3), jax.random.PRNGKey(0))
+
+
+def test_apfl_against_a_plain_loop(setup):
+  """Each step: w by the objective's gradient (FedAvg), v by the gradient of the mixture's loss at the same w;
+  the server averages w; each client keeps v (and its adapted alpha)."""
+  from fedjax_tl.algorithms import apfl
+
+  x, y, parts, data, model, params, _ = setup
+  for adapt in (False, True):
+    s = _run(setup, ftl.APFL(alpha=0.4, lr=LR, adapt_alpha=adapt), rounds=2, num_clients=3)
+    apply = lambda p, xc: model.module.apply({"params": p}, xc)["logits"]  # noqa: E731
+    w, vs, alphas = params, [params] * 3, [0.4] * 3
+    for _ in range(2):
+      new = []
+      for k, idx in enumerate(parts):
+        xc, yc = jnp.asarray(x[idx]), jnp.asarray(y[idx])
+        wk, v, a = w, vs[k], jnp.float32(alphas[k])
+        for _ in range(STEPS):
+          mixed = lambda v, a, wk=wk, xc=xc, yc=yc: _ce(apply(jax.tree.map(  # noqa: E731
+              lambda p, q: a * p + (1 - a) * q, v, wk), xc), yc)
+          gv, ga = jax.grad(mixed, argnums=(0, 1))(v, a)
+          gw = jax.grad(lambda p, xc=xc, yc=yc: _ce(apply(p, xc), yc))(wk)
+          v = jax.tree.map(lambda p, g: p - LR * g, v, gv)
+          if adapt:
+            a = jnp.clip(a - LR * ga, 0.0, 1.0)
+          wk = jax.tree.map(lambda p, g: p - LR * g, wk, gw)
+        new.append(wk)
+        vs[k], alphas[k] = v, float(a)
+      w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), _wmean(new, SIZES))
+    _close(s.params, w)
+    _close(s.algorithm_clients["v"], jax.tree.map(lambda *v: np.stack(v), *vs))
+    np.testing.assert_allclose(np.asarray(s.algorithm_clients["alpha"]), alphas, rtol=1e-5, atol=1e-6)
+    mix = apfl.personal_models(s)
+    _close(jax.tree.map(lambda a: a[0], mix), jax.tree.map(lambda v, ww: alphas[0] * v + (1 - alphas[0]) * ww, vs[0], w))
+  _same(_run(setup, ftl.APFL(alpha=0.0), rounds=2, num_clients=3).params, _run(setup, None, rounds=2).params)

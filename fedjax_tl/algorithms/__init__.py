@@ -9,10 +9,11 @@ SCAFFOLD (:mod:`~fedjax_tl.algorithms.scaffold`, Karimireddy et al. 2020), FedDy
 (:mod:`~fedjax_tl.algorithms.ifca`, Ghosh et al. 2020). Loss terms: MOON (:mod:`~fedjax_tl.algorithms.moon`, Li et
 al. 2021), FedLC (:mod:`~fedjax_tl.algorithms.fedlc`, Zhang et al. 2022). Fairness: q-FFL
 (:mod:`~fedjax_tl.algorithms.qffl`, Li et al. 2020). Personalization: FedPer, FedRep, FedBN
-(:mod:`~fedjax_tl.algorithms.personal`) and Ditto
+(:mod:`~fedjax_tl.algorithms.personal`), APFL (:mod:`~fedjax_tl.algorithms.apfl`, Deng et al. 2020) and Ditto
 (:mod:`~fedjax_tl.algorithms.ditto`, Li et al. 2021).
 """
 
+from fedjax_tl.algorithms.apfl import APFL
 from fedjax_tl.algorithms.ditto import Ditto, DittoState
 from fedjax_tl.algorithms.feddyn import FedDyn
 from fedjax_tl.algorithms.fedlc import FedLC
@@ -38,5 +39,5 @@ from fedjax_tl.algorithms.scaffold import Scaffold
 __all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
            "server_optimizer", "ProxState", "fedprox", "proximal_term",
            "Scaffold", "Ditto", "DittoState",
-           "FedDyn", "FedNova", "IFCA", "MimeLite", "MOON", "FedLC", "QFFL", "fedper", "fedrep", "fedbn",
+           "FedDyn", "FedNova", "APFL", "IFCA", "MimeLite", "MOON", "FedLC", "QFFL", "fedper", "fedrep", "fedbn",
            "HeadThenBody", "BN_PARAMS"]

@@ -258,7 +258,8 @@ class LocalTraining:
         ctx, hook_state = hook
         other = lambda q: self.train_model.apply(merge_params(q, frozen), state.model_state, xb,  # noqa: E731
                                                  train=False, mask=mask)[0]
-        res = self.hooks.loss(mean, LossBatch(out, yb, mask, other), p, hook_state, ctx, t)
+        objective = lambda o: self.objective.loss(logits_of(o), yb, mask)[0]  # noqa: E731
+        res = self.hooks.loss(mean, LossBatch(out, yb, mask, other, objective), p, hook_state, ctx, t)
         if not isinstance(res, tuple | list) or len(res) != 2 or jnp.shape(res[0]) != ():
           raise TypeError(f"{type(self.hooks).__name__}.loss must return (a scalar loss, its local-training state), "
                           f"got {type(res).__name__}.")

@@ -61,6 +61,7 @@ class LossBatch(NamedTuple):
   mask: jax.Array  # bool [B]: real examples (padding rows are False)
   apply: Any  # q -> the model's outputs on this batch with other trainable params q (inference mode), e.g. the
   # global model's or the client's previous model's representation
+  objective: Any = None  # outputs -> the objective's mean loss over this batch (for a second model's own loss)
 
 
 class ServerView(NamedTuple):
