@@ -152,9 +152,12 @@ def test_apfl_against_a_plain_loop(setup):
   from fedjax_tl.algorithms import apfl
 
   x, y, parts, data, model, params, _ = setup
+
+  def apply(p, xc):
+    return model.module.apply({"params": p}, xc)["logits"]
+
   for adapt in (False, True):
     s = _run(setup, ftl.APFL(alpha=0.4, lr=LR, adapt_alpha=adapt), rounds=2, num_clients=3)
-    apply = lambda p, xc: model.module.apply({"params": p}, xc)["logits"]  # noqa: E731
     w, vs, alphas = params, [params] * 3, [0.4] * 3
     for _ in range(2):
       new = []
@@ -177,5 +180,6 @@ def test_apfl_against_a_plain_loop(setup):
     _close(s.algorithm_clients["v"], jax.tree.map(lambda *v: np.stack(v), *vs))
     np.testing.assert_allclose(np.asarray(s.algorithm_clients["alpha"]), alphas, rtol=1e-5, atol=1e-6)
     mix = apfl.personal_models(s)
-    _close(jax.tree.map(lambda a: a[0], mix), jax.tree.map(lambda v, ww: alphas[0] * v + (1 - alphas[0]) * ww, vs[0], w))
+    a0 = alphas[0]
+    _close(jax.tree.map(lambda a: a[0], mix), jax.tree.map(lambda v, ww, a0=a0: a0 * v + (1 - a0) * ww, vs[0], w))
   _same(_run(setup, ftl.APFL(alpha=0.0), rounds=2, num_clients=3).params, _run(setup, None, rounds=2).params)

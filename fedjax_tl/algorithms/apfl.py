@@ -23,7 +23,8 @@ __all__ = ["APFL", "personal_models"]
 
 @dataclasses.dataclass(frozen=True)
 class APFL(ftl.Hooks):
-  """``FedAvg(LocalTraining(model, optax.sgd(lr), ...), hooks=APFL(alpha=0.25, lr=lr))``; ``init(..., num_clients=N)``."""
+  """``FedAvg(LocalTraining(model, optax.sgd(lr), ...), hooks=APFL(alpha=0.25, lr=lr))``;
+  ``init(..., num_clients=N)``."""
 
   alpha: float = 0.25
   lr: float = 0.1
