@@ -252,3 +252,20 @@ def test_ditto_takes_the_global_models_transforms_and_round_inputs(tiny_local, t
   s2, _ = ditto.apply(s, tiny_data, ids, key, reported=np.array([True, False, True]))
   mine = lambda st: jax.tree.map(lambda a: np.asarray(a[1]), st.personal_params())  # noqa: E731
   jax.tree.map(np.testing.assert_array_equal, mine(s2), mine(s))
+
+
+def test_ditto_in_one_pass_is_ditto(tiny_model, tiny_data, tiny_params):
+  """DittoOnePass (FedAvg + hooks, one pass over the data) equals Ditto (two FedAvg rounds) for a model without
+  BatchNorm: the same global model and personal models after two rounds."""
+  from fedjax_tl.algorithms import ditto
+
+  params, _ = tiny_params
+  local = ftl.LocalTraining(tiny_model, optax.sgd(LR), batch_size=4, steps=STEPS)
+  two = ftl.Ditto(local, lam=0.5, schedule="sequential")
+  one = ftl.FedAvg(local, schedule="sequential", hooks=ditto.DittoOnePass(0.5, LR))
+  s2, s1 = two.init(params, num_clients=tiny_data.num_clients), one.init(params, num_clients=tiny_data.num_clients)
+  for r, ids in enumerate([[0, 1, 3], [1, 2, 4]]):
+    s2, _ = two.apply(s2, tiny_data, np.array(ids), jax.random.PRNGKey(r))
+    s1, _ = one.apply(s1, tiny_data, np.array(ids), jax.random.PRNGKey(r))
+  _close(s1.full_params(), s2.full_params())
+  _close(ditto.personal_params(s1), s2.personal_params())

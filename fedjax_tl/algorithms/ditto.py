@@ -25,7 +25,7 @@ import optax
 import fedjax_tl as ftl
 from fedjax_tl.core.checks import check_optimizer
 
-__all__ = ["Ditto", "DittoState"]
+__all__ = ["Ditto", "DittoState", "DittoOnePass", "personal_params"]
 
 
 class DittoState(NamedTuple):
@@ -126,3 +126,47 @@ class Ditto:
   def communication_bytes(self, state: DittoState) -> tuple[int, int]:
     """FedAvg's bytes: the personal pass sends nothing."""
     return self._global.communication_bytes(state.server)
+
+
+@dataclasses.dataclass(frozen=True)
+class DittoOnePass(ftl.Hooks):
+  """Ditto as one algorithm in one pass: ``FedAvg(local, hooks=DittoOnePass(lam, lr))``, ``init(..., num_clients=N)``.
+
+  Each local step trains the global model as FedAvg and, on the same batch, the client's personal model ``v`` (its
+  row) by SGD: ``v <- v - lr (grad F_k(v) + lam (v - w^t))`` with ``w^t`` the model the client received (Algorithm
+  1 of the paper). One pass over the data instead of :class:`Ditto`'s two rounds, one state (FedAvg's), any
+  aggregator or transform for the global model. The personal steps run the model in inference mode (the loss
+  hook's ``apply``): the same as :class:`Ditto` for models without BatchNorm (``tests/test_framework.py``); with
+  BatchNorm use :class:`Ditto`. Personal models: :func:`personal_params`.
+  """
+
+  lam: float = 0.1
+  lr: float = 0.1
+
+  def __post_init__(self):
+    if not self.lam >= 0 or not self.lr > 0:
+      raise ValueError(f"Ditto needs lam >= 0 and lr > 0, got {self.lam}, {self.lr}.")
+
+  def client_init(self, params):
+    return params  # the personal model v
+
+  def start(self, ctx):
+    return ctx.client_state
+
+  def loss(self, loss, batch, params, v, ctx, t):
+    g = jax.grad(lambda q: batch.objective(batch.apply(q)))(v)
+    v = jax.tree.map(lambda p, gg, w: p - self.lr * (gg + self.lam * (p - w)), v, g, ctx.global_params)
+    return loss, jax.lax.stop_gradient(v)
+
+  def finish(self, delta, params, state, ctx, steps):
+    return delta, None, state
+
+
+def personal_params(state):
+  """Every client's personal model of a :class:`DittoOnePass` run, stacked ``[num_clients, ...]`` (with the
+  frozen params: a full model per client, for ``evaluate_per_client``)."""
+  v = state.algorithm_clients
+  n = jax.tree.leaves(v)[0].shape[0]
+  frozen = jax.tree.map(lambda a: jax.numpy.broadcast_to(a, (n, *a.shape)), state.frozen)
+  return ftl.core.client.merge_params(v, frozen)
+
