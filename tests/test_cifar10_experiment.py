@@ -12,25 +12,34 @@ from fedjax_tl.models import weights
 tfds = pytest.importorskip("tensorflow_datasets")
 
 
-def test_smoke_preset_runs_and_writes_results(tmp_path):
-  cfg = dataclasses.replace(cifar10.PRESETS["smoke"], workdir=str(tmp_path))
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """The smoke preset run once for the module: (workdir, log lines, summary)."""
+  workdir = tmp_path_factory.mktemp("smoke")
+  cfg = dataclasses.replace(cifar10.PRESETS["smoke"], workdir=str(workdir))
   lines = []
   summary = cifar10.run(cfg, log=lines.append)
+  return workdir, lines, summary
+
+
+def test_smoke_preset_runs_and_writes_results(smoke_run):
+  workdir, _, summary = smoke_run
   assert 0.0 <= summary["final_test_accuracy"] <= 1.0
-  saved = json.loads((tmp_path / "results.json").read_text())
+  saved = json.loads((workdir / "results.json").read_text())
   assert [h["round"] for h in saved["history"]] == [1, 2]
   assert all("test_accuracy" in h and h["bytes_up"] > 0 for h in saved["history"])
   assert saved["config"]["model"] == "tiny"
 
 
-def test_head_only_strategy_sends_only_the_head(tmp_path):
+def test_head_only_strategy_sends_only_the_head(smoke_run):
+  # against the smoke run (strategy="full", bn="average"): its per-client per-round upload does not depend on the
+  # number of rounds, so a second full run is not needed
   cfg = dataclasses.replace(cifar10.PRESETS["smoke"], strategy="head", bn="frozen", rounds=1)
+  assert (cifar10.PRESETS["smoke"].strategy, cifar10.PRESETS["smoke"].bn) == ("full", "average")
   lines = []
   cifar10.run(cfg, log=lines.append)
   sizes = [line for line in lines if "MB up" in line]
-  full = dataclasses.replace(cfg, strategy="full", bn="average")
-  lines_full = []
-  cifar10.run(full, log=lines_full.append)
+  lines_full = smoke_run[1]
   mb = lambda ls: float(next(line for line in ls if "MB up" in line).split(": ")[1].split(" MB")[0])
   assert mb(lines) < mb(lines_full), (sizes, lines_full)
 

@@ -5,6 +5,8 @@ NCHW/OIHW layout (no transposes, no flax): conv1 7x7/2 pad 3, bn1, relu, maxpool
 the stride in conv2 (3x3, pad 1), downsample = conv 1x1/stride + bn, BN epsilon 1e-5, global average pool.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,15 +90,16 @@ def test_safetensors_resnet50_matches_independent_reference(torch_file):
   init_params, init_state = model.init(jax.random.PRNGKey(0))
   params, state = merge(init_params, params), merge(init_state, state)  # exact tree, every shape right
   x = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3)).astype(np.uint8)
-  ours, _ = model.apply(params, state, x, train=False)
+  # jitted: one compile per network instead of one per op shape
+  ours, _ = jax.jit(functools.partial(model.apply, train=False))(params, state, x)
   xin = np.transpose(np.asarray(resnet.torch_preprocess(x)), (0, 3, 1, 2))
-  ref = np.asarray(reference_features(sd, xin))
+  ref = np.asarray(jax.jit(reference_features)(sd, xin))
   rel = np.linalg.norm(np.asarray(ours) - ref) / np.linalg.norm(ref)
   print(f"ResNet50 (torchvision layout) parity: relative error {rel:.2e}")
   assert rel < 1e-4
   # The Keras v1 layout (stride in the 1x1) on the same weights is a different function: the test can fail.
   v1 = Model(resnet.ResNet50(conv_bias=False, bn_epsilon=1e-5), (64, 64, 3), preprocess=resnet.torch_preprocess)
-  other, _ = v1.apply(params, state, x, train=False)
+  other, _ = jax.jit(functools.partial(v1.apply, train=False))(params, state, x)
   assert np.linalg.norm(np.asarray(other) - ref) / np.linalg.norm(ref) > 1e-2
 
 
