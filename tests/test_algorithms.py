@@ -163,13 +163,19 @@ def test_digits_algorithm_flags(tiny_local):
   assert all(0.0 <= a <= 1.0 for a in summary["final_test_accuracy"].values())
 
 
-def test_experiment_algorithm_flags_build_each_algorithm_and_refuse_bad_combinations(tiny_local):
+def test_experiment_algorithm_flags_build_each_algorithm_and_refuse_bad_combinations(tiny_local, tiny_data):
   from fedjax_tl.experiments import algorithms as flags
   from fedjax_tl.experiments import digits
   from fedjax_tl.experiments.common import ConfigError
 
   cfg = digits.PRESETS["smoke"]
-  built = {a: flags.algorithm_kwargs(dataclasses.replace(cfg, algorithm=a), tiny_local) for a in flags.ALGORITHMS}
+  built = {a: flags.algorithm_kwargs(dataclasses.replace(cfg, algorithm=a), tiny_local, tiny_data)
+           for a in flags.ALGORITHMS}
+  assert built["mimelite"]["hooks"] == ftl.MimeLite(cfg.mime_beta)
+  assert built["ifca"]["hooks"] == ftl.IFCA(cfg.ifca_models, seed=cfg.seed)
+  assert built["qffl"]["hooks"] == ftl.QFFL(cfg.qffl_q, lr=cfg.client_lr)
+  assert built["fedlc"]["hooks"] == ftl.FedLC.for_data(tiny_data, cfg.fedlc_tau)
+  assert built["moon"]["hooks"] == ftl.MOON(cfg.moon_mu)
   assert built["scaffold"]["hooks"] == ftl.Scaffold(cfg.client_lr)
   assert built["feddyn"]["hooks"] == ftl.FedDyn(cfg.dyn_alpha)
   assert built["fednova"]["hooks"] == ftl.FedNova()
@@ -183,7 +189,8 @@ def test_experiment_algorithm_flags_build_each_algorithm_and_refuse_bad_combinat
          (dict(algorithm="fedrep", ditto_lambda=1.0), "--ditto_lambda"),
          (dict(algorithm="scaffold", dp_clip=1.0, dp_noise_multiplier=1.0, secure_agg=True), "does not cover"),
          (dict(algorithm="fednova", dp_clip=1.0, dp_noise_multiplier=1.0, dp_mechanism="ftrl"), "does not encode"),
-         (dict(algorithm="ditto", compress="int8"), "does not combine"),
+         (dict(algorithm="ditto", prune=0.5), "does not combine"),
+         (dict(algorithm="qffl", client_optimizer="adam"), "plain SGD"),
          (dict(finetune_steps=3), "--personal_eval"),
          (dict(personal_eval=True, personal_fraction=1.0), "--personal_fraction")]
   for kw, msg in bad:

@@ -107,6 +107,10 @@ def make_algorithm(cfg, kwargs: dict, **fedavg_kwargs):
   :func:`algorithm_kwargs`, after the transform/compression set-up) and ``fedavg_kwargs``."""
   if cfg.algorithm == "ditto":
     extra = {k: v for k, v in fedavg_kwargs.items() if k in ("schedule", "trainable", "model_state")}
+    # the global model's aggregation and transforms (DP, secure aggregation, compression): the personal pass
+    # sends nothing
+    extra.update({k: kwargs[k] for k in ("aggregator", "client_transform", "server_transform", "downlink")
+                  if k in kwargs})
     return Ditto(kwargs["local"], cfg.ditto_lambda, server_optimizer=kwargs["server_optimizer"], **extra)
   merged = {**fedavg_kwargs, **kwargs}
   return FedAvg(**merged)

@@ -540,11 +540,12 @@ def algorithm_client_optimizer(cfg):
         f"(got {cfg.client_optimizer}).")
 
 
-@rule("algorithm", "dp_clip", "secure_agg", "compress", "downlink", "prune", "quantize", "dp_mechanism",
+@rule("algorithm", "dp_clip", "secure_agg", "compress", "downlink", "prune", "quantize", "dp_mechanism", "dp_audit",
       bad=[["--algorithm=scaffold", "--client_optimizer=sgd", "--dp_clip=0.5", "--secure_agg=true"],
            ["--algorithm=fednova", "--client_optimizer=sgd", "--dp_clip=0.5", "--dp_noise_multiplier=1",
             "--dp_mechanism=ftrl"],
-           ["--algorithm=ditto", "--compress=int8"]])
+           ["--algorithm=ditto", "--prune=0.5"],
+           ["--algorithm=ditto", "--dp_clip=0.5", "--dp_noise_multiplier=1", "--dp_audit=8"]])
 def algorithm_with_transforms(cfg):
   # SCAFFOLD's and FedNova's messages go through the aggregator with the delta (fedjax_tl.aggregators.Message):
   # DP-FedAvg (the aggregator the CLI builds for them) and adaptive clipping clip them jointly and noise them,
@@ -558,7 +559,11 @@ def algorithm_with_transforms(cfg):
     check(not dp or not cfg.secure_agg, f"--algorithm={a} with DP ({dp}) and --secure_agg=true: the DP clip runs on "
           "the clients as an update transform, which does not cover the algorithm's message; use DP or secure "
           "aggregation.")
-  check(a != "ditto" or not used, f"--algorithm=ditto does not combine with {used} yet; run it without them.")
+  smaller = [u for u in used if u.startswith(("--prune", "--quantize"))]
+  check(a != "ditto" or not smaller, f"--algorithm=ditto does not combine with {smaller} yet (its personal models "
+        "would not be pruned or quantized); run it without them.")
+  check(a != "ditto" or not getattr(cfg, "dp_audit", 0), "--algorithm=ditto does not combine with --dp_audit yet "
+        "(the audit's canaries join a FedAvg's population); run it without.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
