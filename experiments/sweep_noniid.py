@@ -42,12 +42,13 @@ ALGORITHMS = {
     "qffl": dict(algorithm="qffl"),
     "fedlc": dict(algorithm="fedlc"),
     "moon": dict(algorithm="moon"),
+    "apfl": dict(algorithm="apfl"),
     "fedavg+ft": dict(algorithm="fedavg", finetune_steps=5),
     "fedper": dict(algorithm="fedper"),
     "fedrep": dict(algorithm="fedrep"),
     "ditto": dict(algorithm="ditto"),
 }
-PERSONAL = ("fedavg+ft", "fedper", "fedrep", "ditto")
+PERSONAL = ("fedavg+ft", "fedper", "fedrep", "ditto", "apfl")
 MIN_CLIENT_SIZE = 4  # the digits default (8) cannot be drawn at alpha=0.1 for every seed
 
 

@@ -47,14 +47,19 @@ def _root(seed: int) -> PRNGKey:
   return jax.random.PRNGKey(seed)
 
 
+@jax.jit
+def _seed_child(root: PRNGKey, stream: int, round_idx) -> PRNGKey:
+  return jax.random.fold_in(jax.random.fold_in(root, stream), round_idx)  # one program, not three op-by-op calls
+
+
 def sampling(seed: int, round_idx: int) -> PRNGKey:
   """The key that draws round ``round_idx``'s cohort."""
-  return jax.random.fold_in(jax.random.fold_in(_root(seed), _SAMPLING), round_idx)
+  return _seed_child(_root(seed), _SAMPLING, round_idx)
 
 
 def round_key(seed: int, round_idx: int) -> PRNGKey:
   """The key of everything trained in round ``round_idx`` (what ``algorithm.apply`` receives)."""
-  return jax.random.fold_in(jax.random.fold_in(_root(seed), _TRAINING), round_idx)
+  return _seed_child(_root(seed), _TRAINING, round_idx)
 
 
 def round_keys(seed: int, round_idx: int) -> tuple[PRNGKey, PRNGKey]:

@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["Objective", "Classification", "Regression", "MultiLabel", "NextToken", "FromLoss", "classification",
-           "regression", "multilabel", "next_token", "from_loss", "masked_cross_entropy"]
+__all__ = ["Objective", "Classification", "Regression", "MultiLabel", "NextToken", "FromLoss", "WithMetrics",
+           "classification", "regression", "multilabel", "next_token", "from_loss", "with_metrics",
+           "masked_cross_entropy"]
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
@@ -253,6 +254,56 @@ class FromLoss(Objective):
 
   def check(self, y, num_outputs, what="targets"):
     _finite(np.asarray(y), what)
+
+
+@dataclasses.dataclass(frozen=True)
+class WithMetrics(Objective):
+  """An objective with more metrics beside its own: ``metrics`` maps a name to ``fn(outputs, targets) -> [B]`` (or
+  ``[B, k]``: e.g. per-class indicators), reported as its mean over the real examples (elementwise for ``[B, k]``),
+  in training, evaluation and per-client evaluation alike. The loss and the objective's own metrics are unchanged."""
+
+  base: Objective = Classification()
+  metrics: tuple[tuple[str, Callable], ...] = ()
+
+  def __post_init__(self):
+    if isinstance(self.metrics, dict):
+      object.__setattr__(self, "metrics", tuple(sorted(self.metrics.items())))
+
+  @property
+  def target_dtype(self):  # noqa: D102
+    return self.base.target_dtype
+
+  def stats(self, outputs, targets, mask):
+    out = dict(self.base.stats(outputs, targets, mask))
+    m = mask.astype(jnp.float32)
+    for name, fn in self.metrics:
+      v = fn(outputs, targets).astype(jnp.float32)
+      out[f"m_{name}"] = (v * m.reshape(-1, *(1,) * (v.ndim - 1))).sum(0)
+    return out
+
+  def loss(self, outputs, targets, mask):
+    mean, s = self.base.loss(outputs, targets, mask)
+    m = mask.astype(jnp.float32)
+    for name, fn in self.metrics:
+      v = jax.lax.stop_gradient(fn(outputs, targets)).astype(jnp.float32)
+      s[f"m_{name}"] = (v * m.reshape(-1, *(1,) * (v.ndim - 1))).sum(0)
+    return mean, s
+
+  def summarize(self, sums):
+    base = self.base.summarize({k: v for k, v in sums.items() if not k.startswith("m_")})
+    return {**base, **{name: _div(sums[f"m_{name}"], sums["count"]) for name, _ in self.metrics}}
+
+  def check(self, y, num_outputs, what="targets"):
+    self.base.check(y, num_outputs, what)
+
+
+def with_metrics(objective: Objective, metrics: dict[str, Callable]) -> WithMetrics:
+  """``objective`` reporting ``metrics`` too (per-example functions of (outputs, targets); module-level functions,
+  so that the objective stays hashable)."""
+  clash = set(metrics) & {"loss", "accuracy", "mse", "mae", "r2", "exact_match", "perplexity", "num_examples"}
+  if clash:
+    raise ValueError(f"with_metrics: {sorted(clash)} are the objective's own metric names; name yours otherwise.")
+  return WithMetrics(objective, tuple(sorted(metrics.items())))
 
 
 def classification() -> Classification:

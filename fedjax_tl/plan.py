@@ -152,8 +152,8 @@ def compile_round(local: LocalTraining | FedAvg, devices: Sequence, *, cohort_si
   algo = local if isinstance(local, FedAvg) else None
   if algo is not None:
     local, trainable = algo.local, algo.trainable
-  if local.fast_path and devices[0].platform != "cpu":  # the host backend would pick the CPU rewrite while tracing
-    local = dataclasses.replace(local, fast_path=False)
+  # The target's platform, not this host's: the schedule resolves the CPU fast path against it (off for a TPU).
+  schedule = dataclasses.replace(schedule, platform=devices[0].platform)
   mesh = jax.sharding.Mesh(np.asarray(devices), ("clients",))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   model = local.model

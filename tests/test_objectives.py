@@ -198,3 +198,41 @@ def test_silent_cases_now_raise():
   algo = ftl.FedAvg(ftl.LocalTraining(two, optax.sgd(0.1), 4, objective=objectives.regression()))
   with pytest.raises(ValueError, match="3 value\\(s\\) per example but the model has 2 outputs"):
     algo.apply(algo.init(params, state), data, np.array([0, 1]), jax.random.PRNGKey(0))
+
+
+def _per_class_correct(outputs, targets):
+  return jax.nn.one_hot(targets, 3) * (jnp.argmax(outputs, -1) == targets)[:, None]
+
+
+def _per_class_count(outputs, targets):
+  return jax.nn.one_hot(targets, 3)
+
+
+def test_user_metrics_beside_the_objectives_own():
+  """Classification with balanced accuracy's parts (per-class correct and count indicators): the same loss and
+  accuracy as plain classification (bit for bit), and per-client per-class rates computed in numpy."""
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(14, 4)).astype(np.float32)
+  y = rng.integers(0, 3, 14).astype(np.int32)
+  parts = np.split(np.arange(14), np.cumsum(SIZES)[:-1])
+  data = FederatedData.from_partition(Dataset(x, y, 3), parts)
+  model = ftl.Model(MLP(3), (4,), sample_dtype=jnp.float32)
+  obj = objectives.with_metrics(objectives.classification(), {"correct_k": _per_class_correct,
+                                                             "share_k": _per_class_count})
+  _, s, hist = _train(model, obj, data)
+  _, s_plain, hist_plain = _train(model, objectives.classification(), data)
+  for u, v in zip(jax.tree.leaves(s.params), jax.tree.leaves(s_plain.params), strict=True):
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+  assert hist[-1]["train_loss"] == hist_plain[-1]["train_loss"]
+  per = ftl.evaluate_per_client(model, s.full_params(), s.model_state, data, objective=obj)
+  pred = np.asarray(model.module.apply({"params": s.params}, x)).argmax(-1)
+  for c, idx in enumerate(parts):
+    onehot = np.eye(3)[y[idx]]
+    np.testing.assert_allclose(per["correct_k"][c], (onehot * (pred[idx] == y[idx])[:, None]).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(per["share_k"][c], onehot.mean(0), rtol=1e-6)
+  g = ftl.evaluate(model, s.full_params(), s.model_state, x, y, objective=obj)
+  balanced = np.mean(np.asarray(g["correct_k"]) / np.asarray(g["share_k"]))
+  want = np.mean([(pred[y == k] == k).mean() for k in range(3)])
+  np.testing.assert_allclose(balanced, want, rtol=1e-6)
+  with pytest.raises(ValueError, match="own metric names"):
+    objectives.with_metrics(objectives.classification(), {"accuracy": _per_class_count})

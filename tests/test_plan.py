@@ -9,6 +9,7 @@ import sys
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 import pytest
 
@@ -130,3 +131,24 @@ def test_plan_compiles_the_algorithms_own_round():
   row = plan.plan_round(ftl.FedAvg(local, hooks=ftl.Scaffold(0.1)), "host", cohort_size=4, pad_size=8, num_train=64,
                         memory_bytes=1 << 30, log=lambda *_: None)
   assert row["fits"] and row["argument_bytes"] == scaffold["argument_bytes"]
+
+
+def test_the_schedule_owns_the_backend_choices():
+  """Mesh, memory budget and the CPU rewrite are the schedule's, resolved against its target platform: a TPU
+  target turns the fast path off (the planner no longer does it by hand); FedAvg's old mesh/memory_budget fields
+  fold into its schedule."""
+  local = _local()
+  cpu = Schedule(0, "scan", 1)
+  assert cpu.resolve_local(local) is local and local.fast_path
+  tpu = Schedule(0, "scan", 1, platform="tpu")
+  assert not tpu.resolve_local(local).fast_path
+  assert not Schedule(0, "scan", 1, cpu_rewrite=False).resolve_local(local).fast_path
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("clients",))
+  import fedjax_tl as ftl
+
+  algo = ftl.FedAvg(local, schedule="vmap", mesh=mesh, memory_budget=1 << 20)
+  assert algo.schedule.mesh is mesh and algo.schedule.memory_budget == 1 << 20
+  assert algo.runner(8).mesh is mesh
+  assert ftl.FedAvg(local, schedule=Schedule.parse("vmap").on(mesh)).runner(8).mesh is mesh
+  with pytest.raises(ValueError, match="platform must be"):
+    Schedule(platform="ipu")

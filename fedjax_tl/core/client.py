@@ -100,7 +100,9 @@ class LocalTraining:
     fast_path: on CPU, train the model through :func:`fedjax_tl.models.fast.fast_cpu` (its convolutions as
       matrix products, its non-overlapping max pools as reshape-max, with hand-written gradients: the same
       function, up to float rounding, 2-3x faster for a plain ``nn.Conv`` CNN on XLA:CPU). False trains the
-      model's program as XLA lowers it. Ignored on GPU/TPU, where XLA's convolutions are the fast path.
+      model's program as XLA lowers it. Ignored on GPU/TPU, where XLA's convolutions are the fast path: a round's
+      :class:`~fedjax_tl.Schedule` resolves it against its target platform (``Schedule.resolve_local``), not the
+      process's default backend.
     objective: what the local steps minimise and the clients report (:mod:`fedjax_tl.objectives`): softmax
       cross-entropy on integer labels by default; ``regression()``, ``multilabel()``, ``next_token()`` or any
       ``from_loss(fn)``.

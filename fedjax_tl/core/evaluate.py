@@ -255,9 +255,9 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
   per = [objective.summarize({k: (float(v[c]) if v.ndim == 1 else v[c]) for k, v in sums.items()})
          for c in range(num_clients)]
   names = sorted(per[0], key=lambda k: (k != "accuracy", k != "loss", k))  # accuracy, loss, then the others
-  metrics = {k: np.asarray([float(p[k]) for p in per], np.float64) for k in names}
+  metrics = {k: np.stack([np.asarray(p[k], np.float64) for p in per]) for k in names}  # [C] or [C, k]
   n = (sums["count"] if isinstance(objective, Classification) else test.client_sizes).astype(np.int64)
   weights = sums["count"]
   return {**metrics, "num_examples": n,
-          "summary": {**{k: client_summary(v, weights) for k, v in metrics.items()},
+          "summary": {**{k: client_summary(v, weights) for k, v in metrics.items() if v.ndim == 1},
                       "num_clients": int((n > 0).sum())}}

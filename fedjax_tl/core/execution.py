@@ -74,17 +74,54 @@ class Schedule:
       = as many as fit a memory budget, resolved on the first round (:meth:`CohortRunner.resolve`).
     loop: "scan" (one XLA program per round) or "host" (Python loop over jitted blocks of steps).
     unroll: local steps unrolled per scan iteration or per host block.
+
+  Where it runs (the backend choices, resolved against the target, not the process's default backend):
+    mesh: a ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its devices
+      (one-program schedules; :func:`client_mesh`). ``schedule.on(mesh)``.
+    memory_budget: bytes a chunk of "chunked:auto" may use (default: half the device's free memory, or a quarter
+      of the host's RAM on CPU).
+    cpu_rewrite: on a CPU target, train the model through the fast path (:func:`fedjax_tl.models.fast.fast_cpu`:
+      convolutions as matrix products, same function); never on GPU/TPU targets.
+    platform: the target platform ("cpu", "gpu", "tpu"); default the mesh's devices', else the default backend.
+      The planner sets it to compile for a TPU from a CPU host.
   """
 
   chunk_size: int = 0
   loop: str = "scan"
   unroll: int = 1
+  mesh: jax.sharding.Mesh | None = dataclasses.field(default=None, compare=True)
+  memory_budget: int | None = None
+  cpu_rewrite: bool = True
+  platform: str | None = None
 
   def __post_init__(self):
     if self.loop not in ("scan", "host"):
       raise ValueError(f"Schedule loop must be 'scan' or 'host', got {self.loop!r}.")
     if self.chunk_size < -1 or self.unroll < 1:
       raise ValueError(f"Need chunk_size >= 0 and unroll >= 1, got {self.chunk_size}, {self.unroll}.")
+    if self.memory_budget is not None and self.memory_budget < 1:
+      raise ValueError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}.")
+    if self.platform not in (None, "cpu", "gpu", "tpu"):
+      raise ValueError(f"Schedule platform must be 'cpu', 'gpu' or 'tpu', got {self.platform!r}.")
+
+  def on(self, mesh: jax.sharding.Mesh | None) -> Schedule:
+    """This schedule with its clients sharded over ``mesh`` (axis "clients")."""
+    return dataclasses.replace(self, mesh=mesh)
+
+  @property
+  def target_platform(self) -> str:
+    """The platform the schedule's programs run on: ``platform``, the mesh's devices', or the default backend."""
+    if self.platform is not None:
+      return self.platform
+    if self.mesh is not None:
+      return self.mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+  def resolve_local(self, local: LocalTraining) -> LocalTraining:
+    """``local`` as this schedule runs it: the CPU fast path only where the target is a CPU and ``cpu_rewrite``
+    allows it (``local`` itself when nothing changes, so equal configurations share programs)."""
+    fast = local.fast_path and self.cpu_rewrite and self.target_platform == "cpu"
+    return local if fast == local.fast_path else dataclasses.replace(local, fast_path=fast)
 
   @classmethod
   def parse(cls, spec: str) -> Schedule:
@@ -203,6 +240,10 @@ class CohortRunner:
   def __init__(self, local: LocalTraining, schedule: Schedule, pad_size: int,
                postprocess: ClientPostprocess | None = None, row_parts: tuple[str, ...] = (),
                mesh: jax.sharding.Mesh | None = None, reducer: Reducer = SUM):
+    if mesh is not None and schedule.mesh is None:
+      schedule = schedule.on(mesh)  # (the schedule owns it; the argument is its older spelling)
+    mesh = schedule.mesh
+    local = schedule.resolve_local(local)  # the CPU fast path where the target is a CPU, never elsewhere
     self.local = local
     # reducer: how the clients' (postprocessed) deltas are summed, as the aggregator declares it
     # (fedjax_tl.aggregators.base: SUM, or ModularSum for secure aggregation's field elements). The model states
@@ -396,7 +437,7 @@ class CohortRunner:
     if self.schedule.chunk_size != -1:
       return self
     if budget_bytes is None:
-      budget_bytes = default_memory_budget()
+      budget_bytes = self.schedule.memory_budget or default_memory_budget()
     n1 = jnp.ones((1,), jnp.int32)
     first = jax.tree.map(lambda a: a[:1], (rows, contexts, None))  # one client's row and context
     states = self._init_jit(params, model_state, jax.random.split(jax.random.PRNGKey(0), 1), n1, first, y)

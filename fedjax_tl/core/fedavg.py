@@ -80,8 +80,10 @@ class FedAvg:
     local: local training (model, client optimizer, batch size, epochs/steps).
     server_optimizer: optax optimizer applied to the pseudo-gradient (default SGD(1.0) = plain FedAvg).
     schedule: execution schedule or its text form; "auto" picks the measured default for the backend;
-      "chunked:auto" sizes the chunks from XLA's memory analysis to fit ``memory_budget`` bytes (default: half
-      the device's free memory, or a quarter of the host's RAM on CPU).
+      "chunked:auto" sizes the chunks from XLA's memory analysis to fit the schedule's ``memory_budget`` bytes
+      (default: half the device's free memory, or a quarter of the host's RAM on CPU). The schedule owns the
+      backend choices (:class:`Schedule`: mesh, memory budget, CPU rewrite, target platform); ``mesh`` and
+      ``memory_budget`` here are their older spellings, folded into it.
     trainable: regex of trainable param paths (None: all); the rest is frozen and never communicated.
     local_params: regex of trainable params that every client keeps for itself: trained locally, never sent
       nor averaged, stored per client of the population in ``ServerState.client_params`` (FedPer, Arivazhagan
@@ -111,7 +113,8 @@ class FedAvg:
     downlink: a stateless compressor applied to the broadcast model (e.g. ``compression.int8()``): clients
       train from the decoded broadcast and send their delta relative to it; the server keeps its model in
       full precision (Caldas et al. 2018). Its ``encoded_bits`` is the downlink size.
-    mesh: optional ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its
+    mesh: (the schedule's, ``schedule.on(mesh)``; this field is its older spelling) optional
+      ``jax.sharding.Mesh`` with an axis "clients": each chunk's clients are split across its
       devices (one-program schedules, e.g. "vmap" or "chunked:K" with K a multiple of the device count).
       See :func:`client_mesh`.
     hooks: the algorithm's extension points (:class:`~fedjax_tl.Hooks`): its server state, what it broadcasts,
@@ -149,6 +152,11 @@ class FedAvg:
       spec = self.schedule.strip()
       object.__setattr__(self, "schedule", default_schedule(local=self.local) if spec == "auto" else
                          Schedule.parse(spec))
+    if self.mesh is not None or self.memory_budget is not None:  # the schedule owns them (older spellings)
+      sched = self.schedule if self.mesh is None or self.schedule.mesh is not None else self.schedule.on(self.mesh)
+      if self.memory_budget is not None:
+        sched = dataclasses.replace(sched, memory_budget=self.memory_budget)
+      object.__setattr__(self, "schedule", sched)
     if self.model_state not in MODEL_STATE_MODES:
       raise ValueError(f"model_state must be one of {MODEL_STATE_MODES}, got {self.model_state!r}.")
     if self.model_state == "frozen":
@@ -180,7 +188,7 @@ class FedAvg:
       post = ClientEncode(self.client_transform, self.aggregator,  # (plain FedAvg's encoding is identity)
                                 self._stats_in_message())
     return CohortRunner(self.local if local is None else local, self.schedule if schedule is None else schedule,
-                        pad_size, post, row_parts=self._row_parts(), mesh=self.mesh if mesh is None else mesh,
+                        pad_size, post, row_parts=self._row_parts(), mesh=mesh,
                         reducer=reducer_of(self.aggregator))
 
   def round_inputs(self, params: Params, model_state: ModelState, cohort_size: int) -> tuple:
@@ -461,7 +469,7 @@ class FedAvg:
       own, contexts = self._cohort_inputs(state, store.gather(state.clients, first, data.num_clients, "client rows"),
                                           first)
       runner = self._runners[data.pad_size] = runner.resolve(state.params, state.frozen, state.model_state, data.x,
-                                                             data.y, len(sampled), self.memory_budget, own,
+                                                             data.y, len(sampled), None, own,
                                                              contexts)
     n = len(client_ids)
     padded = runner.padded_cohort_size(len(sampled))  # the sampled cohort's program, whoever reports

@@ -3,7 +3,7 @@
     --algorithm=fedavg | fedavgm | fedadagrad | fedadam | fedyogi      server optimizer at --server_lr
               | fedprox (--prox_mu) | scaffold (--scaffold_option) | feddyn (--dyn_alpha) | fednova
               | mimelite (--mime_beta) | ifca (--ifca_models) | qffl (--qffl_q) | fedlc (--fedlc_tau)
-              | moon (--moon_mu; the model returns its representation)
+              | moon (--moon_mu; the model returns its representation) | apfl (--apfl_alpha)   personalization
               | fedper | fedrep (--head_steps) | fedbn | ditto (--ditto_lambda)               personalization
     --personal_eval=true     every client's accuracy on its own held-out examples each round (on by default
                              for the personalized algorithms), --personal_fraction of its examples held out,
@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import optax
 
+from fedjax_tl.algorithms.apfl import APFL, personal_models
 from fedjax_tl.algorithms.ditto import Ditto
 from fedjax_tl.algorithms.feddyn import FedDyn
 from fedjax_tl.algorithms.fedlc import FedLC
@@ -40,7 +43,7 @@ __all__ = ["AlgorithmFlags", "ALGORITHMS", "PERSONALIZED", "algorithm_kwargs",
            "make_algorithm", "personal_eval"]
 
 GLOBAL = (*SERVER_OPTIMIZERS, "fedprox", "scaffold", "feddyn", "fednova", "mimelite", "ifca", "qffl", "fedlc", "moon")
-PERSONALIZED = ("fedper", "fedrep", "fedbn", "ditto")
+PERSONALIZED = ("fedper", "fedrep", "fedbn", "ditto", "apfl")
 ALGORITHMS = GLOBAL + PERSONALIZED
 HEAD = "^head"  # the experiments' models name their classifier layers "head" (and "head_hidden<i>")
 
@@ -61,6 +64,7 @@ class AlgorithmFlags:
   qffl_q: float = 1.0  # q-FFL's fairness exponent q (--algorithm=qffl; 0: uniform average)
   fedlc_tau: float = 1.0  # FedLC's logit-calibration strength tau (--algorithm=fedlc)
   moon_mu: float = 1.0  # MOON's model-contrastive loss weight mu (--algorithm=moon)
+  apfl_alpha: float = 0.25  # APFL's mixing weight of the personal model (--algorithm=apfl)
   personal_eval: bool = False  # each client's accuracy on its own held-out examples (on for personalized ones)
   personal_fraction: float = 0.2  # share of every client's examples held out for --personal_eval
   finetune_steps: int = 0  # personalized evaluation after this many local steps from the evaluated model
@@ -93,6 +97,8 @@ def algorithm_kwargs(cfg, local: LocalTraining, data=None) -> dict:
     kw["hooks"] = FedLC.for_data(data, cfg.fedlc_tau)
   elif a == "moon":
     kw["hooks"] = MOON(cfg.moon_mu)
+  elif a == "apfl":
+    kw["hooks"] = APFL(cfg.apfl_alpha, lr=cfg.client_lr)
   elif a == "fedper":
     kw["local_params"] = HEAD
   elif a == "fedrep":
@@ -118,6 +124,14 @@ def make_algorithm(cfg, kwargs: dict, **fedavg_kwargs):
 
 def client_models(state):
   """(params, model state) for every client's evaluation: its own model where the algorithm keeps one."""
+  rows = state.clients.get("algorithm") if isinstance(getattr(state, "clients", None), dict) else None
+  if isinstance(rows, dict) and set(rows) == {"v", "alpha"}:  # APFL: each client's mixture of v and w
+    from fedjax_tl.core.client import merge_params
+
+    mix = personal_models(state)
+    n = jax.tree.leaves(mix)[0].shape[0]
+    frozen = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), state.frozen)
+    return merge_params(mix, frozen), state.model_state
   if hasattr(state, "personal_params"):  # Ditto
     ms = state.personal.client_states if state.personal.client_states is not None else state.server.model_state
     return state.personal_params(), ms

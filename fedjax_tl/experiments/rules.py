@@ -459,7 +459,7 @@ def _show(v) -> str:
 
 _HYPER = {"prox_mu": "fedprox", "scaffold_option": "scaffold", "dyn_alpha": "feddyn", "head_steps": "fedrep",
           "ditto_lambda": "ditto", "mime_beta": "mimelite", "ifca_models": "ifca", "qffl_q": "qffl",
-          "fedlc_tau": "fedlc", "moon_mu": "moon"}
+          "fedlc_tau": "fedlc", "moon_mu": "moon", "apfl_alpha": "apfl"}
 # (flag -> the algorithm it belongs to: with another one it would be ignored)
 
 
@@ -471,7 +471,7 @@ def known_algorithm(cfg):
 
 
 @rule("prox_mu", "scaffold_option", "dyn_alpha", "head_steps", "ditto_lambda", "mime_beta", "ifca_models", "qffl_q",
-      "fedlc_tau", "moon_mu",
+      "fedlc_tau", "moon_mu", "apfl_alpha",
       bad=[["--prox_mu=0.5"], ["--ditto_lambda=1", "--algorithm=fedprox"], ["--head_steps=2"], ["--mime_beta=0.5"],
            ["--ifca_models=3"], ["--qffl_q=2"], ["--fedlc_tau=0.5"], ["--moon_mu=2", "--algorithm=ifca"]])
 def hyperparameters_of_their_algorithm(cfg):
@@ -481,12 +481,12 @@ def hyperparameters_of_their_algorithm(cfg):
 
 
 @rule("scaffold_option", "prox_mu", "dyn_alpha", "ditto_lambda", "head_steps", "mime_beta", "ifca_models", "qffl_q",
-      "fedlc_tau", "moon_mu",
+      "fedlc_tau", "moon_mu", "apfl_alpha",
       bad=[["--algorithm=scaffold", "--scaffold_option=III"], ["--algorithm=fedprox", "--prox_mu=-1"],
            ["--algorithm=feddyn", "--dyn_alpha=-1"], ["--algorithm=ditto", "--ditto_lambda=-1"],
            ["--algorithm=mimelite", "--mime_beta=1"], ["--algorithm=ifca", "--ifca_models=0"],
            ["--algorithm=qffl", "--qffl_q=-1"], ["--algorithm=fedlc", "--fedlc_tau=-1"],
-           ["--algorithm=moon", "--moon_mu=-1"],
+           ["--algorithm=moon", "--moon_mu=-1"], ["--algorithm=apfl", "--apfl_alpha=1.5"],
            ["--algorithm=fedrep", "--head_steps=-1"]])
 def algorithm_hyperparameter_values(cfg):
   check(cfg.scaffold_option in ("I", "II"), f"--scaffold_option must be I or II, got {cfg.scaffold_option!r}.")
@@ -494,6 +494,7 @@ def algorithm_hyperparameter_values(cfg):
     check(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}.")
   check(0 <= cfg.mime_beta < 1, f"--mime_beta must be in [0, 1), got {cfg.mime_beta}.")
   check(cfg.ifca_models >= 1, f"--ifca_models must be >= 1, got {cfg.ifca_models}.")
+  check(0 <= cfg.apfl_alpha <= 1, f"--apfl_alpha must be in [0, 1], got {cfg.apfl_alpha}.")
 
 
 @rule("algorithm", "client_optimizer", "dp_clip", "secure_agg", "dp_audit",
