@@ -143,3 +143,39 @@ def test_host_data_on_memmap_and_evaluate(tiny_local, tiny_data, tiny_params, tm
   dev_test = test.to_device()
   assert isinstance(dev_test, FederatedData) and not isinstance(dev_test, HostFederatedData)
   ftl.evaluate_per_client(model, a.full_params(), a.model_state, dev_test)
+
+
+def test_run_rounds_prefetches_host_data_and_matches_device_data(tiny_local, tiny_data, tiny_params, monkeypatch):
+  """run_rounds draws the next round's cohort one round early and gathers it in the prefetch thread: every round
+  after the first reads prefetched examples, the sampler and the dropouts are called once per round, and the run
+  equals the on-device run bit for bit; a host store's every-client models read its rows (all_client_params)."""
+  import threading
+
+  host = HostFederatedData(np.asarray(tiny_data.x), np.asarray(tiny_data.y), tiny_data.client_indices, 3)
+  threads, calls = [], []
+  real = HostFederatedData._host_gather
+
+  def spy(self, indices):
+    threads.append(threading.current_thread().name)
+    return real(self, indices)
+
+  monkeypatch.setattr(HostFederatedData, "_host_gather", spy)
+
+  def sampler(key, r):
+    calls.append(r)
+    return np.array([0, 1, 3]) if r % 2 else np.array([1, 2, 4])
+
+  drop = ftl.dropouts(0.3, seed=1)
+  algo = ftl.FedAvg(tiny_local, schedule="sequential", local_params="^head/")
+  runs = {}
+  for name, data in (("device", tiny_data), ("host", host)):
+    calls.clear()
+    s0 = algo.init(*tiny_params, num_clients=5, client_store="host" if name == "host" else "device")
+    runs[name] = ftl.run_rounds(algo, s0, data, rounds=4, seed=0, sampler=sampler, reported=drop)[0]
+    assert calls == [0, 1, 2, 3]
+  assert sum(t.startswith("fedjax_tl-prefetch") for t in threads) == 3 and len(threads) == 4
+  for a, b in zip(jax.tree.leaves(runs["host"].params), jax.tree.leaves(runs["device"].params), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(runs["host"].all_client_params()),
+                  jax.tree.leaves(runs["device"].all_client_params()), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -200,6 +200,16 @@ class FedAvg:
     own, contexts = self._cohort_inputs(state, row, ids)
     return state, own, contexts, None if row is None else row.get("uplink")
 
+  def prefetch(self, data: FederatedData, client_ids: np.ndarray, reported: np.ndarray | None = None) -> None:
+    """Starts moving a coming round's cohort to the device (host-resident data with a ``prefetch`` method), as
+    :meth:`apply` will build it, so that the transfer overlaps the current round; ``run_rounds`` calls it."""
+    runner = self.runner(data.pad_size)
+    if not hasattr(data, "prefetch") or runner.schedule.chunk_size == -1:
+      return
+    ids = np.asarray(client_ids)
+    kept = ids if reported is None else ids[np.asarray(reported, bool)]
+    data.prefetch(data.cohort(kept, pad_clients_to=runner.padded_cohort_size(len(ids))))
+
   def _stats_in_message(self) -> bool:
     """Whether the averaged model state (BatchNorm statistics) goes through the aggregator inside the message's
     mean part: for an aggregator that averaged statistics beside it would defeat (``covers_model_state`` False:

@@ -77,8 +77,10 @@ class ServerState(NamedTuple):
     :func:`~fedjax_tl.core.evaluate.evaluate_per_client`; without local_params, the one global model."""
     if self.client_params is None:
       return self.full_params()
-    n = jax.tree.leaves(self.client_params)[0].shape[0]
-    return jax.vmap(self.client_full_params)(jnp.arange(n))
+    own = jax.tree.map(jnp.asarray, self.client_params)  # (a host store's rows, read once)
+    n = jax.tree.leaves(own)[0].shape[0]
+    every = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), tree)  # noqa: E731
+    return merge_params(merge_params(every(self.params), own), every(self.frozen))
 
   @property
   def clip_norm(self) -> jax.Array | None:

@@ -162,16 +162,30 @@ def run_rounds(algorithm: FedAvg, state: ServerState, data: FederatedData, *, ro
                      f"{divergence}.")
   history = []
   up_total, down_total = bytes_so_far
+
+  def draw(r: int, key) -> tuple[np.ndarray, dict]:
+    ids = _check_cohort(sampler(key, r), data.num_clients, r)
+    return ids, {name: np.asarray(fn(r, ids)) for name, fn in (("reported", reported), ("step_budget", step_budget))
+                 if fn is not None}
+
+  # Host-resident data (HostFederatedData) moves each round's cohort to the device: draw the next round's cohort
+  # one round early (the sampler is a function of (key, round)) and gather it while the current round computes.
+  prefetch = hasattr(data, "prefetch") and hasattr(algorithm, "prefetch")
+  ahead = None
   first_loss, warned = None, False
   start_round = int(state.round)
   for r in range(start_round, start_round + rounds):
     with CompileTimer() as compile_timer:
       t0 = time.perf_counter()
       sample_key, train_key = round_keys(seed, r)
-      ids = _check_cohort(sampler(sample_key, r), data.num_clients, r)
-      inputs = {name: np.asarray(fn(r, ids)) for name, fn in (("reported", reported), ("step_budget", step_budget))
-                if fn is not None}
+      if ahead is not None and ahead[0] == r:  # drawn last round to prefetch this round's cohort
+        ids, inputs = ahead[1], ahead[2]
+      else:
+        ids, inputs = draw(r, sample_key)
       state, metrics = algorithm.apply(state, data, ids, train_key, **inputs)
+      if prefetch and r + 1 < start_round + rounds:  # host data: the next cohort's examples move meanwhile
+        ahead = (r + 1, *draw(r + 1, round_keys(seed, r + 1)[0]))
+        algorithm.prefetch(data, ahead[1], ahead[2].get("reported"))
       state = jax.block_until_ready(state)  # the server update is dispatched asynchronously: time it too
       loss = float(metrics["train_loss"])
       elapsed = time.perf_counter() - t0

@@ -268,8 +268,11 @@ class HostFederatedData(FederatedData):
   def from_partition(cls, data: Dataset, partition: Partition, pad_size: int = 0,
                      device: jax.Device | None = None) -> HostFederatedData:
     """Keeps ``data``'s arrays on the host as they are (a ``np.memmap`` stays on disk) and records ``partition``."""
-    check_labels(data.y, data.num_classes, "Dataset labels")
-    out = cls(data.x, np.asarray(data.y).astype(np.int32), list(partition), data.num_classes, pad_size)
+    y = np.asarray(data.y)
+    if data.num_classes is not None:
+      check_labels(y, data.num_classes, "Dataset labels")
+    y = y.astype(np.int32 if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_ else np.float32)
+    out = cls(data.x, y, list(partition), data.num_classes, pad_size)
     out._device = device
     return out
 
