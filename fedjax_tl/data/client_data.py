@@ -54,6 +54,22 @@ def check_labels(y, num_classes: int, what: str = "labels") -> tuple[int, int]:
   return lo, hi
 
 
+def small_pages(m) -> None:
+  """Asks the kernel for 4 KB pages and random access on a mapping (``mmap.mmap``; None: nothing) that a round
+  reads or writes a few scattered rows of: a row's first touch then faults in one page, not a 2 MB huge page zeroed
+  whole, and reads no readahead (per-client stores and host data of 10^6 clients, docs/performance.md)."""
+  import mmap
+
+  if m is None:
+    return
+  for advice in ("MADV_NOHUGEPAGE", "MADV_RANDOM"):
+    if hasattr(mmap, advice):
+      try:
+        m.madvise(getattr(mmap, advice))
+      except OSError:  # advice the kernel or the file system does not take: harmless
+        pass
+
+
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A plain dataset: ``x`` uint8 (or float) examples, ``y`` int labels (``num_classes`` of them), or with
@@ -261,6 +277,8 @@ class HostFederatedData(FederatedData):
     self.y = np.asarray(self.y)
     if not np.issubdtype(self.y.dtype, np.int32) and np.issubdtype(self.y.dtype, np.integer):
       self.y = self.y.astype(np.int32)
+    if isinstance(self.x, np.memmap):  # a round reads scattered examples: no readahead, no huge pages
+      small_pages(getattr(self.x, "_mmap", None))
     super().__post_init__()
     self._prefetched = {}
 
