@@ -118,6 +118,7 @@ _EXPORTS = {
     "proximal_term": "fedjax_tl.algorithms.fedprox",
     "Scaffold": "fedjax_tl.algorithms.scaffold",
     "Ditto": "fedjax_tl.algorithms.ditto",
+    "DittoOnePass": "fedjax_tl.algorithms.ditto",
     "FedDyn": "fedjax_tl.algorithms.feddyn",
     "FedNova": "fedjax_tl.algorithms.fednova",
     "IFCA": "fedjax_tl.algorithms.ifca",

@@ -183,3 +183,22 @@ def test_apfl_against_a_plain_loop(setup):
     a0 = alphas[0]
     _close(jax.tree.map(lambda a: a[0], mix), jax.tree.map(lambda v, ww, a0=a0: a0 * v + (1 - a0) * ww, vs[0], w))
   _same(_run(setup, ftl.APFL(alpha=0.0), rounds=2, num_clients=3).params, _run(setup, None, rounds=2).params)
+
+
+def test_fedlc_leaves_clients_outside_its_table_uncalibrated(setup):
+  """A client id beyond FedLC's label counts (a privacy audit's canary appended to the population) trains on the
+  plain cross-entropy: equal counts shift every logit alike."""
+  x, y, parts, data, model, params, _ = setup
+  tau = 0.7
+  full = ftl.FedLC.for_data(data, tau)
+  s = _run(setup, ftl.FedLC(tau, full.label_counts[:2]), rounds=1)
+  new = []
+  for k, idx in enumerate(parts):
+    xc, yc = jnp.asarray(x[idx]), jnp.asarray(y[idx])
+    shift = tau * np.maximum(np.bincount(y[idx], minlength=3), 1e-8) ** -0.25 if k < 2 else 0.0
+
+    def loss(p, xc=xc, yc=yc, shift=shift):
+      return _ce(model.module.apply({"params": p}, xc)["logits"] - shift, yc)
+
+    new.append(_gd(loss, params))
+  _close(s.params, _wmean(new, SIZES))

@@ -14,7 +14,7 @@ al. 2021), FedLC (:mod:`~fedjax_tl.algorithms.fedlc`, Zhang et al. 2022). Fairne
 """
 
 from fedjax_tl.algorithms.apfl import APFL
-from fedjax_tl.algorithms.ditto import Ditto, DittoState
+from fedjax_tl.algorithms.ditto import Ditto, DittoOnePass, DittoState
 from fedjax_tl.algorithms.feddyn import FedDyn
 from fedjax_tl.algorithms.fedlc import FedLC
 from fedjax_tl.algorithms.fednova import FedNova
@@ -38,6 +38,6 @@ from fedjax_tl.algorithms.scaffold import Scaffold
 
 __all__ = ["SERVER_OPTIMIZERS", "AdaptiveState", "fed_adagrad", "fed_adam", "fed_avgm", "fed_yogi", "fedopt",
            "server_optimizer", "ProxState", "fedprox", "proximal_term",
-           "Scaffold", "Ditto", "DittoState",
+           "Scaffold", "Ditto", "DittoOnePass", "DittoState",
            "FedDyn", "FedNova", "APFL", "IFCA", "MimeLite", "MOON", "FedLC", "QFFL", "fedper", "fedrep", "fedbn",
            "HeadThenBody", "BN_PARAMS"]

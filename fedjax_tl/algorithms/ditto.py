@@ -165,8 +165,5 @@ class DittoOnePass(ftl.Hooks):
 def personal_params(state):
   """Every client's personal model of a :class:`DittoOnePass` run, stacked ``[num_clients, ...]`` (with the
   frozen params: a full model per client, for ``evaluate_per_client``)."""
-  v = state.algorithm_clients
-  n = jax.tree.leaves(v)[0].shape[0]
-  frozen = jax.tree.map(lambda a: jax.numpy.broadcast_to(a, (n, *a.shape)), state.frozen)
-  return ftl.core.client.merge_params(v, frozen)
+  return state.per_client_models(state.algorithm_clients)
 

@@ -4,7 +4,8 @@ Skew via Logits Calibration", ICML).
 Under label skew a client's local cross-entropy pushes down the logits of the classes it rarely sees. FedLC trains
 each client on calibrated logits ``z_c - tau * n_c^(-1/4)``, ``n_c`` the client's number of examples of class ``c``
 (classes it does not hold count as 1e-8, i.e. a large margin), so the correction is the client's own; the server
-averages as FedAvg. Built from the population's label counts: ``FedLC.for_data(data, tau)``. ``tau = 0`` is FedAvg.
+averages as FedAvg. Built from the population's label counts: ``FedLC.for_data(data, tau)``; a client id beyond
+them (a privacy audit's canaries) is not calibrated. ``tau = 0`` is FedAvg.
 Classification with integer labels only.
 """
 
@@ -48,7 +49,11 @@ class FedLC(ftl.Hooks):
   def loss(self, loss, batch, params, state, ctx, t):
     if self.tau == 0:
       return loss, state
-    counts = jnp.asarray(self.label_counts, jnp.float32)[jnp.maximum(ctx.client_id, 0)]
+    table = jnp.asarray(self.label_counts, jnp.float32)
+    # A client outside the table (e.g. a privacy audit's canary appended to the population) gets equal counts: a
+    # constant shift of every logit, which leaves the cross-entropy as it is (no calibration).
+    known = ctx.client_id < table.shape[0]
+    counts = jnp.where(known, table[jnp.clip(ctx.client_id, 0, table.shape[0] - 1)], 1.0)
     logits = logits_of(batch.outputs).astype(jnp.float32)
     calibrated = logits - self.tau * jnp.maximum(counts, 1e-8) ** -0.25
     per = optax.softmax_cross_entropy_with_integer_labels(calibrated, batch.targets)

@@ -252,10 +252,14 @@ def evaluate_per_client(model: Model, params: Params, model_state: ModelState, t
                      num_batches=nb, chunk=chunk, stacked_params=stacked_params, stacked_state=stacked_state,
                      objective=objective)
   sums = {k: np.asarray(v[:num_clients], np.float64) for k, v in sums.items()}
-  per = [objective.summarize({k: (float(v[c]) if v.ndim == 1 else v[c]) for k, v in sums.items()})
-         for c in range(num_clients)]
-  names = sorted(per[0], key=lambda k: (k != "accuracy", k != "loss", k))  # accuracy, loss, then the others
-  metrics = {k: np.stack([np.asarray(p[k], np.float64) for p in per]) for k in names}  # [C] or [C, k]
+  if all(v.ndim == 1 for v in sums.values()):  # scalar sums: one vectorised summary over the clients
+    metrics = {k: np.asarray(v, np.float64) for k, v in objective.summarize(sums).items()}
+  else:  # vector sums (R^2's per output, per-class metrics): client by client
+    per = [objective.summarize({k: (float(v[c]) if v.ndim == 1 else v[c]) for k, v in sums.items()})
+           for c in range(num_clients)]
+    metrics = {k: np.stack([np.asarray(p[k], np.float64) for p in per]) for k in per[0]}  # [C] or [C, k]
+  names = sorted(metrics, key=lambda k: (k != "accuracy", k != "loss", k))  # accuracy, loss, then the others
+  metrics = {k: metrics[k] for k in names}
   n = (sums["count"] if isinstance(objective, Classification) else test.client_sizes).astype(np.int64)
   weights = sums["count"]
   return {**metrics, "num_examples": n,

@@ -80,7 +80,13 @@ class ServerState(NamedTuple):
     own = jax.tree.map(jnp.asarray, self.client_params)  # (a host store's rows, read once)
     n = jax.tree.leaves(own)[0].shape[0]
     every = lambda tree: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), tree)  # noqa: E731
-    return merge_params(merge_params(every(self.params), own), every(self.frozen))
+    return self.per_client_models(merge_params(every(self.params), own))
+
+  def per_client_models(self, trainable: Params) -> Params:
+    """Full models from per-client trainable params stacked ``[N, ...]`` (an algorithm's personal models): the
+    frozen params joined to every one of them, for :func:`~fedjax_tl.core.evaluate.evaluate_per_client`."""
+    n = jax.tree.leaves(trainable)[0].shape[0]
+    return merge_params(trainable, jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), self.frozen))
 
   @property
   def clip_norm(self) -> jax.Array | None:

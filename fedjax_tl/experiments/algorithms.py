@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from fedjax_tl.algorithms.apfl import APFL, personal_models
@@ -126,12 +124,7 @@ def client_models(state):
   """(params, model state) for every client's evaluation: its own model where the algorithm keeps one."""
   rows = state.clients.get("algorithm") if isinstance(getattr(state, "clients", None), dict) else None
   if isinstance(rows, dict) and set(rows) == {"v", "alpha"}:  # APFL: each client's mixture of v and w
-    from fedjax_tl.core.client import merge_params
-
-    mix = personal_models(state)
-    n = jax.tree.leaves(mix)[0].shape[0]
-    frozen = jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *a.shape)), state.frozen)
-    return merge_params(mix, frozen), state.model_state
+    return state.per_client_models(personal_models(state)), state.model_state
   if hasattr(state, "personal_params"):  # Ditto
     ms = state.personal.client_states if state.personal.client_states is not None else state.server.model_state
     return state.personal_params(), ms

@@ -497,10 +497,9 @@ def algorithm_hyperparameter_values(cfg):
   check(0 <= cfg.apfl_alpha <= 1, f"--apfl_alpha must be in [0, 1], got {cfg.apfl_alpha}.")
 
 
-@rule("algorithm", "client_optimizer", "dp_clip", "secure_agg", "dp_audit",
+@rule("algorithm", "client_optimizer", "dp_clip", "secure_agg",
       bad=[["--algorithm=qffl", "--client_optimizer=adam"], ["--algorithm=mimelite", "--client_optimizer=momentum"],
-           ["--algorithm=ifca", "--dp_clip=1", "--dp_noise_multiplier=1"], ["--algorithm=qffl", "--secure_agg=true"],
-           ["--algorithm=fedlc", "--dp_clip=1", "--dp_noise_multiplier=1", "--dp_audit=8"]],
+           ["--algorithm=ifca", "--dp_clip=1", "--dp_noise_multiplier=1"], ["--algorithm=qffl", "--secure_agg=true"]],
       experiments=("digits", "cifar10"))
 def algorithms_with_their_assumptions(cfg):
   if cfg.algorithm in ("qffl", "mimelite"):
@@ -511,8 +510,6 @@ def algorithms_with_their_assumptions(cfg):
     check(not cfg.dp_clip and not cfg.secure_agg, f"--algorithm={cfg.algorithm} rescales the examples-weighted mean "
           "of the clients' updates, which DP-FedAvg (a uniform, clipped, noised mean) and secure aggregation change: "
           "drop --dp_clip / --secure_agg or choose another algorithm.")
-  check(not (cfg.algorithm == "fedlc" and cfg.dp_audit), "--algorithm=fedlc calibrates with the label counts of the "
-        "training clients, which the audit's canary clients do not have: drop --dp_audit or choose another algorithm.")
 
 
 @rule("personal_fraction", "finetune_steps", "personal_eval",
